@@ -1,0 +1,174 @@
+"""The command line: ``dynsparse train`` takes every flag of the original ``main.py`` with the
+same names, meanings and defaults, plus a few of dynsparse's own.
+
+``config_from_args`` is the one table-driven translation from parsed flags to a
+:class:`~dynsparse.config.TrainConfig`; nothing else reads argparse attributes. Every
+:class:`~dynsparse.errors.DynsparseError` ends the program with one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+
+from dynsparse.config import TrainConfig
+from dynsparse.errors import DynsparseError
+
+D = TrainConfig()  # the defaults
+
+
+def str2bool(text: str) -> bool:
+    """``--nesterov False`` means false (the original's ``type=bool`` made every string true)."""
+    low = text.strip().lower()
+    if low in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if low in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
+
+
+# (flags, keyword arguments) for every flag of the original, in its order, then our own.
+# Flags whose feature has not landed yet are parsed and then rejected (NOT_IMPLEMENTED).
+ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--epochs",), dict(type=int, help="number of total epochs to run")),
+    (("--start-epoch",), dict(type=int, help="manual epoch number (useful on restarts)")),
+    (("--model",), dict(help="network name: mnist_mlp, cifar10_WideResNet or imagenet_resnet50")),
+    (("-b", "--batch-size"), dict(type=int, help="mini-batch size")),
+    (("--lr", "--learning-rate"), dict(type=float, help="learning rate when no --schedule-file gives lr_schedule")),
+    (("--momentum",), dict(type=float, help="SGD momentum")),
+    (("--nesterov",), dict(type=str2bool, help="Nesterov momentum (True/False)")),
+    (("--weight-decay", "--wd"), dict(type=float, help="weight decay on all parameters")),
+    (("--L1-loss-coeff",), dict(type=float, help="Lasso coefficient on the sparse weights")),
+    (("--print-freq", "-p"), dict(type=int, help="kept for compatibility; progress is a bar")),
+    (("--layers",), dict(type=int, help="total number of layers of the wide resnet")),
+    (("--start-pruning-after-epoch",), dict(type=int, help="prune mode: epoch after which to start pruning")),
+    (("--prune-epoch-frequency",), dict(type=int, help="prune mode: epochs between prunes")),
+    (("--prune-target-sparsity-fc",), dict(type=float, help="prune mode: target sparsity of fc layers")),
+    (("--prune-target-sparsity-conv",), dict(type=float, help="prune mode: target sparsity of conv layers")),
+    (("--prune-iterations",), dict(type=int, help="prune mode: number of prunes")),
+    (("--post-prune-epochs",), dict(type=int, help="prune mode: epochs to train after the last prune")),
+    (("--n-prune-params",), dict(type=int, help="DSR: entries to reallocate per reallocation (Np)")),
+    (("--threshold-prune",), dict(action="store_true", help="DSR: prune below a global adaptive threshold")),
+    (("--prune",), dict(action="store_true", help="gradual magnitude pruning of a (trained) model")),
+    (("--validate-set",), dict(action="store_true", help="hold out a validation split to select the best epoch")),
+    (("--rewire-scaling",), dict(action="store_true", help="DSR: move parameters between layers")),
+    (("--tied",), dict(action="store_true", help="tied weights (HashedNet-like) instead of sparse ones")),
+    (("--rescale-tied-gradient",), dict(action="store_true", help="divide tied gradients by their repetitions")),
+    (("--rewire",), dict(action="store_true", help="run parameter reallocation (DSR, or SET without --threshold-prune)")),
+    (("--no-validate-train",), dict(action="store_true", help="skip the accuracy pass over the training set")),
+    (("--DeepR",), dict(action="store_true", help="train with DeepR")),
+    (("--DeepR_eta",), dict(type=float, help="DeepR eta (noise std = sqrt(2 eta T))")),
+    (("--stop-rewire-epoch",), dict(type=int, help="no reallocation from this epoch on")),
+    (("--no-batch-norm",), dict(action="store_true", help="mnist_mlp without batch norm (biases instead)")),
+    (("--rewire-fraction",), dict(type=float, help="SET: fraction of each layer to rewire")),
+    (("--sub-kernel-granularity",), dict(type=int, help="mask granularity: leading dims of a conv weight a mask entry covers (4 = per weight)")),
+    (("--cubic-prune-schedule",), dict(action="store_true", help="prune mode: Zhu & Gupta cubic schedule")),
+    (("--sparse-resnet-downsample",), dict(action="store_true", help="ResNet-50: sparse downsample convs")),
+    (("--conv-group-lasso",), dict(action="store_true", help="group lasso over conv kernels instead of L1")),
+    (("--big-new-weights",), dict(action="store_true", help="new connections drawn from the initial distribution instead of zero")),
+    (("--widen-factor",), dict(type=float, help="width of the wide resnet (also the ResNet-50 width multiplier)")),
+    (("--initial-sparsity-conv",), dict(type=float, help="initial sparsity of the sparse conv layers")),
+    (("--initial-sparsity-fc",), dict(type=float, help="initial sparsity of the sparse fc layers")),
+    (("--job-idx",), dict(type=int, help="job index: the run is saved as RUNS_DIR/{model}_{job_idx}")),
+    (("--no-augment",), dict(action="store_true", help="no CIFAR-10 data augmentation")),
+    (("--data",), dict(metavar="DIR", help="data root (default: $DYNSPARSE_DATA, else ./data)")),
+    (("-j", "--workers"), dict(type=int, metavar="N", help="ImageNet loader worker processes")),
+    (("--copy-mask-from",), dict(help="run or checkpoint whose masks to copy")),
+    (("--resume",), dict(help="run directory or checkpoint to resume from")),
+    (("--schedule-file",), dict(help="YAML with lr_schedule, rewire_period_schedule, DeepR_temperature_schedule")),
+    (("--name",), dict(help="run name (default: {model}_{job_idx})")),
+]
+OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
+    (("--device",), dict(help="cpu, cuda, cuda:N or auto (default)")),
+    (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
+    (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
+    (("--no-progress",), dict(action="store_false", dest="progress", help="no progress bar")),
+]
+NOT_IMPLEMENTED = {  # flag -> the issue that brings it
+    "prune": ("--prune", 4), "tied": ("--tied", 4), "rescale_tied_gradient": ("--rescale-tied-gradient", 4),
+    "conv_group_lasso": ("--conv-group-lasso", 4), "copy_mask_from": ("--copy-mask-from", 4),
+}
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    for flags, kwargs in ORIGINAL_FLAGS + OWN_FLAGS:
+        long_flag = next(f for f in flags if f.startswith("--"))
+        dest = kwargs.get("dest") or long_flag[2:].replace("-", "_")
+        kwargs = {"dest": dest, **kwargs}
+        default = getattr(D, dest)
+        helptext = kwargs.pop("help")
+        if kwargs.get("action") not in ("store_true", "store_false"):
+            helptext += f" (default: {default})"
+        parser.add_argument(*flags, default=default, help=helptext, **kwargs)
+    parser.add_argument("--dry-run", action="store_true", help="resolve and print the configuration, train nothing")
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    for key, (flag, issue) in NOT_IMPLEMENTED.items():
+        if values[key] not in (False, "", None):
+            raise DynsparseError(f"{flag} is not implemented yet (it arrives with issue #{issue})")
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynsparse", description="Dynamic sparse reparameterization training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one model (takes the original main.py flags)")
+    add_train_flags(train)
+    return parser
+
+
+def _repair_split_path(argv: list[str]) -> list[str]:
+    """The original WRN list has ``--schedule-file ./learning_schedules/ wrnet_schedule.yaml``
+    (job 68): a path split by a stray space. Join a directory argument and a following bare
+    ``*.yaml`` word, which no valid command line contains."""
+    out = list(argv)
+    for i in range(len(out) - 2):
+        if out[i] == "--schedule-file" and out[i + 1].endswith("/") and out[i + 2].endswith(".yaml") \
+                and not out[i + 2].startswith("-"):
+            logging.getLogger(__name__).warning("joining split schedule path %r %r", out[i + 1], out[i + 2])
+            out[i + 1: i + 3] = [out[i + 1] + out[i + 2]]
+            break
+    return out
+
+
+def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
+    """Parse ``dynsparse train`` flags (or an original ``main.py`` line) into a config."""
+    parser = argparse.ArgumentParser(prog="dynsparse train")
+    add_train_flags(parser)
+    ns = parser.parse_args(_repair_split_path(list(argv)))
+    return config_from_args(ns), ns.dry_run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if argv and argv[0] == "train":
+            cfg, dry = parse_train_args(argv[1:])
+            if dry:
+                print(TrainConfig.__name__, cfg.to_dict())
+                return 0
+            from dynsparse.run import run_training
+            run_training(cfg, argv=["dynsparse", *argv], echo=print)
+            return 0
+        build_parser().parse_args(argv)  # prints usage / help / errors for other input
+        return 2
+    except DynsparseError as e:
+        print(f"dynsparse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dynsparse: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+def original_main(argv: Sequence[str] | None = None) -> int:
+    """``python main.py FLAGS`` is ``dynsparse train FLAGS``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["train", *argv])

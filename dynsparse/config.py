@@ -1,0 +1,116 @@
+"""The resolved configuration of one training run, and the method it selects.
+
+Field names follow the original command-line flags (``--initial-sparsity-conv`` ->
+``initial_sparsity_conv``, ``--DeepR_eta`` -> ``DeepR_eta``) so that a configuration can be
+compared with an original job line at a glance. :meth:`TrainConfig.method` is the one place that
+decides which sparse training method a set of original flags means.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from dynsparse.errors import DynsparseError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # the original's flags, with its defaults (ORIGINAL.md, flag table)
+    epochs: int = 100
+    start_epoch: int = 0
+    model: str = "mnist_mlp"
+    batch_size: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    L1_loss_coeff: float = 0.0
+    print_freq: int = 50
+    layers: int = 28
+    start_pruning_after_epoch: int = 20
+    prune_epoch_frequency: int = 2
+    prune_target_sparsity_fc: float = 0.98
+    prune_target_sparsity_conv: float = 0.5
+    prune_iterations: int = 1
+    post_prune_epochs: int = 10
+    n_prune_params: int = 600
+    threshold_prune: bool = False
+    prune: bool = False
+    validate_set: bool = False
+    rewire_scaling: bool = False
+    tied: bool = False
+    rescale_tied_gradient: bool = False
+    rewire: bool = False
+    no_validate_train: bool = False
+    DeepR: bool = False
+    DeepR_eta: float = 0.001
+    stop_rewire_epoch: int = 1000
+    no_batch_norm: bool = False
+    rewire_fraction: float = 0.1
+    sub_kernel_granularity: int = 2
+    cubic_prune_schedule: bool = False
+    sparse_resnet_downsample: bool = False
+    conv_group_lasso: bool = False
+    big_new_weights: bool = False
+    widen_factor: float = 10.0
+    initial_sparsity_conv: float = 0.5
+    initial_sparsity_fc: float = 0.98
+    job_idx: int = 0
+    no_augment: bool = False
+    data: str = ""
+    workers: int = 8
+    copy_mask_from: str = ""
+    resume: str = ""
+    schedule_file: str | None = None
+    name: str = ""
+    # dynsparse's own
+    seed: int = 0
+    device: str = "auto"
+    runs_dir: str = "runs"
+    overwrite: bool = False
+    progress: bool = True
+
+    def method(self) -> str:
+        """``dense``, ``static``, ``dsr``, ``set`` or ``deepr`` (``prune``/``tied`` come with their issue)."""
+        if self.DeepR:
+            return "deepr"
+        if self.rewire:
+            return "dsr" if self.threshold_prune else "set"
+        if self.initial_sparsity_conv == 0 and self.initial_sparsity_fc == 0:
+            return "dense"
+        return "static"
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.model}_{self.job_idx}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Reject impossible values and incompatible flags with one clear message."""
+        from dynsparse.models import dataset_of
+        dataset_of(self.model)  # unknown model -> error listing the valid names
+        for flag, value in (("--initial-sparsity-conv", self.initial_sparsity_conv),
+                            ("--initial-sparsity-fc", self.initial_sparsity_fc)):
+            if not 0.0 <= value < 1.0:
+                raise DynsparseError(f"{flag} must be in [0, 1) (the removed fraction), got {value}")
+        if self.sub_kernel_granularity not in (1, 2, 3, 4):
+            raise DynsparseError(f"--sub-kernel-granularity must be 1, 2, 3 or 4, got {self.sub_kernel_granularity}")
+        if self.epochs < 1 or not 0 <= self.start_epoch <= self.epochs:
+            raise DynsparseError(f"need --epochs >= 1 and 0 <= --start-epoch <= --epochs, got "
+                                 f"--epochs {self.epochs} --start-epoch {self.start_epoch}")
+        if self.batch_size < 1:
+            raise DynsparseError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.DeepR and self.rewire:
+            raise DynsparseError("--DeepR and --rewire are two different methods: pass one of them")
+        if self.rewire_scaling and not (self.rewire and self.threshold_prune):
+            raise DynsparseError("--rewire-scaling needs --rewire --threshold-prune (DSR)")
+        if self.threshold_prune and not self.rewire and not self.prune:
+            raise DynsparseError("--threshold-prune needs --rewire (DSR) or --prune")
+        if self.n_prune_params < 1:
+            raise DynsparseError(f"--n-prune-params must be >= 1, got {self.n_prune_params}")
+        if not 0.0 <= self.rewire_fraction < 1.0:
+            raise DynsparseError(f"--rewire-fraction must be in [0, 1), got {self.rewire_fraction}")
+        if self.DeepR and self.sub_kernel_granularity != 4 and self.model != "mnist_mlp":
+            raise DynsparseError("--DeepR needs per-weight masks: pass --sub-kernel-granularity 4")

@@ -1,0 +1,232 @@
+"""The sparsifier: binds a model, its optimizer and a policy, and owns the one step counter.
+
+Use it in any training loop, with any ``nn.Module`` and any ``torch.optim`` optimizer::
+
+    sparsifier = Sparsifier(model, optimizer, policy=DSR(n_prune=600), densities=0.02)
+    for epoch in range(epochs):
+        sparsifier.set_epoch(epoch)
+        for x, y in loader:
+            loss = loss_fn(model(x), y) + sparsifier.penalty()
+            optimizer.zero_grad(); loss.backward()
+            sparsifier.before_optimizer_step()   # policy hook (DeepR noise), then grad *= mask
+            optimizer.step()
+            sparsifier.step()                    # weight *= mask, optimizer state *= mask, maybe rewire
+
+Contract after every ``step()``: weights, gradients (as the optimizer saw them) and every
+optimizer-state tensor shaped like a sparse weight (SGD momentum, Adam moments) are zero off the
+mask. A regrown connection therefore starts with zero optimizer state; the original code never
+masked momentum (see docs/deviations.md). Topology changes are made by the policy and recorded as
+``RewireEvent``s in ``events`` (drained by the caller), with per-layer densities.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.masks import SparseParam, choose_random, effective_granularity, random_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RewireEvent:
+    step: int
+    epoch: int
+    pruned: int
+    grown: int
+    threshold: float | None
+    densities: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "pruned": self.pruned, "grown": self.grown,
+                "threshold": self.threshold, "densities": self.densities}
+
+
+class Sparsifier:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, policy: "Policy",
+                 densities: float | Mapping[str, float], granularity: int = 4,
+                 new_weights: str = "zero", seed: int = 0,
+                 period: Callable[[int], int] = lambda epoch: 100,
+                 temperature: Callable[[int], float] = lambda epoch: 0.0,
+                 stop_epoch: int | None = None, l1_coeff: float = 0.0,
+                 generator_device: torch.device | None = None) -> None:
+        """``densities``: one density for every conv/linear weight, or ``{param name: density}``
+        (the kept fraction, in (0, 1]). ``new_weights``: ``"zero"`` (the paper) or ``"initial"``
+        (the original's ``--big-new-weights``: drawn from the initial distribution)."""
+        if new_weights not in ("zero", "initial"):
+            raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
+        self.model, self.optimizer, self.policy = model, optimizer, policy
+        self.new_weights, self.period, self.temperature = new_weights, period, temperature
+        self.stop_epoch, self.l1_coeff = stop_epoch, l1_coeff
+        self.step_count, self.epoch = 0, 0
+        self.events: list[RewireEvent] = []
+        self.total_pruned = self.total_grown = 0
+        named = dict(model.named_parameters())
+        if not isinstance(densities, Mapping):
+            from dynsparse.models import sparse_parameter_names
+            densities = {n: float(densities) for n in sparse_parameter_names(model)}
+        if not densities:
+            raise DynsparseError("no sparse parameters: the model has no conv or linear weights selected")
+        unknown = sorted(set(densities) - set(named))
+        if unknown:
+            raise DynsparseError(f"unknown parameter names {unknown}; the model's parameters: {sorted(named)}")
+        first = named[next(iter(densities))]
+        self.generator = torch.Generator(device=generator_device or first.device)
+        self.generator.manual_seed(seed)
+        self.params: dict[str, SparseParam] = {}
+        for name, density in densities.items():
+            if not 0.0 < density <= 1.0:
+                raise DynsparseError(f"density of {name} must be in (0, 1] (sparsity in [0, 1)), got {density}")
+            p = named[name]
+            g = effective_granularity(p, granularity)
+            mask, active = random_mask(p.shape[:g], density, self.generator, p.device)
+            if active == 0:
+                raise DynsparseError(f"{name} would keep no entry at density {density} ({mask.numel()} entries)")
+            self.params[name] = SparseParam(name, p, g, mask, active)
+        self.apply_masks()
+        policy.attach(self)
+
+    # ---- the loop's hooks -------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def rewiring(self) -> bool:
+        return self.stop_epoch is None or self.epoch < self.stop_epoch
+
+    def penalty(self) -> torch.Tensor | float:
+        """``l1_coeff * sum |w|`` over the sparse weights (the original's ``--L1-loss-coeff``)."""
+        if not self.l1_coeff:
+            return 0.0
+        return self.l1_coeff * sum(sp.param.abs().sum() for sp in self.params.values())
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        if self.rewiring:
+            self.policy.before_optimizer_step(self)
+        for sp in self.params.values():
+            if sp.param.grad is not None:
+                sp.param.grad.mul_(sp.mask_view())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.step_count += 1
+        self.apply_masks()
+        if self.rewiring and self.policy.due(self):
+            pruned, grown = self.policy.update(self)
+            self.apply_masks()
+            self.total_pruned += pruned
+            self.total_grown += grown
+            if self.policy.record_events:
+                self.events.append(RewireEvent(self.step_count, self.epoch, pruned, grown,
+                                               getattr(self.policy, "threshold", None), self.densities()))
+
+    # ---- masks ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero weights and shaped optimizer state off the mask."""
+        for sp in self.params.values():
+            m = sp.mask_view()
+            sp.param.mul_(m)
+            if self.optimizer is not None:
+                for buf in self.optimizer.state.get(sp.param, {}).values():
+                    if torch.is_tensor(buf) and buf.shape == sp.param.shape:
+                        buf.mul_(m)
+
+    def prune(self, sp: SparseParam, flat_idx: torch.Tensor, count: int) -> None:
+        sp.mask.view(-1)[flat_idx] = False
+        sp.num_active -= count
+
+    def grow_random(self, sp: SparseParam, count: int, exclude: torch.Tensor | None) -> int:
+        """Activate ``count`` uniformly random inactive entries, never those in ``exclude``
+        (flat indices just pruned). Returns how many were grown (fewer when space runs out)."""
+        free = ~sp.mask.view(-1)
+        if exclude is not None and exclude.numel():
+            free = free.clone()
+            free[exclude] = False
+        capacity = sp.num_entries - sp.num_active - (0 if exclude is None else exclude.numel())
+        if count > capacity:
+            log.warning("%s: no room to grow %d entries, growing %d", sp.name, count, capacity)
+            count = capacity
+        idx = choose_random(free, count, self.generator)
+        self.activate(sp, idx, count)
+        return count
+
+    def activate(self, sp: SparseParam, flat_idx: torch.Tensor, count: int) -> None:
+        """Turn entries on with new weights that are zero or drawn from the initial distribution."""
+        sp.mask.view(-1)[flat_idx] = True
+        sp.num_active += count
+        if self.new_weights == "initial" and count:
+            w = sp.param.detach().view(sp.num_entries, sp.slice_size)
+            fresh = torch.randn(count, sp.slice_size, generator=self.generator, device=self.generator.device)
+            w[flat_idx] = fresh.to(w) * sp.new_weights_std()
+        # new weights are zero already: they were inactive, and inactive weights are kept at zero
+
+    # ---- statistics -------------------------------------------------------------------------
+    def densities(self) -> dict[str, float]:
+        return {n: sp.density for n, sp in self.params.items()}
+
+    def num_active_weights(self) -> int:
+        return sum(sp.num_active * sp.slice_size for sp in self.params.values())
+
+    def num_sparse_weights(self) -> int:
+        return sum(sp.param.numel() for sp in self.params.values())
+
+    def drain_events(self) -> list[RewireEvent]:
+        events, self.events = self.events, []
+        return events
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"masks": {n: sp.mask.clone() for n, sp in self.params.items()},
+                "step_count": self.step_count, "epoch": self.epoch,
+                "totals": [self.total_pruned, self.total_grown],
+                "generator": self.generator.get_state(), "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        masks = state["masks"]
+        if set(masks) != set(self.params):
+            raise DynsparseError(f"checkpoint masks are for parameters {sorted(masks)}, "
+                                 f"this model's sparse parameters are {sorted(self.params)}")
+        for n, sp in self.params.items():
+            if masks[n].shape != sp.mask.shape:
+                raise DynsparseError(f"checkpoint mask of {n} has shape {tuple(masks[n].shape)}, "
+                                     f"expected {tuple(sp.mask.shape)} (a different --sub-kernel-granularity?)")
+            sp.mask.copy_(masks[n].to(sp.mask.device, torch.bool))
+            sp.num_active = int(sp.mask.sum())
+        self.step_count, self.epoch = int(state["step_count"]), int(state["epoch"])
+        self.total_pruned, self.total_grown = (int(v) for v in state["totals"])
+        self.generator.set_state(state["generator"])
+        self.policy.load_state_dict(state["policy"])
+        self.apply_masks()
+
+
+class Policy:
+    """Which connections to drop and grow. Subclasses override ``due``/``update`` (and
+    ``before_optimizer_step`` for gradient-noise methods); ``update`` returns (pruned, grown)."""
+
+    name = "static"
+    record_events = True  # False for policies that update every step (DeepR): totals only
+
+    def attach(self, s: Sparsifier) -> None:
+        pass
+
+    def due(self, s: Sparsifier) -> bool:
+        return False
+
+    def before_optimizer_step(self, s: Sparsifier) -> None:
+        pass
+
+    def update(self, s: Sparsifier) -> tuple[int, int]:
+        return 0, 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass

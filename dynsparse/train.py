@@ -1,0 +1,98 @@
+"""The training loop: plain functions that read top to bottom.
+
+Nothing here imports the sparsity code. The loop calls a *sparsifier* (any object with
+``penalty()``, ``before_optimizer_step()`` and ``step()``; :class:`NullSparsifier` for dense
+training) at the three visible points of every step.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+class NullSparsifier:
+    """Dense training: every hook does nothing."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def penalty(self) -> float:
+        return 0.0
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def drain_events(self) -> list:
+        return []
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(targets[:, None])
+    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier,
+                    *, progress: bool = False, desc: str = "train") -> dict[str, torch.Tensor]:
+    """One pass over ``batches``; returns on-device sums (loss, correct top-1, samples) so that
+    no step waits on the host and the caller can all-reduce them exactly."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress, mininterval=0.5):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        total = loss + sparsifier.penalty()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        sparsifier.before_optimizer_step()
+        optimizer.step()
+        sparsifier.step()
+        with torch.no_grad():
+            loss_sum += loss.detach() * targets.shape[0]
+            correct += (logits.argmax(1) == targets).sum()
+            seen += targets.shape[0]
+    return {"loss_sum": loss_sum, "correct1": correct, "count": seen}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, *, progress: bool = False, desc: str = "eval") -> dict[str, torch.Tensor]:
+    """Sums of loss, top-1 and top-5 hits and samples over ``batches`` (on-device)."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    c1 = torch.zeros((), device=device, dtype=torch.long)
+    c5 = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress, mininterval=0.5):
+        logits = model(inputs)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+        h1, h5 = _topk_correct(logits, targets, (1, 5))
+        c1 += h1
+        c5 += h5
+        seen += targets.shape[0]
+    return {"loss_sum": loss_sum, "correct1": c1, "correct5": c5, "count": seen}
+
+
+def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Turn summed counts into mean loss and percentages."""
+    n = max(int(sums["count"]), 1)
+    out = {"loss": float(sums["loss_sum"]) / n, "top1": 100.0 * float(sums["correct1"]) / n}
+    if "correct5" in sums:
+        out["top5"] = 100.0 * float(sums["correct5"]) / n
+    return out

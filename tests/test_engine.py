@@ -1,0 +1,293 @@
+"""The sparse reparameterization engine: exact toy cases per method, and invariants over all."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dynsparse.errors import DynsparseError
+from dynsparse.schedule import PiecewiseConstant
+from dynsparse.sparse import DSR, POLICIES, SET, DeepR, Sparsifier, Static, allocate
+from dynsparse.sparse.sparsifier import Policy
+
+
+def set_mask(s: Sparsifier, name: str, mask: list) -> None:
+    sp = s.params[name]
+    sp.mask.copy_(torch.tensor(mask, dtype=torch.bool).view(sp.mask.shape))
+    sp.num_active = int(sp.mask.sum())
+
+
+def mask_of(s: Sparsifier, name: str) -> list:
+    return s.params[name].mask.view(-1).int().tolist()
+
+
+def toy(shape=(2, 4), n=1):
+    model = nn.Sequential(*[nn.Linear(shape[1], shape[0], bias=False) for _ in range(n)])
+    return model
+
+
+# ---- exact toy cases -------------------------------------------------------------------------
+
+def test_set_prunes_smallest_and_regrows_only_free_positions():
+    model = toy()
+    s = Sparsifier(model, None, policy=SET(fraction=0.25), densities={"0.weight": 0.75})
+    set_mask(s, "0.weight", [1, 1, 1, 1, 1, 1, 0, 0])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.5, -0.01, 0.3, 0.02, -0.9, 0.4, 0.0, 0.0]]).view(2, 4))
+    pruned, grown = s.policy.update(s)
+    # k = int(0.25 * 6) + 1 = 2 smallest |w| among actives: positions 1 and 3; the two free ones grow
+    assert (pruned, grown) == (2, 2)
+    assert mask_of(s, "0.weight") == [1, 0, 1, 0, 1, 1, 1, 1]
+
+
+def test_dsr_threshold_prune_proportional_regrowth_and_h_adaptation():
+    model = toy(n=2)
+    s = Sparsifier(model, None, policy=DSR(n_prune=10, scaling=True, threshold=0.1),
+                   densities={"0.weight": 0.5, "1.weight": 0.5})
+    set_mask(s, "0.weight", [1, 1, 1, 1, 0, 0, 0, 0])
+    set_mask(s, "1.weight", [1, 1, 1, 1, 1, 1, 0, 0])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.]).view(2, 4))
+        model[1].weight.copy_(torch.tensor([0.01, 0.02, 0.03, 0.5, 0.6, 0.7, 0, 0.]).view(2, 4))
+    pruned, grown = s.policy.update(s)
+    # below H=0.1: one entry of layer 0, three of layer 1 -> 4 pruned, 3 survivors each;
+    # 4 regrown in proportion 3:3 -> 2 + 2; layer 1 has only 2 free slots (just-pruned excluded)
+    assert (pruned, grown) == (4, 4)
+    m0, m1 = mask_of(s, "0.weight"), mask_of(s, "1.weight")
+    assert m0[0] == 0 and m0[1:4] == [1, 1, 1] and sum(m0[4:]) == 2
+    assert m1 == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert s.policy.threshold == 0.2  # 4 < 0.9 * 10: doubled
+
+
+def test_dsr_halves_threshold_and_keeps_one_entry_per_tensor():
+    model = toy()
+    s = Sparsifier(model, None, policy=DSR(n_prune=1, threshold=1.0), densities={"0.weight": 0.5})
+    set_mask(s, "0.weight", [1, 1, 1, 0, 0, 0, 0, 0])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([0.1, -0.3, 0.2, 0, 0, 0, 0, 0.]).view(2, 4))
+    pruned, grown = s.policy.update(s)
+    assert pruned == 2 and grown == 2  # all three were below H: the largest (|-0.3|) is kept
+    m = mask_of(s, "0.weight")
+    assert m[:3] == [0, 1, 0] and sum(m) == 3
+    assert s.policy.threshold == 0.5  # 2 > 1.1 * 1: halved
+
+
+def test_dsr_without_scaling_regrows_each_tensors_own_count():
+    model = toy(n=2)
+    s = Sparsifier(model, None, policy=DSR(n_prune=2, scaling=False, threshold=0.1),
+                   densities={"0.weight": 0.5, "1.weight": 0.5})
+    set_mask(s, "0.weight", [1, 1, 1, 1, 0, 0, 0, 0])
+    set_mask(s, "1.weight", [1, 1, 1, 1, 0, 0, 0, 0])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.]).view(2, 4))
+        model[1].weight.copy_(torch.tensor([0.5, 0.5, 0.6, 0.7, 0, 0, 0, 0.]).view(2, 4))
+    s.policy.update(s)
+    assert sum(mask_of(s, "0.weight")) == 4 and mask_of(s, "1.weight") == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_allocate_is_proportional_exact_and_capped():
+    assert allocate([3, 1], 8, [100, 100]) == [6, 2]
+    assert allocate([1, 1, 1], 4, [10, 10, 10]) == [2, 1, 1]  # remainder to the lower index
+    assert allocate([3, 3], 4, [10, 1]) == [3, 1]  # the full tensor's share moves on
+    assert allocate([1, 1], 10, [2, 3]) == [2, 3]  # not enough room anywhere: grow what fits
+    assert sum(allocate([5, 7, 11, 0], 1000, [400, 400, 400, 400])) == 1000
+
+
+def test_deepr_prunes_sign_flips_and_regrows_in_same_tensor():
+    model = toy()
+    s = Sparsifier(model, None, policy=DeepR(eta=0.0), densities={"0.weight": 0.5})
+    set_mask(s, "0.weight", [1, 1, 1, 1, 0, 0, 0, 0])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4, 0, 0, 0, 0.]).view(2, 4))
+    s.policy.attach(s)  # record signs
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([-0.1, -0.2, 0.3, 0.4, 0, 0, 0, 0.]).view(2, 4))
+    pruned, grown = s.policy.update(s)
+    m = mask_of(s, "0.weight")
+    assert (pruned, grown) == (2, 2)
+    assert m[:4] == [0, 1, 1, 0] and sum(m[4:]) == 2
+    w = model[0].weight.view(-1).tolist()
+    assert w[0] == 0 and w[3] == 0 and all(w[i] == 0 for i in range(4, 8))  # new weights are zero
+
+
+def test_deepr_noise_has_the_right_std_and_only_on_active_weights():
+    model = nn.Sequential(nn.Linear(200, 100, bias=False))
+    s = Sparsifier(model, None, policy=DeepR(eta=0.5), densities={"0.weight": 0.5},
+                   temperature=lambda epoch: 0.01)
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    s.before_optimizer_step()
+    g = model[0].weight.grad
+    active = s.params["0.weight"].mask
+    assert torch.all(g[~active] == 0)
+    assert abs(g[active].std().item() - (2 * 0.5 * 0.01) ** 0.5) < 0.005
+
+
+def test_initial_mask_has_exact_count_and_coarse_granularity():
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3, bias=False))
+    s = Sparsifier(conv, None, policy=Static(), densities={"0.weight": 0.1}, granularity=2)
+    sp = s.params["0.weight"]
+    assert sp.mask.shape == (16, 8) and sp.num_active == int(0.1 * 128 + 0.1) == 12
+    w = conv[0].weight
+    kept = (w.abs().sum((2, 3)) != 0)
+    assert torch.equal(kept, sp.mask) and s.num_active_weights() == 12 * 9
+    assert torch.allclose(sp.magnitude(), w.abs().mean((2, 3)).view(-1))
+
+
+def test_big_new_weights_are_drawn_from_the_initial_distribution():
+    model = nn.Sequential(nn.Linear(400, 100, bias=False))
+    s = Sparsifier(model, None, policy=SET(0.5), densities={"0.weight": 0.5}, new_weights="initial")
+    before = s.params["0.weight"].mask.clone()
+    s.policy.update(s)
+    grown = s.params["0.weight"].mask & ~before
+    vals = model[0].weight[grown]
+    assert vals.numel() > 1000 and torch.all(vals != 0)
+    assert abs(vals.std().item() - 1 / 400 ** 0.5) < 0.005
+
+
+# ---- invariants over every method -------------------------------------------------------------
+
+def make_policy(name: str) -> Policy:
+    return {"static": Static, "set": lambda: SET(0.2), "dsr": lambda: DSR(n_prune=60),
+            "deepr": lambda: DeepR(eta=0.01)}[name]()
+
+
+def train_steps(model, opt, s, steps, gen, check=None):
+    for _ in range(steps):
+        x = torch.randn(16, 20, generator=gen)
+        y = torch.randint(0, 5, (16,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y) + s.penalty()
+        opt.zero_grad()
+        loss.backward()
+        s.before_optimizer_step()
+        if check:
+            check("grad")
+        opt.step()
+        s.step()
+        if check:
+            check("step")
+
+
+def small_setup(name, seed=0, optim="sgd"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+           if optim == "sgd" else torch.optim.Adam(model.parameters(), lr=1e-2))
+    s = Sparsifier(model, opt, policy=make_policy(name), densities={"0.weight": 0.3, "2.weight": 0.4},
+                   period=lambda e: 3, temperature=lambda e: 1e-4, seed=seed, l1_coeff=1e-5)
+    return model, opt, s
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_invariants_zeros_off_mask_and_constant_budget(name, optim):
+    model, opt, s = small_setup(name, optim=optim)
+    budget = s.num_active_weights()
+
+    def check(when):
+        for sp in s.params.values():
+            off = ~sp.mask_view().expand_as(sp.param)
+            if when == "grad":
+                assert torch.all(sp.param.grad[off] == 0)
+            else:
+                assert torch.all(sp.param[off] == 0)
+                for buf in opt.state[sp.param].values():
+                    if torch.is_tensor(buf) and buf.shape == sp.param.shape:
+                        assert torch.all(buf[off] == 0)
+            assert sp.num_active == int(sp.mask.sum())
+        if when == "step":
+            assert s.num_active_weights() == budget
+
+    train_steps(model, opt, s, 30, torch.Generator().manual_seed(1), check)
+    if name != "static":
+        assert s.total_pruned > 0 and s.total_grown == s.total_pruned
+
+
+@pytest.mark.parametrize("name", ["set", "dsr", "deepr"])
+def test_regrowth_never_reuses_just_pruned_positions(name, monkeypatch):
+    model, opt, s = small_setup(name)
+    last = {}
+    orig_prune, orig_activate = Sparsifier.prune, Sparsifier.activate
+
+    def prune(self, sp, idx, count):
+        last[sp.name] = set(idx.tolist())
+        return orig_prune(self, sp, idx, count)
+
+    def activate(self, sp, idx, count):
+        assert not (set(idx.tolist()) & last.get(sp.name, set()))
+        return orig_activate(self, sp, idx, count)
+
+    monkeypatch.setattr(Sparsifier, "prune", prune)
+    monkeypatch.setattr(Sparsifier, "activate", activate)
+    train_steps(model, opt, s, 30, torch.Generator().manual_seed(1))
+    assert s.total_grown > 0
+
+
+@pytest.mark.parametrize("name", ["set", "dsr", "deepr"])
+def test_state_dict_round_trip_gives_identical_future_updates(name):
+    model, opt, s = small_setup(name)
+    train_steps(model, opt, s, 7, torch.Generator().manual_seed(1))
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(s.state_dict()))
+    train_steps(model, opt, s, 20, torch.Generator().manual_seed(2))
+    reference = {n: sp.mask.clone() for n, sp in s.params.items()}, [p.detach().clone() for p in model.parameters()]
+
+    model2, opt2, s2 = small_setup(name, seed=123)  # different init and masks, then restored
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    s2.load_state_dict(saved[2])
+    train_steps(model2, opt2, s2, 20, torch.Generator().manual_seed(2))
+    for n, m in reference[0].items():
+        assert torch.equal(s2.params[n].mask, m)
+    for a, b in zip(reference[1], model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_dsr_threshold_adapts_towards_the_target_count():
+    model, opt, s = small_setup("dsr")
+    s.policy.n_prune = 20
+    thresholds = []
+    for _ in range(10):
+        train_steps(model, opt, s, 3, torch.Generator().manual_seed(3))
+        thresholds.append(s.policy.threshold)
+    assert len(set(thresholds)) > 1
+    ev = s.drain_events()
+    assert len(ev) == 10 and all(e.pruned == e.grown for e in ev)
+    assert all(set(e.densities) == {"0.weight", "2.weight"} for e in ev)
+
+
+# ---- bad configurations ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("density", [0.0, 1.5, -0.2])
+def test_bad_density_is_a_clear_error(density):
+    with pytest.raises(DynsparseError, match="density of 0.weight must be in"):
+        Sparsifier(toy(), None, policy=Static(), densities={"0.weight": density})
+
+
+def test_bad_granularity_and_unknown_names():
+    with pytest.raises(DynsparseError, match="granularity must be 1, 2, 3 or 4"):
+        Sparsifier(nn.Sequential(nn.Conv2d(2, 2, 3)), None, policy=Static(), densities=0.5, granularity=5)
+    with pytest.raises(DynsparseError, match="unknown parameter names"):
+        Sparsifier(toy(), None, policy=Static(), densities={"nope.weight": 0.5})
+    with pytest.raises(DynsparseError, match="no sparse parameters"):
+        Sparsifier(nn.Sequential(nn.ReLU()), None, policy=Static(), densities=0.5)
+
+
+def test_rewire_period_zero_is_rejected(tmp_path):
+    from dynsparse.schedule import load_schedules
+    f = tmp_path / "s.yaml"
+    f.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 0\n")
+    with pytest.raises(DynsparseError, match="rewire_period_schedule values must be >= 1"):
+        load_schedules(f)
+
+
+def test_dsr_on_a_model_with_no_sparse_layer_is_refused(tmp_path):
+    from dynsparse.cli import parse_train_args
+    from dynsparse.run import build_sparsifier
+    from dynsparse.models import create_model
+    from dynsparse.schedule import load_schedules
+    cfg, _ = parse_train_args(["--model", "cifar10_WideResNet", "--layers", "10", "--widen-factor", "1",
+                               "--initial-sparsity-conv", "0", "--rewire", "--threshold-prune"])
+    model = create_model("cifar10_WideResNet", layers=10, widen_factor=1)
+    with pytest.raises(DynsparseError, match="needs a sparse layer"):
+        build_sparsifier(cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), load_schedules(None))
