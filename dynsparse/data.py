@@ -1,0 +1,483 @@
+"""Datasets and batch loaders for MNIST, CIFAR-10 and ImageNet.
+
+Contract:
+
+- :func:`build_data` returns a :class:`DataBundle` of four loaders (train, test, optional
+  validation split, and the training set in order without augmentation) that yield
+  ``(inputs, targets)`` on the requested device: inputs float32 and normalized, targets int64.
+- Every loader has ``set_epoch(epoch)``: the shuffle order and every augmentation draw of an
+  epoch are a function of ``(seed, epoch)`` alone, so a run resumed at epoch ``e`` sees exactly
+  the batches an uninterrupted run sees. Call it before each epoch; without it every pass
+  repeats epoch 0, as with ``DistributedSampler``.
+- Sharding: rank ``r`` of ``w`` takes ``order[r::w]`` of the epoch's order. The training order
+  is first padded by wrapping (as ``DistributedSampler`` does) so that every rank runs the same
+  number of steps; evaluation loaders are not padded, so summing counts over ranks is exact.
+- Nothing is dropped: the last batch may be smaller than ``batch_size``.
+- MNIST and CIFAR-10 live entirely on the device as uint8 tensors; batches are gathered,
+  augmented (CIFAR: reflect-pad 4, random 32x32 crop, horizontal flip) and normalized there,
+  with no per-sample Python work. ImageNet (torchvision ``ImageFolder`` layout) is decoded by a
+  ``DataLoader`` with worker processes; see :mod:`dynsparse.imagenet`.
+- Data roots: MNIST is read from ``ROOT/MNIST/raw/`` (torchvision's layout) or ``ROOT/``;
+  CIFAR-10 from ``ROOT/cifar-10-batches-py/`` or ``ROOT/``; ImageNet from ``ROOT/train`` and
+  ``ROOT/val``. Missing MNIST/CIFAR files are downloaded (checksum verified) unless
+  ``download=False``. Every problem the user can fix raises :class:`DynsparseError`.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import logging
+import math
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from dynsparse.errors import DynsparseError, unknown_choice
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "DYNSPARSE_DATA"
+DATASET_NAMES = ("mnist", "cifar10", "imagenet")
+DEFAULT_DATA_ROOT = Path("./data")
+
+# Samples held out from the end of the training set by ``validate_set``, as in the reference.
+_HOLDOUT = {"mnist": 10_000, "cifar10": 5_000, "imagenet": 10_000}
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+CIFAR10_CROP_PADDING = 4
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_FILES = {  # stem -> md5 of stem.gz
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+
+_HINT = f"Point to the data with --data DIR or the {DATA_ENV} environment variable."
+
+
+def resolve_data_root(data: str | os.PathLike | None) -> Path:
+    """The data directory: ``data`` if given and non-empty, else ``$DYNSPARSE_DATA`` if set and
+    non-empty, else ``./data`` (relative to the current directory). ``~`` is expanded."""
+    for candidate in (data, os.environ.get(DATA_ENV)):
+        if candidate is not None and os.fspath(candidate) != "":
+            return Path(candidate).expanduser()
+    return DEFAULT_DATA_ROOT
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the training loop needs from a loader (see the module docstring for the contract)."""
+
+    num_samples: int  # samples this rank sees per epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+@dataclass
+class DataBundle:
+    """The loaders of one dataset. ``num_train`` counts training samples over all ranks, after
+    the validation hold-out and before any shard padding."""
+
+    train: Loader  # shuffled, augmented, sharded with padding
+    test: Loader  # in order, no augmentation, sharded without padding
+    val: Loader | None  # the held-out split when validate_set, like test
+    train_eval: Loader  # the training set like test: for the per-epoch train accuracy pass
+    num_classes: int
+    num_train: int
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator whose state depends only on ``(seed, epoch)``.
+
+    ``SeedSequence`` mixes the pair, so neighbouring seeds or epochs give unrelated streams
+    (``seed + epoch`` would make seed 0 epoch 1 equal seed 1 epoch 0)."""
+    if seed < 0 or epoch < 0:
+        raise DynsparseError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state))
+
+
+def pad_to_multiple(order: Tensor, world_size: int) -> Tensor:
+    """``order`` extended by wrapping around until its length is a multiple of ``world_size``."""
+    extra = -len(order) % world_size
+    if extra == 0:
+        return order
+    reps = math.ceil(extra / len(order))
+    return torch.cat([order, order.repeat(reps)[:extra]])
+
+
+def random_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """Batched "reflect-pad, random crop to the original size, random horizontal flip".
+
+    ``images`` (B, C, H, W) of any dtype; ``offsets`` (B, 2) int64 in ``[0, 2*padding]``, the
+    (row, col) of each crop window in the padded image; ``flips`` (B,) bool. The result equals
+    ``F.pad(images, [padding]*4, mode="reflect")`` cropped at the offsets then flipped, but is
+    computed as one ``gather`` with reflected source coordinates, so the padded batch is never
+    built and uint8 works (``F.pad`` has no integer reflect kernel on every device).
+    """
+    b, c, h, w = images.shape
+    if not 0 <= padding < min(h, w):
+        raise ValueError(f"reflect padding {padding} needs 0 <= padding < {min(h, w)}")
+    dev = images.device
+    rows = torch.arange(h, device=dev) + (offsets[:, :1] - padding)  # (B, H) in image coords
+    cols = torch.arange(w, device=dev)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols) + (offsets[:, 1:] - padding)
+    rows, cols = _reflect(rows, h), _reflect(cols, w)
+    flat = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return images.reshape(b, c, h * w).gather(2, flat).view(b, c, h, w)
+
+
+def _reflect(i: Tensor, n: int) -> Tensor:
+    # Reflection without repeating the edge (numpy/torch "reflect"): -1 -> 1, n -> n-2.
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+class TensorLoader:
+    """Batches from a whole dataset held on one device as uint8 ``(N, C, H, W)`` images.
+
+    ``shuffle`` also pads the shards (training); otherwise the order is ``0..N-1`` and shards
+    are not padded (evaluation). ``crop_padding > 0`` and ``flip`` turn on the batched CIFAR
+    augmentation of :func:`random_crop_flip`. Inputs come out as ``(x - mean) / std`` with
+    ``x`` in ``[0, 1]``.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float], shuffle: bool = False,
+                 crop_padding: int = 0, flip: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
+            raise ValueError("images must be uint8 (N, C, H, W) with one label per image")
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.crop_padding, self.flip = crop_padding, flip
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        n = len(labels)
+        self.num_samples = math.ceil(n / world_size) if shuffle else len(range(rank, n, world_size))
+        # (x / 255 - mean) / std == x * scale - shift, folded once, in float64 for exactness.
+        std64 = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        mean64 = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+        self._scale = (1 / (255 * std64)).to(images.device, torch.float32)
+        self._shift = (mean64 / std64).to(images.device, torch.float32)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n, dev = len(self.labels), self.images.device
+        g = epoch_generator(self.seed, self.epoch)
+        if self.shuffle:
+            order = pad_to_multiple(torch.randperm(n, generator=g), self.world_size)
+        else:
+            order = torch.arange(n)
+        mine = slice(self.rank, None, self.world_size)
+        index = order[mine].to(dev)
+        augment = self.crop_padding > 0 or self.flip
+        if augment:
+            # Drawn per position of the global order, then sharded like it: a sample's crop
+            # does not depend on how many ranks there are.
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (len(order), 2), generator=g)
+            flips = torch.rand(len(order), generator=g) < 0.5
+            if not self.flip:
+                flips.zero_()
+            offsets, flips = offsets[mine].to(dev), flips[mine].to(dev)
+        for start in range(0, len(index), self.batch_size):
+            batch = index[start:start + self.batch_size]
+            x = self.images.index_select(0, batch)
+            if augment:
+                end = start + len(batch)
+                x = random_crop_flip(x, offsets[start:end], flips[start:end], self.crop_padding)
+            yield x.float().mul_(self._scale).sub_(self._shift), self.labels.index_select(0, batch)
+
+
+# --------------------------------------------------------------------------- downloading
+
+def _fetch(url: str, dest: Path) -> None:
+    """Download ``url`` into the file ``dest`` (overwritten), with a progress bar on a terminal.
+
+    Raises ``OSError`` (``urllib.error.URLError`` included) or ``http.client.HTTPException``
+    when the network fails. Tests replace this function to stay offline."""
+    request = urllib.request.Request(url, headers={"User-Agent": "dynsparse"})
+    with urllib.request.urlopen(request, timeout=60) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        # disable=None: no bar when stderr is not a terminal (logs, CI, ranks redirected)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
+                  disable=None) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url: str, dest: Path, md5: str) -> None:
+    """Fetch into a temporary file next to ``dest``, check the md5, then rename it into place,
+    so that an interrupted download (or several ranks downloading at once) never leaves a
+    partial file under the final name."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        log.info("downloading %s to %s", url, dest)
+        _fetch(url, Path(tmp))
+        got = _md5(Path(tmp))
+        if got != md5:
+            raise DynsparseError(f"checksum mismatch for {url}: md5 {got}, expected {md5}; "
+                                 f"the download is corrupt, try again. {_HINT}")
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _not_found(what: str, missing: Sequence[str], dirs: Sequence[Path], why: str) -> DynsparseError:
+    where = " or ".join(os.path.abspath(d) for d in dirs)
+    return DynsparseError(f"{what} not found: missing {', '.join(missing)} in {where} ({why}). "
+                          f"{_HINT}")
+
+
+_DOWNLOAD_ERRORS = (OSError, http.client.HTTPException)
+
+# --------------------------------------------------------------------------- MNIST
+
+
+def _mnist_files(directory: Path) -> dict[str, Path]:
+    found = {}
+    for stem in MNIST_FILES:
+        for candidate in (directory / f"{stem}.gz", directory / stem):
+            if candidate.is_file():
+                found[stem] = candidate
+                break
+    return found
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not) of unsigned bytes as a numpy array of its declared shape."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DynsparseError(f"cannot read {path}: {e}. {_HINT}") from e
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by file name
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DynsparseError(f"{path} is a corrupt or truncated gzip file: {e}. {_HINT}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DynsparseError(f"{path} is not an IDX file of unsigned bytes "
+                             f"(magic number {raw[:4].hex() or 'missing'}). {_HINT}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = np.frombuffer(raw[4:header], dtype=">u4") if len(raw) >= header else None
+    if dims is None or len(raw) != header + int(np.prod(dims, dtype=np.int64)):
+        raise DynsparseError(f"{path} is truncated or has trailing bytes: {len(raw)} bytes do "
+                             f"not match its IDX header. {_HINT}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(tuple(int(d) for d in dims))
+
+
+def _read_mnist_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DynsparseError(f"{images_path}: expected N x 28 x 28 images, got {images.shape}")
+    if labels.shape != (len(images),) or (len(labels) and labels.max() > 9):
+        raise DynsparseError(f"{labels_path}: expected {len(images)} labels in 0..9 to match "
+                             f"{images_path.name}, got shape {labels.shape}")
+    # copy(): frombuffer arrays are read-only, and torch wants writable memory.
+    return (torch.from_numpy(images.copy()).unsqueeze(1),
+            torch.from_numpy(labels.astype(np.int64)))
+
+
+def load_mnist(root: Path, *, download: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST as CPU tensors ``(train_images, train_labels, test_images, test_labels)``, images
+    uint8 (N, 1, 28, 28), labels int64. Looks in ``root/MNIST/raw`` then ``root``; when files are
+    missing and ``download``, fetches them into ``root/MNIST/raw``."""
+    raw_dir, dirs = root / "MNIST" / "raw", (root / "MNIST" / "raw", root)
+    files = next((f for f in map(_mnist_files, dirs) if len(f) == len(MNIST_FILES)), None)
+    if files is None:
+        found = {**_mnist_files(root), **_mnist_files(raw_dir)}
+        missing = [f"{s}[.gz]" for s in MNIST_FILES if s not in found]
+        if not download:
+            raise _not_found("MNIST", missing, dirs, "downloading is off")
+        try:
+            for stem, md5 in MNIST_FILES.items():
+                if stem not in _mnist_files(raw_dir):
+                    _download(MNIST_URL + stem + ".gz", raw_dir / f"{stem}.gz", md5)
+        except _DOWNLOAD_ERRORS as e:
+            why = f"download from {MNIST_URL} failed: {e}"
+            raise _not_found("MNIST", missing, dirs, why) from e
+        files = _mnist_files(raw_dir)
+    log.info("reading MNIST from %s", files["train-images-idx3-ubyte"].parent)
+    train = _read_mnist_split(files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"])
+    test = _read_mnist_split(files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"])
+    return (*train, *test)
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            # The official batches are Python 2 pickles (bytes keys); re-made ones may have str.
+            batch = pickle.load(f, encoding="bytes")
+    except Exception as e:  # a corrupt pickle can fail in any way; all mean "bad file"
+        raise DynsparseError(f"cannot read CIFAR-10 batch {path}: {e!r}. {_HINT}") from e
+    batch = batch if isinstance(batch, dict) else {}
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    labels = np.asarray(labels if isinstance(labels, list) else [-1])
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+            or data.shape[1] != 3072 or labels.shape != (len(data),)
+            or (len(labels) and (labels.min() < 0 or labels.max() > 9))):
+        raise DynsparseError(f"{path} is not a CIFAR-10 batch (a dict with uint8 N x 3072 "
+                             f"'data' and a list of N 'labels' in 0..9). {_HINT}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _extract_cifar(archive: Path, root: Path) -> None:
+    # Extract next to the target and rename the whole folder, so a crash never leaves half a
+    # cifar-10-batches-py behind that would later be taken as complete.
+    with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-extract-") as tmp:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")
+            else:  # pragma: no cover - Pythons without PEP 706
+                tar.extractall(tmp)
+        try:
+            os.replace(Path(tmp) / CIFAR10_DIR, root / CIFAR10_DIR)
+        except OSError:
+            # Fine if another rank extracted it first; a stale partial folder is an error.
+            if not all((root / CIFAR10_DIR / n).is_file() for n in CIFAR10_FILES):
+                raise
+
+
+def load_cifar10(root: Path, *, download: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CIFAR-10 as CPU tensors ``(train_images, train_labels, test_images, test_labels)``,
+    images uint8 (N, 3, 32, 32), labels int64, from the python pickle batches in
+    ``root/cifar-10-batches-py`` or ``root``. When missing and ``download``, fetches and
+    extracts the official archive into ``root``. Batch files are not checksummed, so re-made
+    copies of the data set work. (Pickles can run code: only read batches you trust.)"""
+    dirs = (root / CIFAR10_DIR, root)
+    found = next((d for d in dirs if all((d / n).is_file() for n in CIFAR10_FILES)), None)
+    if found is None:
+        missing = [n for n in CIFAR10_FILES if not (root / CIFAR10_DIR / n).is_file()]
+        if not download:
+            raise _not_found("CIFAR-10", missing, dirs, "downloading is off")
+        archive = root / CIFAR10_URL.rsplit("/", 1)[-1]
+        try:
+            if not archive.is_file() or _md5(archive) != CIFAR10_MD5:
+                _download(CIFAR10_URL, archive, CIFAR10_MD5)
+            _extract_cifar(archive, root)
+        except (*_DOWNLOAD_ERRORS, tarfile.TarError) as e:
+            raise _not_found("CIFAR-10", missing, dirs,
+                             f"download from {CIFAR10_URL} failed: {e}") from e
+        found = root / CIFAR10_DIR
+    log.info("reading CIFAR-10 from %s", found)
+    train = [_read_cifar_batch(found / n) for n in CIFAR10_FILES[:-1]]
+    test_x, test_y = _read_cifar_batch(found / CIFAR10_FILES[-1])
+    return (torch.from_numpy(np.concatenate([x for x, _ in train])),
+            torch.from_numpy(np.concatenate([y for _, y in train])),
+            torch.from_numpy(test_x.copy()), torch.from_numpy(test_y))
+
+
+# --------------------------------------------------------------------------- entry point
+
+def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.device,
+               validate_set: bool = False, augment: bool = True, workers: int = 8,
+               seed: int = 0, download: bool = True, rank: int = 0, world_size: int = 1,
+               eval_batch_size: int | None = None) -> DataBundle:
+    """The loaders of ``dataset`` (one of :data:`DATASET_NAMES`) read from ``root``.
+
+    ``validate_set`` holds out the last 10,000 (MNIST, ImageNet) or 5,000 (CIFAR-10) training
+    samples as ``val``. ``augment=False`` turns off training augmentation (CIFAR-10 crop and
+    flip; ImageNet random-resized-crop and flip, replaced by the evaluation resize and centre
+    crop). MNIST has no augmentation. ``workers`` is used by ImageNet only: MNIST and CIFAR-10
+    need no worker processes. ``download`` applies to MNIST and CIFAR-10 only. ``eval_batch_size``
+    defaults to ``batch_size``.
+    """
+    if dataset not in DATASET_NAMES:
+        raise unknown_choice("dataset", dataset, DATASET_NAMES)
+    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+    if batch_size < 1 or eval_batch_size < 1:
+        raise DynsparseError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+    if not 0 <= rank < world_size:
+        raise DynsparseError(f"rank must be in [0, world_size), got {rank} of {world_size}")
+    if seed < 0 or workers < 0:
+        raise DynsparseError(f"seed and workers must be >= 0, got {seed} and {workers}")
+    device = torch.device(device)
+    root = Path(root)
+    holdout = _HOLDOUT[dataset] if validate_set else 0
+    if dataset == "imagenet":
+        try:
+            import torchvision  # noqa: F401  (only to give a clear error when it is missing)
+        except ImportError as e:
+            raise DynsparseError("imagenet needs torchvision: pip install 'dynsparse[imagenet]'") \
+                from e
+        from dynsparse.imagenet import build_imagenet
+        return build_imagenet(root, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                              device=device, holdout=holdout, augment=augment, workers=workers,
+                              seed=seed, rank=rank, world_size=world_size)
+
+    if dataset == "mnist":
+        train_x, train_y, test_x, test_y = load_mnist(root, download=download)
+        mean, std, crop_padding, flip = MNIST_MEAN, MNIST_STD, 0, False
+    else:
+        train_x, train_y, test_x, test_y = load_cifar10(root, download=download)
+        mean, std, crop_padding, flip = CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CROP_PADDING, True
+    if not augment:
+        crop_padding, flip = 0, False
+    if len(train_y) <= holdout or len(test_y) == 0:
+        raise DynsparseError(
+            f"{dataset} in {os.path.abspath(root)} has {len(train_y)} training and {len(test_y)} "
+            f"test samples" + (f", but --validate-set holds out the last {holdout} training "
+                               f"samples" if holdout else ""))
+    n = len(train_y) - holdout
+
+    def loader(x: Tensor, y: Tensor, train: bool = False) -> TensorLoader:
+        return TensorLoader(x.to(device), y.to(device), mean=mean, std=std, seed=seed,
+                            rank=rank, world_size=world_size,
+                            batch_size=batch_size if train else eval_batch_size, shuffle=train,
+                            crop_padding=crop_padding if train else 0, flip=flip and train)
+
+    train_x_dev, train_y_dev = train_x[:n].to(device), train_y[:n].to(device)
+    return DataBundle(
+        train=loader(train_x_dev, train_y_dev, train=True),
+        test=loader(test_x, test_y),
+        val=loader(train_x[n:], train_y[n:]) if holdout else None,
+        train_eval=loader(train_x_dev, train_y_dev),  # shares the device copy with train
+        num_classes=10,
+        num_train=n,
+    )
