@@ -4,7 +4,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gzip
+import pickle
+
+import numpy as np
 import pytest
+
+from dynsparse import data as D
+
+MNIST_STEMS = list(D.MNIST_FILES)
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +23,81 @@ def data_root() -> Path:
     if not root:
         pytest.skip("set DYNSPARSE_TEST_DATA to a data directory to run real-data tests")
     return Path(root)
+
+
+# --------------------------------------------------------------------------- tiny synthetic MNIST
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+def mnist_arrays(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose pixel (0, 0) is the sample's number (offset + i) and pixel (27, 27) is 255."""
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = offset + np.arange(n)
+    images[:, 27, 27] = 255
+    labels = (offset + np.arange(n)) % 10
+    return images, labels.astype(np.uint8)
+
+
+def write_mnist(directory: Path, n_train: int = 31, n_test: int = 11, gz: bool = True) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    train, test = mnist_arrays(n_train), mnist_arrays(n_test, offset=100)
+    arrays = dict(zip(MNIST_STEMS, (*train, *test)))
+    for stem, array in arrays.items():
+        raw = idx_bytes(array)
+        if gz:
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (directory / stem).write_bytes(raw)
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> Path:
+    """A data root with a tiny synthetic MNIST (64 train, 20 test images) in MNIST/raw/."""
+    root = tmp_path / "data"
+    write_mnist(root / "MNIST" / "raw", n_train=64, n_test=20)
+    return root
+
+
+# --------------------------------------------------------------------------- tiny synthetic CIFAR-10
+
+def cifar_images(n: int, offset: int = 0) -> np.ndarray:
+    """(n, 3, 32, 32): red and green are noise, blue is the constant sample number, which survives
+    any crop or flip and so identifies the sample."""
+    rng = np.random.default_rng(1000 + n + offset)
+    images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    images[:, 2] = (offset + np.arange(n))[:, None, None]
+    return images
+
+
+def cifar_batch(images: np.ndarray, labels: np.ndarray, bytes_keys: bool) -> bytes:
+    batch = {"data": images.reshape(len(images), -1), "labels": [int(v) for v in labels]}
+    if bytes_keys:
+        batch = {k.encode(): v for k, v in batch.items()}
+    return pickle.dumps(batch, protocol=2)
+
+
+def write_cifar(root: Path, per_batch: int = 20, n_test: int = 10, bytes_keys: bool = True) -> \
+        tuple[np.ndarray, np.ndarray]:
+    """Writes root/cifar-10-batches-py; returns the (train, test) images."""
+    out = root / D.CIFAR10_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    train = cifar_images(5 * per_batch)
+    for b in range(5):
+        s = slice(b * per_batch, (b + 1) * per_batch)
+        labels = np.arange(s.start, s.stop) % 10
+        (out / f"data_batch_{b + 1}").write_bytes(cifar_batch(train[s], labels, bytes_keys))
+    test = cifar_images(n_test, offset=200)
+    (out / "test_batch").write_bytes(cifar_batch(test, np.arange(n_test) % 10, bytes_keys))
+    return train, test
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path: Path) -> Path:
+    """A data root with a tiny synthetic CIFAR-10 (5 x 8 train, 16 test images)."""
+    root = tmp_path / "data"
+    write_cifar(root, per_batch=8, n_test=16)
+    return root

@@ -25,73 +25,16 @@ import torch.nn.functional as F
 from dynsparse import data as D
 from dynsparse.errors import DynsparseError
 
+from conftest import MNIST_STEMS, cifar_batch, cifar_images, idx_bytes, mnist_arrays, write_cifar, write_mnist  # noqa: E402
+
 CPU = torch.device("cpu")
-MNIST_STEMS = list(D.MNIST_FILES)
 
 
 # --------------------------------------------------------------------------- synthetic files
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + array.astype(np.uint8).tobytes()
-
-
-def mnist_arrays(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose pixel (0, 0) is the sample's number (offset + i) and pixel (27, 27) is 255."""
-    rng = np.random.default_rng(n)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    images[:, 0, 0] = offset + np.arange(n)
-    images[:, 27, 27] = 255
-    labels = (offset + np.arange(n)) % 10
-    return images, labels.astype(np.uint8)
-
-
-def write_mnist(directory: Path, n_train: int = 31, n_test: int = 11, gz: bool = True) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    train, test = mnist_arrays(n_train), mnist_arrays(n_test, offset=100)
-    arrays = dict(zip(MNIST_STEMS, (*train, *test)))
-    for stem, array in arrays.items():
-        raw = idx_bytes(array)
-        if gz:
-            (directory / f"{stem}.gz").write_bytes(gzip.compress(raw))
-        else:
-            (directory / stem).write_bytes(raw)
-
-
 def mnist_ids(x: torch.Tensor) -> list[int]:
     """Recover pixel (0, 0), i.e. the sample number, from normalized MNIST inputs."""
     return torch.round((x[:, 0, 0, 0] * 0.3081 + 0.1307) * 255).long().tolist()
-
-
-def cifar_images(n: int, offset: int = 0) -> np.ndarray:
-    """(n, 3, 32, 32): red and green are noise, blue is the constant sample number, which survives
-    any crop or flip and so identifies the sample."""
-    rng = np.random.default_rng(1000 + n + offset)
-    images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-    images[:, 2] = (offset + np.arange(n))[:, None, None]
-    return images
-
-
-def cifar_batch(images: np.ndarray, labels: np.ndarray, bytes_keys: bool) -> bytes:
-    batch = {"data": images.reshape(len(images), -1), "labels": [int(v) for v in labels]}
-    if bytes_keys:
-        batch = {k.encode(): v for k, v in batch.items()}
-    return pickle.dumps(batch, protocol=2)
-
-
-def write_cifar(root: Path, per_batch: int = 20, n_test: int = 10, bytes_keys: bool = True) -> \
-        tuple[np.ndarray, np.ndarray]:
-    """Writes root/cifar-10-batches-py; returns the (train, test) images."""
-    out = root / D.CIFAR10_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    train = cifar_images(5 * per_batch)
-    for b in range(5):
-        s = slice(b * per_batch, (b + 1) * per_batch)
-        labels = np.arange(s.start, s.stop) % 10
-        (out / f"data_batch_{b + 1}").write_bytes(cifar_batch(train[s], labels, bytes_keys))
-    test = cifar_images(n_test, offset=200)
-    (out / "test_batch").write_bytes(cifar_batch(test, np.arange(n_test) % 10, bytes_keys))
-    return train, test
 
 
 def cifar_ids(x: torch.Tensor) -> list[int]:

@@ -1,0 +1,58 @@
+"""Shared pieces of the benchmarks: timing, evidence and result files (JSON + markdown)."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def evidence() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = None
+    cuda = torch.cuda.is_available()
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit,
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def timed(fn, sync: bool = False) -> float:
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleaved(cases: dict, repeats: int, sync: bool = False) -> dict[str, list[float]]:
+    """Run every case ``repeats`` times, interleaved (a, b, c, a, b, c, ...), so that slow phases
+    of a shared machine hit every case alike; returns all times per case."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn, sync))
+    return times
+
+
+def write_results(name: str, payload: dict, markdown: str) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    return RESULTS / f"{name}.json"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
