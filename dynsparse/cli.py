@@ -30,7 +30,6 @@ def str2bool(text: str) -> bool:
 
 
 # (flags, keyword arguments) for every flag of the original, in its order, then our own.
-# Flags whose feature has not landed yet are parsed and then rejected (NOT_IMPLEMENTED).
 ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--epochs",), dict(type=int, help="number of total epochs to run")),
     (("--start-epoch",), dict(type=int, help="manual epoch number (useful on restarts)")),
@@ -87,10 +86,6 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
     (("--no-progress",), dict(action="store_false", dest="progress", help="no progress bar")),
 ]
-NOT_IMPLEMENTED = {  # flag -> the issue that brings it
-    "prune": ("--prune", 4), "tied": ("--tied", 4), "rescale_tied_gradient": ("--rescale-tied-gradient", 4),
-    "conv_group_lasso": ("--conv-group-lasso", 4), "copy_mask_from": ("--copy-mask-from", 4),
-}
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -108,9 +103,6 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
-    for key, (flag, issue) in NOT_IMPLEMENTED.items():
-        if values[key] not in (False, "", None):
-            raise DynsparseError(f"{flag} is not implemented yet (it arrives with issue #{issue})")
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg

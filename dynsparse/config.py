@@ -71,7 +71,11 @@ class TrainConfig:
     progress: bool = True
 
     def method(self) -> str:
-        """``dense``, ``static``, ``dsr``, ``set`` or ``deepr`` (``prune``/``tied`` come with their issue)."""
+        """``dense``, ``static``, ``dsr``, ``set``, ``deepr``, ``prune`` or ``tied``."""
+        if self.prune:
+            return "prune"
+        if self.tied:
+            return "tied"
         if self.DeepR:
             return "deepr"
         if self.rewire:
@@ -79,6 +83,15 @@ class TrainConfig:
         if self.initial_sparsity_conv == 0 and self.initial_sparsity_fc == 0:
             return "dense"
         return "static"
+
+    @property
+    def total_epochs(self) -> int:
+        """``--epochs``, except in prune mode, where (as in the original) it is
+        start + frequency * (iterations - 1) + post-prune epochs."""
+        if self.prune:
+            return self.start_pruning_after_epoch + self.prune_epoch_frequency * (self.prune_iterations - 1) \
+                + self.post_prune_epochs
+        return self.epochs
 
     @property
     def run_name(self) -> str:
@@ -97,13 +110,27 @@ class TrainConfig:
                 raise DynsparseError(f"{flag} must be in [0, 1) (the removed fraction), got {value}")
         if self.sub_kernel_granularity not in (1, 2, 3, 4):
             raise DynsparseError(f"--sub-kernel-granularity must be 1, 2, 3 or 4, got {self.sub_kernel_granularity}")
-        if self.epochs < 1 or not 0 <= self.start_epoch <= self.epochs:
-            raise DynsparseError(f"need --epochs >= 1 and 0 <= --start-epoch <= --epochs, got "
+        if self.epochs < 1 or not 0 <= self.start_epoch <= self.total_epochs:
+            raise DynsparseError(f"need --epochs >= 1 and 0 <= --start-epoch <= the number of epochs, got "
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")
         if self.batch_size < 1:
             raise DynsparseError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.DeepR and self.rewire:
-            raise DynsparseError("--DeepR and --rewire are two different methods: pass one of them")
+        chosen = [f for f, on in (("--DeepR", self.DeepR), ("--rewire", self.rewire), ("--prune", self.prune),
+                                   ("--tied", self.tied)) if on]
+        if len(chosen) > 1:
+            raise DynsparseError(f"{' and '.join(chosen)} are different methods: pass one of them")
+        if self.rescale_tied_gradient and not self.tied:
+            raise DynsparseError("--rescale-tied-gradient needs --tied")
+        if self.copy_mask_from and (self.tied or self.prune):
+            raise DynsparseError("--copy-mask-from copies sparse masks; it does not combine with --tied or --prune")
+        for flag, value in (("--prune-target-sparsity-fc", self.prune_target_sparsity_fc),
+                            ("--prune-target-sparsity-conv", self.prune_target_sparsity_conv)):
+            if self.prune and not 0.0 <= value < 1.0:
+                raise DynsparseError(f"{flag} must be in [0, 1), got {value}")
+        if self.prune and (self.prune_iterations < 1 or self.prune_epoch_frequency < 1 or self.post_prune_epochs < 0
+                           or self.start_pruning_after_epoch < 0):
+            raise DynsparseError("prune mode needs --prune-iterations >= 1, --prune-epoch-frequency >= 1, "
+                                 "--start-pruning-after-epoch >= 0 and --post-prune-epochs >= 0")
         if self.rewire_scaling and not (self.rewire and self.threshold_prune):
             raise DynsparseError("--rewire-scaling needs --rewire --threshold-prune (DSR)")
         if self.threshold_prune and not self.rewire and not self.prune:

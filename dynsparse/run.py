@@ -32,6 +32,8 @@ from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from dynsparse.models import create_model, dataset_of, layer_type, sparse_parameter_names
 from dynsparse.schedule import Schedules, load_schedules
 from dynsparse.sparse import DSR, SET, DeepR, Sparsifier, Static
+from dynsparse.sparse.pruning import GradualPruning, mnist_output_layer_targets
+from dynsparse.tied import TiedModel
 from dynsparse.train import NullSparsifier, evaluate, set_lr, summarize, train_one_epoch
 
 CHECKPOINT_FORMAT = "dynsparse-checkpoint-v1"
@@ -49,36 +51,73 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     schedules: Schedules):
-    """The sparsifier that the original flags ask for (NullSparsifier for plain dense training)."""
+def _densities(cfg: TrainConfig, model: nn.Module) -> dict[str, float]:
     names = sparse_parameter_names(model, sparse_resnet_downsample=cfg.sparse_resnet_downsample)
-    densities = {n: 1.0 - (cfg.initial_sparsity_conv if layer_type(model, n) == "conv" else cfg.initial_sparsity_fc)
-                 for n in names}
+    return {n: 1.0 - (cfg.initial_sparsity_conv if layer_type(model, n) == "conv" else cfg.initial_sparsity_fc)
+            for n in names}
+
+
+def prune_targets(cfg: TrainConfig, model: nn.Module, names: list[str]) -> dict[str, float]:
+    """Final sparsity per tensor in prune mode, with the original's mnist_mlp output-layer case."""
+    fc, special = cfg.prune_target_sparsity_fc, None
+    if cfg.model == "mnist_mlp" and fc > 0.9:
+        fc, special = mnist_output_layer_targets(fc)
+    targets = {}
+    for n in names:
+        if layer_type(model, n) == "conv":
+            targets[n] = cfg.prune_target_sparsity_conv
+        else:
+            shape = tuple(dict(model.named_parameters())[n].shape)
+            targets[n] = special if special is not None and shape == (10, 100) else fc
+    return targets
+
+
+def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     schedules: Schedules):
+    """The object the loop calls at every step, as the original flags ask: a Sparsifier with the
+    method's policy, a TiedModel (``--tied``; call before building the optimizer, it replaces
+    weights by banks), or NullSparsifier for plain dense training."""
+    densities = _densities(cfg, model)
     method = cfg.method()
+    if method == "tied":
+        return TiedModel(model, densities, granularity=cfg.sub_kernel_granularity, seed=cfg.seed + 1,
+                         rescale_gradient=cfg.rescale_tied_gradient, l1_coeff=cfg.L1_loss_coeff,
+                         group_lasso=cfg.conv_group_lasso)
     if method in ("dsr", "set", "deepr") and all(d == 1.0 for d in densities.values()):
         raise DynsparseError(f"{method} needs a sparse layer, but every sparse-eligible layer of {cfg.model} "
                              f"is at sparsity 0: raise --initial-sparsity-conv/--initial-sparsity-fc")
     if method in ("dense", "static") and all(d == 1.0 for d in densities.values()) and not cfg.L1_loss_coeff:
         return NullSparsifier()
-    policy = {"dsr": lambda: DSR(n_prune=cfg.n_prune_params, scaling=cfg.rewire_scaling),
-              "set": lambda: SET(fraction=cfg.rewire_fraction),
-              "deepr": lambda: DeepR(eta=cfg.DeepR_eta)}.get(method, Static)()
-    return Sparsifier(model, optimizer, policy=policy, densities=densities,
+    policies = {
+        "dsr": lambda: DSR(n_prune=cfg.n_prune_params, scaling=cfg.rewire_scaling),
+        "set": lambda: SET(fraction=cfg.rewire_fraction),
+        "deepr": lambda: DeepR(eta=cfg.DeepR_eta),
+        "prune": lambda: GradualPruning(prune_targets(cfg, model, list(densities)), iterations=cfg.prune_iterations,
+                                        start_epoch=cfg.start_pruning_after_epoch, frequency=cfg.prune_epoch_frequency,
+                                        cubic=cfg.cubic_prune_schedule, global_threshold=cfg.threshold_prune),
+    }
+    return Sparsifier(model, optimizer, policy=policies.get(method, Static)(), densities=densities,
                       granularity=cfg.sub_kernel_granularity,
                       new_weights="initial" if cfg.big_new_weights else "zero", seed=cfg.seed + 1,
                       period=schedules.rewire_period_at, temperature=schedules.deepr_temperature,
-                      stop_epoch=cfg.stop_rewire_epoch, l1_coeff=cfg.L1_loss_coeff)
+                      stop_epoch=None if method == "prune" else cfg.stop_rewire_epoch,
+                      l1_coeff=cfg.L1_loss_coeff, group_lasso=cfg.conv_group_lasso)
 
 
 def param_counts(model: nn.Module, sparsifier) -> dict[str, int]:
+    """The original's model-size report: sparse (active entries of sparse tensors, in weights),
+    tied (bank entries), fixed (every other parameter, dense) and learnable (their sum), plus the
+    total size of the model and ``params_nonzero`` (= learnable, counted from masks, not values)."""
     total = sum(p.numel() for p in model.parameters())
+    sparse = tied = sparse_total = 0
     if isinstance(sparsifier, Sparsifier):
-        sparse_total = sparsifier.num_sparse_weights()
-        nonzero = total - sparse_total + sparsifier.num_active_weights()
-    else:
-        sparse_total, nonzero = 0, total
-    return {"params_total": total, "params_sparse_total": sparse_total, "params_nonzero": nonzero}
+        sparse, sparse_total = sparsifier.num_active_weights(), sparsifier.num_sparse_weights()
+    elif isinstance(sparsifier, TiedModel):
+        tied = sparse_total = sparsifier.num_tied()
+    fixed = total - sparse_total
+    return {"params_total": total, "params_sparse_total": sparse_total, "params_sparse": sparse,
+            "params_tied": tied, "params_fixed": fixed, "params_learnable": fixed + sparse + tied,
+            "params_nonzero": fixed + sparse + tied}
 
 
 def evidence(argv: Sequence[str] | None, device: torch.device) -> dict:
@@ -128,9 +167,10 @@ class _Run:
                                   widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm).to(self.device)
         if cfg.nesterov and cfg.momentum <= 0:
             raise DynsparseError("--nesterov True needs --momentum > 0; pass --nesterov False for plain SGD")
+        tied = build_sparsifier(cfg, self.model, None, self.schedules) if cfg.tied else None
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.schedules.lr(cfg.start_epoch),
                                          momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-        self.sparsifier = build_sparsifier(cfg, self.model, self.optimizer, self.schedules)
+        self.sparsifier = tied or build_sparsifier(cfg, self.model, self.optimizer, self.schedules)
         self.start_epoch = cfg.start_epoch
         self.history: list[dict] = []
         self.events: list[dict] = []
@@ -160,6 +200,18 @@ class _Run:
             self.start_epoch, self.history, self.events = int(ckpt["epoch"]), list(ckpt["history"]), list(ckpt["events"])
 
 
+def copy_masks(run: "_Run", source: str) -> None:
+    """``--copy-mask-from``: take only the masks of another run (its final checkpoint), as the
+    original did; weights stay as they are (random init, or ``--resume``'s)."""
+    ckpt, path = load_checkpoint(source, run.device)
+    if not isinstance(run.sparsifier, Sparsifier) or ckpt.get("sparsifier") is None:
+        raise DynsparseError(f"--copy-mask-from needs sparse layers here and in {path} (both runs sparse)")
+    state = run.sparsifier.state_dict()
+    state["masks"] = ckpt["sparsifier"]["masks"]
+    run.sparsifier.load_state_dict(state)
+    run.echo(f"copied the masks of {path}")
+
+
 def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
                  echo: Callable[[str], None] = lambda s: None) -> dict:
     """Train as ``cfg`` says; returns the summary that is also written to ``summary.json``."""
@@ -171,6 +223,8 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
         continuing = path.resolve() == ckpt_path.resolve()
         run.restore(ckpt, exact=continuing)
         echo(f"{'continuing' if continuing else 'starting from'} {path} at epoch {run.start_epoch}")
+    if cfg.copy_mask_from and not continuing:
+        copy_masks(run, cfg.copy_mask_from)
     if not continuing and ckpt_path.exists() and not cfg.overwrite:
         raise DynsparseError(f"{run.dir} already holds a run: pass --resume {run.dir} to continue it, "
                              f"--overwrite to start over, or --name/--job-idx for a new run")
@@ -190,7 +244,7 @@ def _train_loop(run: _Run) -> dict:
     echo(f"run {run.dir}: {cfg.model}, method {cfg.method()}, {counts['params_nonzero']:,} of "
          f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}")
     echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} {'rewires':>7} {'time':>6}")
-    for epoch in range(run.start_epoch, cfg.epochs):
+    for epoch in range(run.start_epoch, cfg.total_epochs):
         t0 = time.perf_counter()
         lr = run.schedules.lr(epoch)
         set_lr(run.optimizer, lr)
@@ -198,6 +252,7 @@ def _train_loop(run: _Run) -> dict:
         data.train.set_epoch(epoch)
         train = summarize(train_one_epoch(run.model, data.train, run.optimizer, run.sparsifier,
                                           progress=cfg.progress, desc=f"epoch {epoch}"))
+        run.sparsifier.end_epoch()
         events = [e.as_dict() for e in run.sparsifier.drain_events()]
         run.events.extend(events)
         if not math.isfinite(train["loss"]):
@@ -236,7 +291,7 @@ def _write_outputs(run: _Run) -> None:
 def _summary(run: _Run) -> dict:
     hist = run.history
     if not hist:
-        raise DynsparseError(f"no epoch was trained (start epoch {run.start_epoch} >= --epochs {run.cfg.epochs})")
+        raise DynsparseError(f"no epoch was trained (start epoch {run.start_epoch} >= {run.cfg.total_epochs} epochs)")
     best = max(hist, key=lambda r: r["test_top1"])
     last = hist[-1]
     out = {"run": run.cfg.run_name, "model": run.cfg.model, "method": run.cfg.method(),

@@ -29,6 +29,9 @@ class NullSparsifier:
     def step(self) -> None:
         pass
 
+    def end_epoch(self) -> None:
+        pass
+
     def drain_events(self) -> list:
         return []
 

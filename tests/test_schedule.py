@@ -1,6 +1,8 @@
 """Schedule lookup at boundaries, the original files unchanged, and malformed files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dynsparse.errors import DynsparseError
@@ -19,9 +21,13 @@ def test_prune_schedule_has_lr_zero_in_epoch_zero():
     assert [s.lr(e) for e in (0, 1, 14, 15, 25, 35)] == [0.0, 0.01, 0.01, 0.01, 0.001, 0.0001]
 
 
-def test_all_six_original_files_load():
+def test_all_bundled_files_load_and_the_originals_are_unchanged():
     names = sorted(p.name for p in BUNDLED_DIR.glob("*.yaml"))
-    assert len(names) == 6
+    assert len(names) == 7 and "mnist_schedule.yaml" in names
+    original = Path(__file__).resolve().parents[2] / "shared" / "reference" / "original" / "learning_schedules"
+    if original.is_dir():
+        for f in original.glob("*.yaml"):
+            assert (BUNDLED_DIR / f.name).read_bytes() == f.read_bytes()
     for n in names:
         assert load_schedules(n).lr(0) >= 0
 

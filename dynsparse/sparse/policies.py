@@ -46,9 +46,7 @@ class SET(_Periodic):
         pruned = grown = 0
         for sp in s.params.values():
             k = min(int(self.fraction * sp.num_active) + 1, sp.num_active)
-            mag = sp.magnitude().masked_fill(~sp.mask.view(-1), math.inf)
-            idx = torch.topk(mag, k, largest=False, sorted=False).indices
-            s.prune(sp, idx, k)
+            idx = s.prune_smallest(sp, k)
             pruned += k
             grown += s.grow_random(sp, k, exclude=idx)
         return pruned, grown

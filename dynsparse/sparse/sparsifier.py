@@ -21,6 +21,7 @@ masked momentum (see docs/deviations.md). Topology changes are made by the polic
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
+from dynsparse.regularizers import sparsity_penalty
 from dynsparse.sparse.masks import SparseParam, choose_random, effective_granularity, random_mask
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ class Sparsifier:
                  new_weights: str = "zero", seed: int = 0,
                  period: Callable[[int], int] = lambda epoch: 100,
                  temperature: Callable[[int], float] = lambda epoch: 0.0,
-                 stop_epoch: int | None = None, l1_coeff: float = 0.0,
+                 stop_epoch: int | None = None, l1_coeff: float = 0.0, group_lasso: bool = False,
                  generator_device: torch.device | None = None) -> None:
         """``densities``: one density for every conv/linear weight, or ``{param name: density}``
         (the kept fraction, in (0, 1]). ``new_weights``: ``"zero"`` (the paper) or ``"initial"``
@@ -62,7 +64,7 @@ class Sparsifier:
             raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
         self.model, self.optimizer, self.policy = model, optimizer, policy
         self.new_weights, self.period, self.temperature = new_weights, period, temperature
-        self.stop_epoch, self.l1_coeff = stop_epoch, l1_coeff
+        self.stop_epoch, self.l1_coeff, self.group_lasso = stop_epoch, l1_coeff, group_lasso
         self.step_count, self.epoch = 0, 0
         self.events: list[RewireEvent] = []
         self.total_pruned = self.total_grown = 0
@@ -100,10 +102,8 @@ class Sparsifier:
         return self.stop_epoch is None or self.epoch < self.stop_epoch
 
     def penalty(self) -> torch.Tensor | float:
-        """``l1_coeff * sum |w|`` over the sparse weights (the original's ``--L1-loss-coeff``)."""
-        if not self.l1_coeff:
-            return 0.0
-        return self.l1_coeff * sum(sp.param.abs().sum() for sp in self.params.values())
+        """L1 (or conv group lasso) of the sparse weights times ``l1_coeff`` (``--L1-loss-coeff``)."""
+        return sparsity_penalty((sp.param for sp in self.params.values()), self.l1_coeff, self.group_lasso)
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -118,13 +118,21 @@ class Sparsifier:
         self.step_count += 1
         self.apply_masks()
         if self.rewiring and self.policy.due(self):
-            pruned, grown = self.policy.update(self)
-            self.apply_masks()
-            self.total_pruned += pruned
-            self.total_grown += grown
-            if self.policy.record_events:
-                self.events.append(RewireEvent(self.step_count, self.epoch, pruned, grown,
-                                               getattr(self.policy, "threshold", None), self.densities()))
+            self._record(*self.policy.update(self))
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """Called after the last step of an epoch: epoch-driven policies (gradual pruning) act here."""
+        if self.policy.due_at_epoch_end(self):
+            self._record(*self.policy.update(self))
+
+    def _record(self, pruned: int, grown: int) -> None:
+        self.apply_masks()
+        self.total_pruned += pruned
+        self.total_grown += grown
+        if self.policy.record_events:
+            self.events.append(RewireEvent(self.step_count, self.epoch, pruned, grown,
+                                           getattr(self.policy, "threshold", None), self.densities()))
 
     # ---- masks ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,6 +149,13 @@ class Sparsifier:
     def prune(self, sp: SparseParam, flat_idx: torch.Tensor, count: int) -> None:
         sp.mask.view(-1)[flat_idx] = False
         sp.num_active -= count
+
+    def prune_smallest(self, sp: SparseParam, count: int) -> torch.Tensor:
+        """Prune the ``count`` active entries of smallest magnitude; returns their flat indices."""
+        mag = sp.magnitude().masked_fill(~sp.mask.view(-1), math.inf)
+        idx = torch.topk(mag, count, largest=False, sorted=False).indices
+        self.prune(sp, idx, count)
+        return idx
 
     def grow_random(self, sp: SparseParam, count: int, exclude: torch.Tensor | None) -> int:
         """Activate ``count`` uniformly random inactive entries, never those in ``exclude``
@@ -217,6 +232,9 @@ class Policy:
         pass
 
     def due(self, s: Sparsifier) -> bool:
+        return False
+
+    def due_at_epoch_end(self, s: Sparsifier) -> bool:
         return False
 
     def before_optimizer_step(self, s: Sparsifier) -> None:
