@@ -1,8 +1,12 @@
-"""The original WRN experiment lines run end to end on CPU with a tiny budget.
+"""Every kind of line of the original experiment lists runs end to end on CPU with a tiny budget.
 
-Each line is parsed exactly as written; only the budget is replaced: a tiny synthetic CIFAR-10,
-one epoch, batch 8 and a rewire period of 2 steps, so every dynamic method reallocates at least
-once. The model (WRN-28-2 or the thin widths) is the line's own.
+The lines are grouped by the flags they use (dense/static/thin dense, pruning from a dense run,
+DSR, DeepR, SET, kernel-slice DSR, tied, mask transplant with and without ``--resume
+X_initial``); the first line of each group runs exactly as parsed, in a scratch working
+directory (so its ``./runs/...`` paths resolve there), with only the budget replaced: a tiny
+synthetic dataset, 1 epoch (2 in prune mode), small batches, a rewire period of 1-2 steps and,
+for ResNet-50, 64-pixel crops. A line that needs another run (pruning needs the dense job 0,
+transplants need the DSR run they copy) runs that one first.
 """
 from __future__ import annotations
 
@@ -12,73 +16,134 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from dynsparse.cli import parse_train_args
+from dynsparse.config import TrainConfig
 from dynsparse.run import run_training
 
 LISTS = Path(__file__).resolve().parents[1] / "experiments" / "original"
+SHAPE_FLAGS = {"--prune", "--rewire", "--threshold-prune", "--DeepR", "--rewire-fraction", "--tied",
+               "--copy-mask-from", "--resume", "--batch-size"}
 
 
-def tiny_run(line: str, data: Path, runs: Path):
-    cfg, _ = parse_train_args(shlex.split(line)[2:])
-    schedule = runs / "tiny_schedule.yaml"
-    runs.mkdir(parents=True, exist_ok=True)
-    schedule.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 2\n"
-                        "DeepR_temperature_schedule:\n  - 0 : 1.0e-5\n")
-    cfg = dataclasses.replace(cfg, data=str(data), runs_dir=str(runs), epochs=1, start_epoch=0, batch_size=8,
-                              schedule_file=str(schedule), progress=False)
-    return cfg, run_training(cfg)
+def jobs(list_name: str) -> dict[int, str]:
+    out = {}
+    for line in yaml.safe_load((LISTS / list_name).read_text())["jobs"]:
+        argv = shlex.split(line)
+        out[int(argv[argv.index("--job-idx") + 1])] = line
+    return out
 
 
-def find_line(pred) -> str:
-    import yaml
-    for f in sorted(LISTS.glob("wrnet_*.yaml")):
-        for job in yaml.safe_load(f.read_text())["jobs"]:
-            if pred(job):
-                return job
-    raise AssertionError("no such line")
+def representatives(list_name: str) -> list[int]:
+    """The first job of every group of lines that share their method flags and granularity."""
+    seen, reps = set(), []
+    for idx, line in sorted(jobs(list_name).items()):
+        argv = shlex.split(line)
+        key = (frozenset(a for a in argv if a in SHAPE_FLAGS),
+               argv[argv.index("--sub-kernel-granularity") + 1] if "--sub-kernel-granularity" in argv else "2",
+               "--initial-sparsity-conv 0.0 " in line + " ")
+        if key not in seen:
+            seen.add(key)
+            reps.append(idx)
+    return reps
 
 
-LINES = {
-    "dsr": lambda j: "--threshold-prune" in j and "--sub-kernel-granularity 4" in j and "0.9 " in j,
-    "static": lambda j: "wrnet_schedule_long" in j and "--initial-sparsity-conv 0.9 " in j and "--rewire" not in j,
-    "thin_dense": lambda j: "--widen-factor 0.75" in j,
-    "deepr": lambda j: "--DeepR " in j,
-    "set": lambda j: "--rewire-fraction" in j and "--threshold-prune" not in j and "--tied" not in j,
-    "slice_granularity": lambda j: "--sub-kernel-granularity 2" in j and "--rewire" in j,
-}
+def dependencies(cfg: TrainConfig) -> list[str]:
+    return [p for p in (cfg.resume, cfg.copy_mask_from) if p]
 
 
-@pytest.mark.parametrize("kind", sorted(LINES))
-def test_original_wrn_line_runs_with_tiny_budget(kind, tiny_cifar, tmp_path):
-    line = find_line(LINES[kind])
-    cfg, summary = tiny_run(line, tiny_cifar, tmp_path / "runs")
-    assert cfg.model == "cifar10_WideResNet"
-    expected_method = {"thin_dense": "dense", "slice_granularity": "dsr"}.get(kind, kind)
-    assert summary["method"] == expected_method
+class Workspace:
+    def __init__(self, root: Path, list_name: str, data: Path):
+        self.root, self.list_name, self.data = root, list_name, data
+        self.lines = jobs(list_name)
+        self.schedule = root / "tiny_schedule.yaml"
+        self.schedule.write_text("lr_schedule:\n  - 0 : 0.05\nrewire_period_schedule:\n  - 0 : 1\n"
+                                 "DeepR_temperature_schedule:\n  - 0 : 1.0e-5\n")
+
+    def config(self, idx: int) -> TrainConfig:
+        cfg, _ = parse_train_args(shlex.split(self.lines[idx])[2:])
+        return dataclasses.replace(cfg, data=str(self.data), epochs=1, start_epoch=0, batch_size=8, workers=0,
+                                   schedule_file=str(self.schedule), progress=False, prune_iterations=2,
+                                   prune_epoch_frequency=1, start_pruning_after_epoch=0, post_prune_epochs=0)
+
+    def run(self, idx: int) -> tuple[TrainConfig, dict]:
+        cfg = self.config(idx)
+        for dep in dependencies(cfg):
+            name = Path(dep).name.removesuffix("_initial")
+            source = int(name.rsplit("_", 1)[1])
+            if not (self.root / "runs" / name / "checkpoint.pt").exists():
+                self.run(source)
+        return cfg, run_training(cfg)
+
+
+@pytest.fixture(scope="module")
+def wrn_workspace(tmp_path_factory):
+    from conftest import write_cifar
+    root = tmp_path_factory.mktemp("wrn")
+    write_cifar(root / "data", per_batch=4, n_test=8)
+    return Workspace(root, "wrnet_experiments.yaml", root / "data")
+
+
+@pytest.fixture(scope="module")
+def resnet_workspace(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("resnet")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("n01", "n02"):
+            d = root / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(d / f"{i}.JPEG")
+    return Workspace(root, "resnet_experiments.yaml", root / "data")
+
+
+def check(cfg: TrainConfig, summary: dict) -> None:
+    assert summary["epochs"] == cfg.total_epochs
     assert 0.0 <= summary["test_top1"] <= 100.0
-    if kind in ("dsr", "set", "deepr", "slice_granularity"):
+    method = cfg.method()
+    assert summary["method"] == method
+    assert summary["params_learnable"] == summary["params_fixed"] + summary["params_sparse"] + summary["params_tied"]
+    if method in ("dsr", "set", "deepr"):
         assert summary["total_grown"] == summary["total_pruned"]
-        # kernel slices' mean |w| starts far above H0 = 1e-3: H doubles and nothing is pruned yet
-        assert (summary["total_pruned"] > 0) == (kind != "slice_granularity")
-        if kind != "deepr":
+        if cfg.sub_kernel_granularity == 4:  # slice magnitudes start far above H0: nothing pruned yet
+            assert summary["total_pruned"] > 0
+        if method != "deepr":
             assert summary["reallocations"] >= 1
-            events = (Path(cfg.runs_dir) / cfg.run_name / "reallocations.jsonl").read_text().splitlines()
-            assert len(json.loads(events[0])["densities"]) == 24
-    if kind == "thin_dense":
-        assert summary["params_total"] == summary["params_nonzero"] == 209_130
-    if kind == "static":
-        assert summary["params_nonzero"] == summary["params_total"] - summary["params_sparse_total"] + \
-            sum(int(0.1 * n + 0.1) for n in _wrn28_2_sparse_sizes())
-    if kind == "slice_granularity":
-        assert cfg.sub_kernel_granularity == 2
-        assert summary["history"][-1]["threshold"] == 1e-3 * 2 ** summary["reallocations"]
+    if method == "prune":
+        assert summary["params_sparse"] < summary["params_sparse_total"]
+    if method == "tied":
+        assert 0 < summary["params_tied"] < summary["params_total"]
+    if cfg.copy_mask_from:
+        run_dir = Path(cfg.runs_dir) / cfg.run_name
+        source = Path(cfg.copy_mask_from)
+        initial = torch.load(run_dir / "initial.pt", weights_only=True)["sparsifier"]["masks"]
+        copied = torch.load(source / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
+        assert all(torch.equal(initial[k], copied[k]) for k in copied)
 
 
-def _wrn28_2_sparse_sizes() -> list[int]:
-    from dynsparse.models import create_model, sparse_parameter_names
-    import torch
-    with torch.device("meta"):
-        m = create_model("cifar10_WideResNet", layers=28, widen_factor=2)
-    params = dict(m.named_parameters())
-    return [params[n].numel() for n in sparse_parameter_names(m)]
+@pytest.mark.parametrize("idx", representatives("wrnet_experiments.yaml"))
+def test_wrn_line(idx, wrn_workspace, monkeypatch):
+    monkeypatch.chdir(wrn_workspace.root)
+    check(*wrn_workspace.run(idx))
+
+
+@pytest.mark.parametrize("idx", representatives("resnet_experiments.yaml"))
+def test_resnet_line(idx, resnet_workspace, monkeypatch):
+    pytest.importorskip("torchvision")
+    from dynsparse import imagenet
+    monkeypatch.setattr(imagenet, "CROP_SIZE", 64)
+    monkeypatch.setattr(imagenet, "RESIZE_SIZE", 72)
+    monkeypatch.chdir(resnet_workspace.root)
+    check(*resnet_workspace.run(idx))
+
+
+def test_representatives_cover_every_method():
+    for name in ("wrnet_experiments.yaml", "resnet_experiments.yaml"):
+        lines = jobs(name)
+        methods = {parse_train_args(shlex.split(lines[i])[2:])[0].method() for i in representatives(name)}
+        assert methods == {"dense", "static", "dsr", "set", "deepr", "prune", "tied"}
+    assert len(representatives("wrnet_experiments.yaml")) >= 9
