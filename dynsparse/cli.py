@@ -113,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one model (takes the original main.py flags)")
     add_train_flags(train)
+    sweep = sub.add_parser("sweep", help="run an experiment list (YAML 'jobs:' of command lines)",
+                           description="Run an experiment list. Flags after '--' are appended to every job.")
+    sweep.add_argument("file", help="experiment list, e.g. experiments/mnist.yaml or an original list")
+    sweep.add_argument("--job-idx", type=int, help="run only the job with this index (default: $SLURM_ARRAY_TASK_ID, else all)")
+    sweep.add_argument("--range", dest="index_range", metavar="A:B", help="run the jobs with A <= index < B")
+    sweep.add_argument("--dry-run", action="store_true", help="show what would run, train nothing")
+    report = sub.add_parser("report", help="tables and plots comparing finished runs")
+    report.add_argument("runs", nargs="+", help="run directories, or directories that contain them")
+    report.add_argument("--out", default="report", help="output directory (default: report)")
+    report.add_argument("--title", default="dynsparse report", help="title of the markdown report")
     return parser
 
 
@@ -150,7 +160,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dynsparse.run import run_training
             run_training(cfg, argv=["dynsparse", *argv], echo=print)
             return 0
-        build_parser().parse_args(argv)  # prints usage / help / errors for other input
+        extra: list[str] = []
+        if "--" in argv:
+            argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+        ns = build_parser().parse_args(argv)
+        if ns.command == "sweep":
+            from dynsparse.sweep import run_sweep
+            outcome = run_sweep(ns.file, job_idx=ns.job_idx, index_range=ns.index_range, extra=extra,
+                                dry_run=ns.dry_run)
+            failed = {k: v for k, v in outcome.items() if v.startswith("failed")}
+            print(f"sweep: {len(outcome)} jobs, {len(failed)} failed" + "".join(f"\n  job {k}: {v}" for k, v in failed.items()))
+            return 1 if failed else 0
+        if ns.command == "report":
+            from dynsparse.report import build_report
+            paths = build_report(ns.runs, ns.out, title=ns.title)
+            print("wrote " + ", ".join(str(p) for p in paths))
+            return 0
         return 2
     except DynsparseError as e:
         print(f"dynsparse: error: {e}", file=sys.stderr)

@@ -84,6 +84,20 @@ class TrainConfig:
             return "dense"
         return "static"
 
+    def nominal_sparsity(self) -> float:
+        """The sparsity a run is labelled with: of the fc layers for mnist_mlp, of the conv layers
+        otherwise (the pruning target in prune mode), as in the paper's tables."""
+        if self.prune:
+            return self.prune_target_sparsity_fc if self.model == "mnist_mlp" else self.prune_target_sparsity_conv
+        return self.initial_sparsity_fc if self.model == "mnist_mlp" else self.initial_sparsity_conv
+
+    def method_label(self) -> str:
+        """``method()``, with dense runs narrower than the paper's baseline width called thin dense."""
+        full_width = {"cifar10_WideResNet": 2.0, "imagenet_resnet50": 1.0}.get(self.model)
+        if self.method() == "dense" and full_width is not None and self.widen_factor < full_width:
+            return "thin dense"
+        return self.method()
+
     @property
     def total_epochs(self) -> int:
         """``--epochs``, except in prune mode, where (as in the original) it is

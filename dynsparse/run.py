@@ -133,9 +133,16 @@ def evidence(argv: Sequence[str] | None, device: torch.device) -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def load_checkpoint(path: str | Path, device: torch.device) -> tuple[dict, Path]:
-    """Read a checkpoint given as a file or as a run directory; one clear error for anything wrong."""
+def load_checkpoint(path: str | Path, device: torch.device, runs_dir: str | Path | None = None) -> tuple[dict, Path]:
+    """Read a checkpoint given as a file or as a run directory; one clear error for anything wrong.
+    A path that does not exist is also looked up by its name in ``runs_dir`` (so a list's
+    ``--resume runs/X`` finds X when the runs live elsewhere)."""
     p = Path(path)
+    if not p.exists() and runs_dir is not None and (Path(runs_dir) / p.name).exists():
+        p = Path(runs_dir) / p.name
+    elif not p.exists() and runs_dir is not None and p.name.endswith("_initial") \
+            and (Path(runs_dir) / p.name.removesuffix("_initial")).is_dir():
+        p = Path(runs_dir) / p.name
     if p.is_dir():
         p = p / "checkpoint.pt"
     elif not p.exists() and p.with_name(p.name.removesuffix("_initial")).is_dir() and p.name.endswith("_initial"):
@@ -203,7 +210,7 @@ class _Run:
 def copy_masks(run: "_Run", source: str) -> None:
     """``--copy-mask-from``: take only the masks of another run (its final checkpoint), as the
     original did; weights stay as they are (random init, or ``--resume``'s)."""
-    ckpt, path = load_checkpoint(source, run.device)
+    ckpt, path = load_checkpoint(source, run.device, run.cfg.runs_dir)
     if not isinstance(run.sparsifier, Sparsifier) or ckpt.get("sparsifier") is None:
         raise DynsparseError(f"--copy-mask-from needs sparse layers here and in {path} (both runs sparse)")
     state = run.sparsifier.state_dict()
@@ -219,7 +226,7 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
     ckpt_path = run.dir / "checkpoint.pt"
     continuing = False
     if cfg.resume:
-        ckpt, path = load_checkpoint(cfg.resume, run.device)
+        ckpt, path = load_checkpoint(cfg.resume, run.device, cfg.runs_dir)
         continuing = path.resolve() == ckpt_path.resolve()
         run.restore(ckpt, exact=continuing)
         echo(f"{'continuing' if continuing else 'starting from'} {path} at epoch {run.start_epoch}")
@@ -295,6 +302,7 @@ def _summary(run: _Run) -> dict:
     best = max(hist, key=lambda r: r["test_top1"])
     last = hist[-1]
     out = {"run": run.cfg.run_name, "model": run.cfg.model, "method": run.cfg.method(),
+           "label": run.cfg.method_label(), "sparsity": run.cfg.nominal_sparsity(),
            "sparsity_conv": run.cfg.initial_sparsity_conv, "sparsity_fc": run.cfg.initial_sparsity_fc,
            "seed": run.cfg.seed, "epochs": len(hist), "test_top1": last["test_top1"], "test_top5": last["test_top5"],
            "best_test_top1": best["test_top1"], "best_epoch": best["epoch"],

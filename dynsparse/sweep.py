@@ -1,0 +1,140 @@
+"""``dynsparse sweep FILE``: run an experiment list, as the original's job lists are run.
+
+A list is a YAML file with ``jobs:``, a list of command lines (``python main.py FLAGS``, or
+``dynsparse train FLAGS``); the original list files work unchanged. A job is selected by the
+value of its ``--job-idx`` flag (its position in the list when it has none): ``--job-idx N``
+runs one, ``--range A:B`` those with A <= index < B, and with neither, ``SLURM_ARRAY_TASK_ID``
+(when set) picks one, so a Slurm array job runs a list as it is; otherwise all run, in order.
+
+Finished jobs (a ``summary.json`` in the run directory) are skipped. An interrupted job (a
+checkpoint but no summary) resumes exactly from its own checkpoint. A job that needs another
+run (``--resume``/``--copy-mask-from`` of ``./runs/X``) must come after it in the list. Flags
+given after ``--`` are appended to every line (so they win), e.g. ``-- --data DIR --epochs 1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dynsparse.cli import parse_train_args
+from dynsparse.config import TrainConfig
+from dynsparse.errors import DynsparseError
+
+PREFIXES = (["python", "main.py"], ["python3", "main.py"], ["dynsparse", "train"], ["main.py"])
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    line: str
+    argv: tuple[str, ...]
+
+
+def load_jobs(path: str | Path) -> list[Job]:
+    p = Path(path)
+    if not p.is_file():
+        raise DynsparseError(f"experiment list {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise DynsparseError(f"experiment list {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise DynsparseError(f"experiment list {p} must have a 'jobs:' list of command lines")
+    jobs, seen = [], set()
+    for pos, line in enumerate(data["jobs"]):
+        if not isinstance(line, str):
+            raise DynsparseError(f"{p}: job {pos} is not a command line: {line!r}")
+        argv = shlex.split(line)
+        for prefix in PREFIXES:
+            if argv[:len(prefix)] == prefix:
+                argv = argv[len(prefix):]
+                break
+        else:
+            raise DynsparseError(f"{p}: job {pos} does not start with 'python main.py' or 'dynsparse train': {line!r}")
+        index = int(argv[argv.index("--job-idx") + 1]) if "--job-idx" in argv else pos
+        if index in seen:
+            raise DynsparseError(f"{p}: two jobs have index {index}")
+        seen.add(index)
+        jobs.append(Job(index, line, tuple(argv)))
+    return jobs
+
+
+def select(jobs: list[Job], job_idx: int | None = None, index_range: str | None = None,
+           environ: dict | None = None) -> list[Job]:
+    environ = os.environ if environ is None else environ
+    valid = ", ".join(str(j.index) for j in jobs[:20]) + (" ..." if len(jobs) > 20 else "")
+    if job_idx is None and index_range is None and environ.get("SLURM_ARRAY_TASK_ID", "").strip():
+        try:
+            job_idx = int(environ["SLURM_ARRAY_TASK_ID"])
+        except ValueError:
+            raise DynsparseError(f"SLURM_ARRAY_TASK_ID={environ['SLURM_ARRAY_TASK_ID']!r} is not an integer") from None
+    if job_idx is not None:
+        chosen = [j for j in jobs if j.index == job_idx]
+        if not chosen:
+            raise DynsparseError(f"no job with index {job_idx}; the list has {valid}")
+        return chosen
+    if index_range is not None:
+        try:
+            lo, hi = (int(v) if v else None for v in index_range.split(":"))
+        except ValueError:
+            raise DynsparseError(f"--range must be A:B (A <= index < B), got {index_range!r}") from None
+        return [j for j in jobs if (lo is None or j.index >= lo) and (hi is None or j.index < hi)]
+    return list(jobs)
+
+
+def job_config(job: Job, extra: Sequence[str]) -> TrainConfig:
+    try:
+        cfg, _ = parse_train_args([*job.argv, *extra])
+    except SystemExit:
+        raise DynsparseError(f"job {job.index}: its flags do not parse: {job.line}") from None
+    return cfg
+
+
+def status(cfg: TrainConfig) -> str:
+    run = Path(cfg.runs_dir) / cfg.run_name
+    if (run / "summary.json").is_file():
+        return "finished"
+    if (run / "checkpoint.pt").is_file():
+        return "interrupted"
+    return "new"
+
+
+def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str | None = None,
+              extra: Sequence[str] = (), dry_run: bool = False, echo: Callable[[str], None] = print,
+              train: Callable[[TrainConfig, list[str]], dict] | None = None) -> dict[int, str]:
+    """Run the selected jobs; returns {job index: finished | skipped | resumed | failed: reason}."""
+    if train is None:
+        from dynsparse.run import run_training
+        train = lambda cfg, argv: run_training(cfg, argv=["dynsparse", "train", *argv], echo=echo)
+    outcome: dict[int, str] = {}
+    selected = select(load_jobs(path), job_idx, index_range)
+    for job in selected:
+        try:
+            cfg = job_config(job, extra)
+        except DynsparseError as e:
+            outcome[job.index] = f"failed: {e}"
+            echo(f"job {job.index}: {e}")
+            continue
+        state = status(cfg)
+        echo(f"job {job.index} ({cfg.run_name}): {state}")
+        if state == "finished":
+            outcome[job.index] = "skipped"
+            continue
+        if state == "interrupted":
+            cfg = dataclasses.replace(cfg, resume=str(Path(cfg.runs_dir) / cfg.run_name))
+        if dry_run:
+            outcome[job.index] = "would run"
+            continue
+        try:
+            train(cfg, [*job.argv, *extra])
+            outcome[job.index] = "resumed" if state == "interrupted" else "finished"
+        except DynsparseError as e:
+            outcome[job.index] = f"failed: {e}"
+            echo(f"job {job.index} failed: {e}")
+    return outcome
