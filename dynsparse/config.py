@@ -80,9 +80,10 @@ class TrainConfig:
             return "deepr"
         if self.rewire:
             return "dsr" if self.threshold_prune else "set"
-        if self.initial_sparsity_conv == 0 and self.initial_sparsity_fc == 0:
-            return "dense"
-        return "static"
+        from dynsparse.models import SPARSE_LAYER_TYPES
+        used = SPARSE_LAYER_TYPES.get(self.model, ("conv", "fc"))
+        sparsities = {"conv": self.initial_sparsity_conv, "fc": self.initial_sparsity_fc}
+        return "dense" if all(sparsities[t] == 0 for t in used) else "static"
 
     def nominal_sparsity(self) -> float:
         """The sparsity a run is labelled with: of the fc layers for mnist_mlp, of the conv layers
@@ -141,10 +142,11 @@ class TrainConfig:
                             ("--prune-target-sparsity-conv", self.prune_target_sparsity_conv)):
             if self.prune and not 0.0 <= value < 1.0:
                 raise DynsparseError(f"{flag} must be in [0, 1), got {value}")
-        if self.prune and (self.prune_iterations < 1 or self.prune_epoch_frequency < 1 or self.post_prune_epochs < 0
+        if self.prune and (self.prune_iterations < 1 or self.prune_epoch_frequency < 1 or self.post_prune_epochs < 1
                            or self.start_pruning_after_epoch < 0):
             raise DynsparseError("prune mode needs --prune-iterations >= 1, --prune-epoch-frequency >= 1, "
-                                 "--start-pruning-after-epoch >= 0 and --post-prune-epochs >= 0")
+                                 "--start-pruning-after-epoch >= 0 and --post-prune-epochs >= 1 (the count "
+                                 "includes the epoch that ends with the last prune)")
         if self.rewire_scaling and not (self.rewire and self.threshold_prune):
             raise DynsparseError("--rewire-scaling needs --rewire --threshold-prune (DSR)")
         if self.threshold_prune and not self.rewire and not self.prune:

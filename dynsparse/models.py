@@ -30,6 +30,10 @@ MODEL_NAMES: tuple[str, ...] = ("mnist_mlp", "cifar10_WideResNet", "imagenet_res
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+# Which of --initial-sparsity-conv / --initial-sparsity-fc each model's sparse layers use.
+SPARSE_LAYER_TYPES: dict[str, tuple[str, ...]] = {
+    "mnist_mlp": ("fc",), "cifar10_WideResNet": ("conv",), "imagenet_resnet50": ("conv", "fc")}
+
 
 def dataset_of(model_name: str) -> str:
     """The dataset a registered model is built for: ``"mnist"``, ``"cifar10"`` or ``"imagenet"``."""

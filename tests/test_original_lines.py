@@ -4,7 +4,7 @@ The lines are grouped by the flags they use (dense/static/thin dense, pruning fr
 DSR, DeepR, SET, kernel-slice DSR, tied, mask transplant with and without ``--resume
 X_initial``); the first line of each group runs exactly as parsed, in a scratch working
 directory (so its ``./runs/...`` paths resolve there), with only the budget replaced: a tiny
-synthetic dataset, 1 epoch (2 in prune mode), small batches, a rewire period of 1-2 steps and,
+synthetic dataset, 1 epoch (2 in prune mode: two prunes), small batches, a rewire period of 1-2 steps and,
 for ResNet-50, 64-pixel crops. A line that needs another run (pruning needs the dense job 0,
 transplants need the DSR run they copy) runs that one first.
 """
@@ -66,7 +66,7 @@ class Workspace:
         cfg, _ = parse_train_args(shlex.split(self.lines[idx])[2:])
         return dataclasses.replace(cfg, data=str(self.data), epochs=1, start_epoch=0, batch_size=8, workers=0,
                                    schedule_file=str(self.schedule), progress=False, prune_iterations=2,
-                                   prune_epoch_frequency=1, start_pruning_after_epoch=0, post_prune_epochs=0)
+                                   prune_epoch_frequency=1, start_pruning_after_epoch=0, post_prune_epochs=1)
 
     def run(self, idx: int) -> tuple[TrainConfig, dict]:
         cfg = self.config(idx)
