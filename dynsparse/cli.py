@@ -80,6 +80,13 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--name",), dict(help="run name (default: {model}_{job_idx})")),
 ]
 OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--rigl",), dict(action="store_true", help="RigL (Evci et al. 2020): drop by magnitude, grow by gradient")),
+    (("--sparse-momentum",), dict(action="store_true", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)")),
+    (("--drop-fraction",), dict(type=float, help="RigL/SNFS initial drop fraction, cosine-decayed (RigL 0.3, SNFS 0.5)")),
+    (("--update-end",), dict(type=float, help="RigL/SNFS: fraction of training after which the topology is fixed")),
+    (("--budget",), dict(help="how density is spread over layers: type (the original's conv/fc sparsities), uniform, er, erk")),
+    (("--keep-optimizer-state",), dict(action="store_true", help="do not zero optimizer state off the mask (the original's behaviour)")),
+    (("--dense-layers",), dict(help="comma-separated parameter names or glob patterns to keep dense")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
     (("--device",), dict(help="cpu, cuda, cuda:N or auto (default)")),
     (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),

@@ -64,6 +64,13 @@ class TrainConfig:
     schedule_file: str | None = None
     name: str = ""
     # dynsparse's own
+    rigl: bool = False
+    sparse_momentum: bool = False
+    drop_fraction: float | None = None
+    update_end: float = 0.75
+    budget: str = "type"
+    keep_optimizer_state: bool = False
+    dense_layers: str = ""
     seed: int = 0
     device: str = "auto"
     runs_dir: str = "runs"
@@ -78,6 +85,10 @@ class TrainConfig:
             return "tied"
         if self.DeepR:
             return "deepr"
+        if self.rigl:
+            return "rigl"
+        if self.sparse_momentum:
+            return "snfs"
         if self.rewire:
             return "dsr" if self.threshold_prune else "set"
         from dynsparse.models import SPARSE_LAYER_TYPES
@@ -131,9 +142,17 @@ class TrainConfig:
         if self.batch_size < 1:
             raise DynsparseError(f"--batch-size must be >= 1, got {self.batch_size}")
         chosen = [f for f, on in (("--DeepR", self.DeepR), ("--rewire", self.rewire), ("--prune", self.prune),
-                                   ("--tied", self.tied)) if on]
+                                   ("--tied", self.tied), ("--rigl", self.rigl),
+                                   ("--sparse-momentum", self.sparse_momentum)) if on]
         if len(chosen) > 1:
             raise DynsparseError(f"{' and '.join(chosen)} are different methods: pass one of them")
+        from dynsparse.sparse.budget import BUDGETS
+        if self.budget not in BUDGETS:
+            raise DynsparseError(f"unknown budget {self.budget!r}; valid choices: {', '.join(sorted(BUDGETS))}")
+        if self.drop_fraction is not None and not 0.0 < self.drop_fraction < 1.0:
+            raise DynsparseError(f"--drop-fraction must be in (0, 1), got {self.drop_fraction}")
+        if not 0.0 < self.update_end <= 1.0:
+            raise DynsparseError(f"--update-end must be in (0, 1] (a fraction of training), got {self.update_end}")
         if self.rescale_tied_gradient and not self.tied:
             raise DynsparseError("--rescale-tied-gradient needs --tied")
         if self.copy_mask_from and (self.tied or self.prune):

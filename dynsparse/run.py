@@ -13,6 +13,7 @@ used by the pruning jobs), at ``--start-epoch``.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import platform
@@ -31,7 +32,7 @@ from dynsparse.errors import DynsparseError
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from dynsparse.models import create_model, dataset_of, layer_type, sparse_parameter_names
 from dynsparse.schedule import Schedules, load_schedules
-from dynsparse.sparse import DSR, SET, DeepR, Sparsifier, Static
+from dynsparse.sparse import DSR, SET, SNFS, DeepR, RigL, Sparsifier, Static, make_densities
 from dynsparse.sparse.pruning import GradualPruning, mnist_output_layer_targets
 from dynsparse.tied import TiedModel
 from dynsparse.train import NullSparsifier, evaluate, set_lr, summarize, train_one_epoch
@@ -52,9 +53,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _densities(cfg: TrainConfig, model: nn.Module) -> dict[str, float]:
+    """Density per sparse tensor: the model's sparse layers minus ``--dense-layers``, spread by
+    ``--budget`` (the original's per-type sparsities by default)."""
     names = sparse_parameter_names(model, sparse_resnet_downsample=cfg.sparse_resnet_downsample)
-    return {n: 1.0 - (cfg.initial_sparsity_conv if layer_type(model, n) == "conv" else cfg.initial_sparsity_fc)
-            for n in names}
+    patterns = [p.strip() for p in cfg.dense_layers.split(",") if p.strip()]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise DynsparseError(f"--dense-layers {pat!r} matches no sparse layer; sparse layers: {', '.join(names)}")
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    per_type = {n: 1.0 - (cfg.initial_sparsity_conv if layer_type(model, n) == "conv" else cfg.initial_sparsity_fc)
+                for n in names}
+    if cfg.budget == "type":
+        return per_type
+    params = dict(model.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in names}
+    return make_densities(cfg.budget, shapes, 1.0 - cfg.nominal_sparsity())
 
 
 def prune_targets(cfg: TrainConfig, model: nn.Module, names: list[str]) -> dict[str, float]:
@@ -73,7 +86,7 @@ def prune_targets(cfg: TrainConfig, model: nn.Module, names: list[str]) -> dict[
 
 
 def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                     schedules: Schedules):
+                     schedules: Schedules, steps_per_epoch: int = 1):
     """The object the loop calls at every step, as the original flags ask: a Sparsifier with the
     method's policy, a TiedModel (``--tied``; call before building the optimizer, it replaces
     weights by banks), or NullSparsifier for plain dense training."""
@@ -83,12 +96,15 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
         return TiedModel(model, densities, granularity=cfg.sub_kernel_granularity, seed=cfg.seed + 1,
                          rescale_gradient=cfg.rescale_tied_gradient, l1_coeff=cfg.L1_loss_coeff,
                          group_lasso=cfg.conv_group_lasso)
-    if method in ("dsr", "set", "deepr") and all(d == 1.0 for d in densities.values()):
+    if method in ("dsr", "set", "deepr", "rigl", "snfs") and all(d == 1.0 for d in densities.values()):
         raise DynsparseError(f"{method} needs a sparse layer, but every sparse-eligible layer of {cfg.model} "
                              f"is at sparsity 0: raise --initial-sparsity-conv/--initial-sparsity-fc")
     if method in ("dense", "static") and all(d == 1.0 for d in densities.values()) and not cfg.L1_loss_coeff:
         return NullSparsifier()
+    end_step = max(int(cfg.update_end * cfg.total_epochs * steps_per_epoch), 1)
     policies = {
+        "rigl": lambda: RigL(fraction=cfg.drop_fraction or 0.3, end_step=end_step),
+        "snfs": lambda: SNFS(fraction=cfg.drop_fraction or 0.5, end_step=end_step),
         "dsr": lambda: DSR(n_prune=cfg.n_prune_params, scaling=cfg.rewire_scaling),
         "set": lambda: SET(fraction=cfg.rewire_fraction),
         "deepr": lambda: DeepR(eta=cfg.DeepR_eta),
@@ -101,7 +117,8 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
                       new_weights="initial" if cfg.big_new_weights else "zero", seed=cfg.seed + 1,
                       period=schedules.rewire_period_at, temperature=schedules.deepr_temperature,
                       stop_epoch=None if method == "prune" else cfg.stop_rewire_epoch,
-                      l1_coeff=cfg.L1_loss_coeff, group_lasso=cfg.conv_group_lasso)
+                      l1_coeff=cfg.L1_loss_coeff, group_lasso=cfg.conv_group_lasso,
+                      mask_optimizer_state=not cfg.keep_optimizer_state)
 
 
 def param_counts(model: nn.Module, sparsifier) -> dict[str, int]:
@@ -177,7 +194,8 @@ class _Run:
         tied = build_sparsifier(cfg, self.model, None, self.schedules) if cfg.tied else None
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.schedules.lr(cfg.start_epoch),
                                          momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-        self.sparsifier = tied or build_sparsifier(cfg, self.model, self.optimizer, self.schedules)
+        self.sparsifier = tied or build_sparsifier(cfg, self.model, self.optimizer, self.schedules,
+                                                   steps_per_epoch=len(self.data.train))
         self.start_epoch = cfg.start_epoch
         self.history: list[dict] = []
         self.events: list[dict] = []

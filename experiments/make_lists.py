@@ -2,7 +2,8 @@
 
 * mnist_lenet300.yaml -- designed by us (the original shipped no MNIST list): LeNet-300-100 with
   BN, batch 50, 20 epochs, ``mnist_schedule.yaml``; dense, static, gradual pruning (from the
-  dense run of the same seed), DSR, SET, DeepR and tied at sparsities 0.9 ... 0.99, 3 seeds.
+  dense run of the same seed), DSR, SET, DeepR, tied, RigL and SNFS at sparsities 0.9 ... 0.99,
+  3 seeds.
   DSR reallocates Np = 600 entries per 100 iterations; SET's fraction equals 600 / nonzeros, so
   both move the same number of parameters (the original's rule for its SET fractions).
 * wrn28_2_cifar10.yaml, resnet50_imagenet.yaml -- the original lists' jobs with the same
@@ -28,6 +29,11 @@ METHODS = {
     "deepr": lambda s: "--DeepR --DeepR_eta 0.01 --L1-loss-coeff 1.0e-5 --weight-decay 0.0",
     "tied": lambda s: "--tied",
 }
+# issue 7's successors come after the original methods, so the indices of the jobs above stay put
+SUCCESSORS = {
+    "rigl": lambda s: "--rigl",  # drop fraction 0.3, cosine-decayed, every 100 steps until 75% of training
+    "snfs": lambda s: "--sparse-momentum",  # prune rate 0.5, cosine-decayed, every 100 steps until 75%
+}
 
 
 def mnist_jobs() -> list[str]:
@@ -42,6 +48,10 @@ def mnist_jobs() -> list[str]:
                         f"--prune-target-sparsity-fc {s} --prune-iterations 10 --prune-epoch-frequency 1 "
                         f"--start-pruning-after-epoch 0 --post-prune-epochs 11 --cubic-prune-schedule "
                         f"--resume runs/mnist_dense_s{seed} --seed {seed} --name mnist_prune_{s}_s{seed}")
+    for s in SPARSITIES:
+        for seed in SEEDS:
+            for method, flags in SUCCESSORS.items():
+                jobs.append(f"{BASE} --initial-sparsity-fc {s} {flags(s)} --seed {seed} --name mnist_{method}_{s}_s{seed}")
     return [" ".join(j.split()) + f" --job-idx {i}" for i, j in enumerate(jobs)]
 
 

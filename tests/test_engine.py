@@ -9,7 +9,7 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError
 from dynsparse.schedule import PiecewiseConstant
-from dynsparse.sparse import DSR, POLICIES, SET, DeepR, Sparsifier, Static, allocate
+from dynsparse.sparse import DSR, POLICIES, SET, SNFS, DeepR, GradualPruning, RigL, Sparsifier, Static, allocate
 from dynsparse.sparse.sparsifier import Policy
 
 
@@ -150,7 +150,13 @@ def test_big_new_weights_are_drawn_from_the_initial_distribution():
 
 def make_policy(name: str) -> Policy:
     return {"static": Static, "set": lambda: SET(0.2), "dsr": lambda: DSR(n_prune=60),
-            "deepr": lambda: DeepR(eta=0.01)}[name]()
+            "deepr": lambda: DeepR(eta=0.01), "rigl": lambda: RigL(0.3, end_step=25),
+            "snfs": lambda: SNFS(0.5, end_step=25),
+            "prune": lambda: GradualPruning({"0.weight": 0.8, "2.weight": 0.7}, iterations=3, start_epoch=0,
+                                            frequency=1)}[name]()
+
+
+DYNAMIC = sorted(set(POLICIES) - {"static", "prune"})
 
 
 def train_steps(model, opt, s, steps, gen, check=None):
@@ -199,12 +205,21 @@ def test_invariants_zeros_off_mask_and_constant_budget(name, optim):
         if when == "step":
             assert s.num_active_weights() == budget
 
+    if name == "prune":  # epoch-driven and shrinking: budget never grows, ends at the target
+        for epoch in range(4):
+            s.set_epoch(epoch)
+            train_steps(model, opt, s, 5, torch.Generator().manual_seed(epoch))
+            s.end_epoch()
+            assert s.num_active_weights() <= budget
+            budget = s.num_active_weights()
+        assert s.params["0.weight"].num_active == int(0.2 * 600 + 0.1)
+        return
     train_steps(model, opt, s, 30, torch.Generator().manual_seed(1), check)
     if name != "static":
         assert s.total_pruned > 0 and s.total_grown == s.total_pruned
 
 
-@pytest.mark.parametrize("name", ["set", "dsr", "deepr"])
+@pytest.mark.parametrize("name", DYNAMIC)
 def test_regrowth_never_reuses_just_pruned_positions(name, monkeypatch):
     model, opt, s = small_setup(name)
     last = {}
@@ -224,7 +239,7 @@ def test_regrowth_never_reuses_just_pruned_positions(name, monkeypatch):
     assert s.total_grown > 0
 
 
-@pytest.mark.parametrize("name", ["set", "dsr", "deepr"])
+@pytest.mark.parametrize("name", DYNAMIC)
 def test_state_dict_round_trip_gives_identical_future_updates(name):
     model, opt, s = small_setup(name)
     train_steps(model, opt, s, 7, torch.Generator().manual_seed(1))

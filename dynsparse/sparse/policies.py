@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from dynsparse.errors import DynsparseError, unknown_choice
+from dynsparse.errors import DynsparseError
 from dynsparse.sparse.sparsifier import Policy, Sparsifier
 
 
@@ -189,12 +189,3 @@ class DeepR(Policy):
     def load_state_dict(self, state: Mapping) -> None:
         self.eta = float(state["eta"])
         self.signs = {n: t.to(self.signs[n].device) for n, t in state["signs"].items()}
-
-
-POLICIES = {"static": Static, "set": SET, "dsr": DSR, "deepr": DeepR}
-
-
-def create_policy(name: str, **kwargs) -> Policy:
-    if name not in POLICIES:
-        raise unknown_choice("method", name, POLICIES)
-    return POLICIES[name](**kwargs)

@@ -56,15 +56,18 @@ class Sparsifier:
                  period: Callable[[int], int] = lambda epoch: 100,
                  temperature: Callable[[int], float] = lambda epoch: 0.0,
                  stop_epoch: int | None = None, l1_coeff: float = 0.0, group_lasso: bool = False,
-                 generator_device: torch.device | None = None) -> None:
+                 mask_optimizer_state: bool = True, generator_device: torch.device | None = None) -> None:
         """``densities``: one density for every conv/linear weight, or ``{param name: density}``
         (the kept fraction, in (0, 1]). ``new_weights``: ``"zero"`` (the paper) or ``"initial"``
-        (the original's ``--big-new-weights``: drawn from the initial distribution)."""
+        (the original's ``--big-new-weights``: drawn from the initial distribution).
+        ``mask_optimizer_state=False`` leaves optimizer state off the mask alone, as the original
+        did (a regrown weight then inherits whatever momentum its position had)."""
         if new_weights not in ("zero", "initial"):
             raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
         self.model, self.optimizer, self.policy = model, optimizer, policy
         self.new_weights, self.period, self.temperature = new_weights, period, temperature
         self.stop_epoch, self.l1_coeff, self.group_lasso = stop_epoch, l1_coeff, group_lasso
+        self.mask_optimizer_state = mask_optimizer_state
         self.step_count, self.epoch = 0, 0
         self.events: list[RewireEvent] = []
         self.total_pruned = self.total_grown = 0
@@ -141,7 +144,7 @@ class Sparsifier:
         for sp in self.params.values():
             m = sp.mask_view()
             sp.param.mul_(m)
-            if self.optimizer is not None:
+            if self.optimizer is not None and self.mask_optimizer_state:
                 for buf in self.optimizer.state.get(sp.param, {}).values():
                     if torch.is_tensor(buf) and buf.shape == sp.param.shape:
                         buf.mul_(m)

@@ -1,0 +1,157 @@
+"""RigL, SNFS and the ER/ERK budgets: exact toy cases."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse import SNFS, RigL, Sparsifier, erk_densities, make_densities
+from dynsparse.sparse.successors import cosine_fraction
+
+
+def two_by_four(n=1):
+    return nn.Sequential(*[nn.Linear(4, 2, bias=False) for _ in range(n)])
+
+
+def setup(model, policy, masks, weights):
+    s = Sparsifier(model, None, policy=policy, densities={f"{i}.weight": 0.5 for i in range(len(masks))},
+                   period=lambda e: 1)
+    with torch.no_grad():
+        for i, (m, w) in enumerate(zip(masks, weights)):
+            sp = s.params[f"{i}.weight"]
+            sp.mask.copy_(torch.tensor(m, dtype=torch.bool).view(2, 4))
+            sp.num_active = sum(m)
+            sp.param.copy_(torch.tensor(w).view(2, 4))
+    return s
+
+
+def mask(s, name):
+    return s.params[name].mask.view(-1).int().tolist()
+
+
+def test_cosine_fraction():
+    assert cosine_fraction(0.3, 0, 100) == pytest.approx(0.3)
+    assert cosine_fraction(0.3, 50, 100) == pytest.approx(0.15)
+    assert cosine_fraction(0.3, 100, 100) == pytest.approx(0.0) == cosine_fraction(0.3, 500, 100)
+
+
+def test_rigl_drops_smallest_and_grows_largest_gradient():
+    model = two_by_four()
+    s = setup(model, RigL(fraction=0.6, end_step=10**6), [[1, 1, 1, 1, 0, 0, 0, 0]],
+              [[0.5, -0.1, 0.3, 0.05, 0, 0, 0, 0]])
+    model[0].weight.grad = torch.tensor([0.0, 2.0, 0, 0, 0.1, -0.9, 0.5, 0.2]).view(2, 4)
+    s.before_optimizer_step()  # the next step (1) is an update step: the dense gradient is read here
+    s.step()
+    # k = int(~0.6 * 4) = 2: drop |w| 0.05 and 0.1 (positions 3, 1); grow the largest |grad| among
+    # the inactive, not the just-dropped position 1 (|grad| 2.0): positions 5 and 6
+    assert mask(s, "0.weight") == [1, 0, 1, 0, 0, 1, 1, 0]
+    assert model[0].weight.view(-1)[5] == 0 and s.total_pruned == s.total_grown == 2
+
+
+def test_rigl_reads_gradients_only_before_update_steps_and_stops_at_end_step():
+    model = two_by_four()
+    s = Sparsifier(model, None, policy=RigL(0.5, end_step=3), densities={"0.weight": 0.5}, period=lambda e: 2)
+    model[0].weight.grad = torch.ones(2, 4)
+    s.before_optimizer_step()  # step 1 is not an update step
+    assert s.policy.grad_scores == {}
+    s.step()
+    s.before_optimizer_step()  # step 2 is
+    assert set(s.policy.grad_scores) == {"0.weight"}
+    s.step()
+    for _ in range(4):  # steps 3..6 are at or after end_step: no update
+        s.before_optimizer_step()
+        s.step()
+    assert len(s.drain_events()) == 1
+
+
+def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():
+    model = two_by_four(2)
+    pol = SNFS(fraction=0.5, end_step=10**6)
+    s = setup(model, pol, [[1, 1, 1, 1, 0, 0, 0, 0]] * 2,
+              [[0.5, 0.1, 0.4, 0.3, 0, 0, 0, 0], [0.5, 0.6, 0.7, 0.05, 0, 0, 0, 0]])
+    pol.momentum = {"0.weight": torch.tensor([1.0, 1, 1, 1, 0, 0.2, 0.8, 0.1]).view(2, 4),
+                    "1.weight": torch.tensor([0.1, 0.1, 0.1, 0.1, 0.3, 0, 0, 0.05]).view(2, 4)}
+    s.step_count = 0
+    pruned, grown = pol.update(s)
+    # each layer prunes int(0.5 * 4) = 2 smallest; 4 regrown in proportion 1.0 : 0.1 of mean
+    # momentum -> 4 : 0 (largest remainder), all into layer 0's four free positions
+    assert (pruned, grown) == (4, 4)
+    assert mask(s, "0.weight") == [1, 0, 1, 0, 1, 1, 1, 1]
+    assert mask(s, "1.weight") == [0, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_snfs_growth_within_a_layer_follows_momentum():
+    model = two_by_four(2)
+    pol = SNFS(fraction=0.5, end_step=10**6)
+    s = setup(model, pol, [[1, 1, 1, 1, 0, 0, 0, 0]] * 2,
+              [[0.5, 0.1, 0.4, 0.3, 0, 0, 0, 0], [0.5, 0.6, 0.7, 0.05, 0, 0, 0, 0]])
+    pol.momentum = {"0.weight": torch.tensor([1.0, 1, 1, 1, 0, 0.2, 0.8, 0.1]).view(2, 4),
+                    "1.weight": torch.tensor([1.0, 1, 1, 1, 0.3, 0, 0, 0.05]).view(2, 4)}
+    s.step_count = 0
+    pol.update(s)
+    # equal importance -> 2 + 2; layer 0 grows momentum 0.8 and 0.2; layer 1 grows 0.3 and 0.05
+    assert mask(s, "0.weight") == [1, 0, 1, 0, 0, 1, 1, 0]
+    assert mask(s, "1.weight") == [0, 1, 1, 0, 1, 0, 0, 1]
+
+
+def test_snfs_keeps_a_dense_momentum_of_the_gradient():
+    model = two_by_four()
+    s = Sparsifier(model, None, policy=SNFS(beta=0.5), densities={"0.weight": 0.5})
+    model[0].weight.grad = torch.ones(2, 4)
+    s.before_optimizer_step()
+    model[0].weight.grad = torch.ones(2, 4)
+    s.before_optimizer_step()
+    assert torch.allclose(s.policy.momentum["0.weight"], torch.full((2, 4), 1.5))  # 0.5 * 1 + 1
+
+
+# ---- budgets -----------------------------------------------------------------------------------
+
+SHAPES = {"fc1": (300, 784), "fc2": (100, 300), "fc3": (10, 100), "conv": (64, 32, 3, 3), "tiny": (2, 2)}
+
+
+@pytest.mark.parametrize("density", [0.01, 0.05, 0.1, 0.3, 0.6])
+def test_erk_densities_match_formula_cap_at_one_and_sum_to_budget(density):
+    d = erk_densities(SHAPES, density)
+    sizes = {n: math.prod(s) for n, s in SHAPES.items()}
+    assert all(0 < v <= 1.0 for v in d.values())
+    assert abs(sum(d[n] * sizes[n] for n in SHAPES) - density * sum(sizes.values())) < 1.0
+    free = [n for n in SHAPES if d[n] < 1.0]
+    ratios = {n: d[n] / (sum(SHAPES[n]) / math.prod(SHAPES[n])) for n in free}
+    assert max(ratios.values()) == pytest.approx(min(ratios.values()))
+    assert d["tiny"] == 1.0  # sum(dims)/prod(dims) = 1 for a 2x2 layer: always capped
+
+
+def test_er_ignores_kernel_dims_and_uniform_is_uniform():
+    er = erk_densities(SHAPES, 0.1, kernel=False)
+    erk = erk_densities(SHAPES, 0.1)
+    assert er["conv"] != erk["conv"]
+    assert make_densities("uniform", SHAPES, 0.2) == {n: 0.2 for n in SHAPES}
+    with pytest.raises(DynsparseError, match="unknown budget 'bogus'"):
+        make_densities("bogus", SHAPES, 0.2)
+
+
+def test_any_method_can_use_any_budget(tiny_mnist, tmp_path):
+    from dynsparse.cli import parse_train_args
+    from dynsparse.run import run_training
+    for method in (["--rewire", "--threshold-prune", "--rewire-scaling"], ["--rigl"], ["--sparse-momentum"]):
+        cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
+                                   "--initial-sparsity-fc", "0.9", "--budget", "erk", "--no-progress",
+                                   "--name", method[0].lstrip("-"), *method])
+        s = run_training(cfg)
+        assert s["params_sparse"] == pytest.approx(0.1 * 266_200, abs=3)
+        assert s["method"] == {"--rewire": "dsr", "--rigl": "rigl", "--sparse-momentum": "snfs"}[method[0]]
+
+
+def test_dense_layers_option(tiny_mnist, tmp_path):
+    from dynsparse.cli import parse_train_args
+    from dynsparse.run import run_training
+    cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
+                               "--initial-sparsity-fc", "0.9", "--dense-layers", "fc2.*", "--no-progress"])
+    s = run_training(cfg)
+    assert s["params_sparse_total"] == 266_200 - 1000
+    cfg, _ = parse_train_args(["--dense-layers", "nope", "--data", str(tiny_mnist), "--runs-dir", str(tmp_path)])
+    with pytest.raises(DynsparseError, match="matches no sparse layer"):
+        run_training(cfg)
