@@ -106,6 +106,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             helptext += f" (default: {default})"
         parser.add_argument(*flags, default=default, help=helptext, **kwargs)
     parser.add_argument("--dry-run", action="store_true", help="resolve and print the configuration, train nothing")
+    parser.add_argument("--debug-distributed", action="store_true",
+                        help="under torchrun: check after every topology update that all ranks hold the same masks and weights")
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
@@ -147,12 +149,13 @@ def _repair_split_path(argv: list[str]) -> list[str]:
     return out
 
 
-def parse_train_args(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
-    """Parse ``dynsparse train`` flags (or an original ``main.py`` line) into a config."""
+def parse_train_args(argv: Sequence[str], *, with_options: bool = False):
+    """Parse ``dynsparse train`` flags (or an original ``main.py`` line) into a config; returns
+    ``(config, dry_run)``, or ``(config, namespace)`` with ``with_options``."""
     parser = argparse.ArgumentParser(prog="dynsparse train")
     add_train_flags(parser)
     ns = parser.parse_args(_repair_split_path(list(argv)))
-    return config_from_args(ns), ns.dry_run
+    return config_from_args(ns), (ns if with_options else ns.dry_run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,12 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if argv and argv[0] == "train":
-            cfg, dry = parse_train_args(argv[1:])
-            if dry:
+            cfg, opts = parse_train_args(argv[1:], with_options=True)
+            if opts.dry_run:
                 print(TrainConfig.__name__, cfg.to_dict())
                 return 0
             from dynsparse.run import run_training
-            run_training(cfg, argv=["dynsparse", *argv], echo=print)
+            run_training(cfg, argv=["dynsparse", *argv], echo=print, debug_distributed=opts.debug_distributed)
             return 0
         extra: list[str] = []
         if "--" in argv:

@@ -298,7 +298,7 @@ def test_rewire_period_zero_is_rejected(tmp_path):
 
 def test_dsr_on_a_model_with_no_sparse_layer_is_refused(tmp_path):
     from dynsparse.cli import parse_train_args
-    from dynsparse.run import build_sparsifier
+    from dynsparse.methods import build_sparsifier
     from dynsparse.models import create_model
     from dynsparse.schedule import load_schedules
     cfg, _ = parse_train_args(["--model", "cifar10_WideResNet", "--layers", "10", "--widen-factor", "1",

@@ -68,6 +68,7 @@ class Sparsifier:
         self.new_weights, self.period, self.temperature = new_weights, period, temperature
         self.stop_epoch, self.l1_coeff, self.group_lasso = stop_epoch, l1_coeff, group_lasso
         self.mask_optimizer_state = mask_optimizer_state
+        self.after_update: Callable[[], None] | None = None  # e.g. the distributed consistency check
         self.step_count, self.epoch = 0, 0
         self.events: list[RewireEvent] = []
         self.total_pruned = self.total_grown = 0
@@ -131,6 +132,8 @@ class Sparsifier:
 
     def _record(self, pruned: int, grown: int) -> None:
         self.apply_masks()
+        if self.after_update is not None:
+            self.after_update()
         self.total_pruned += pruned
         self.total_grown += grown
         if self.policy.record_events:

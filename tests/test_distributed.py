@@ -1,0 +1,81 @@
+"""Two CPU processes (gloo) under torchrun, through the real command line: identical masks and
+weights on both ranks after several reallocations, and the same metrics as one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, str(REPO / "main.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(REPO / "main.py"), *args, "--debug-distributed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def flags(tiny_mnist: Path, tmp_path: Path, name: str, method: list[str], extra: list[str] = ()) -> list[str]:
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 2\n")
+    return ["--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "runs"), "--name", name, "--epochs", "3",
+            "-b", "16", "--initial-sparsity-fc", "0.9", "--schedule-file", str(schedule), "--no-progress",
+            "--nesterov", "False", *method, *extra]
+
+
+DSR = ["--rewire", "--threshold-prune", "--rewire-scaling", "--n-prune-params", "40"]
+SET = ["--rewire", "--rewire-fraction", "0.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [DSR, SET], ids=["dsr", "set"])
+def test_two_ranks_hold_identical_masks_and_weights(method, tiny_mnist, tmp_path):
+    proc = launch(2, flags(tiny_mnist, tmp_path, "ddp", method), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    r0 = torch.load(run / "debug_rank0.pt", weights_only=True)
+    r1 = torch.load(run / "debug_rank1.pt", weights_only=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]
+    assert strip(r0["history"]) == strip(r1["history"])
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    for k in r0["sparsifier"]["masks"]:
+        assert torch.equal(r0["sparsifier"]["masks"][k], r1["sparsifier"]["masks"][k]), k
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["reallocations"] >= 6 and summary["evidence"]["world_size"] == 2
+    assert proc.stdout.count("final test top-1") == 1  # only rank 0 prints
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_on_the_same_data_order(tiny_mnist, tmp_path):
+    # no batch norm: two half-batches averaged by DDP give the full batch's gradient
+    one = launch(1, flags(tiny_mnist, tmp_path, "single", DSR, ["--no-batch-norm"]), tmp_path)
+    two = launch(2, flags(tiny_mnist, tmp_path, "double", DSR, ["--no-batch-norm"]), tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "runs" / "single" / "summary.json").read_text())
+    b = json.loads((tmp_path / "runs" / "double" / "summary.json").read_text())
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["test_loss"] == pytest.approx(rb["test_loss"], rel=1e-3)
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-3)
+        assert ra["test_top1"] == pytest.approx(rb["test_top1"], abs=5.0)  # 20 test images: one is 5%
+    assert a["params_nonzero"] == b["params_nonzero"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_change_of_world_size(tiny_mnist, tmp_path):
+    args = flags(tiny_mnist, tmp_path, "grow", DSR)
+    first = launch(1, [*args, "--epochs", "1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = launch(2, [*args, "--resume", str(tmp_path / "runs" / "grow")], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "grow" / "summary.json").read_text())
+    assert [r["epoch"] for r in s["history"]] == [0, 1, 2]
