@@ -71,6 +71,9 @@ class TrainConfig:
     budget: str = "type"
     keep_optimizer_state: bool = False
     dense_layers: str = ""
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
     seed: int = 0
     device: str = "auto"
     runs_dir: str = "runs"
@@ -153,6 +156,8 @@ class TrainConfig:
             raise DynsparseError(f"--drop-fraction must be in (0, 1), got {self.drop_fraction}")
         if not 0.0 < self.update_end <= 1.0:
             raise DynsparseError(f"--update-end must be in (0, 1] (a fraction of training), got {self.update_end}")
+        if self.amp not in ("off", "bf16"):
+            raise DynsparseError(f"--amp must be off or bf16, got {self.amp!r}")
         if self.rescale_tied_gradient and not self.tied:
             raise DynsparseError("--rescale-tied-gradient needs --tied")
         if self.copy_mask_from and (self.tied or self.prune):

@@ -75,6 +75,8 @@ class _Run:
                                seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, layers=cfg.layers,
                                   widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.nesterov and cfg.momentum <= 0:
             raise DynsparseError("--nesterov True needs --momentum > 0; pass --nesterov False for plain SGD")
         tied = build_sparsifier(cfg, self.model, None, self.schedules) if cfg.tied else None
@@ -82,10 +84,13 @@ class _Run:
                                          momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.sparsifier = tied or build_sparsifier(cfg, self.model, self.optimizer, self.schedules,
                                                    steps_per_epoch=len(self.data.train))
+        self.autocast = torch.bfloat16 if cfg.amp == "bf16" else None
         self.train_model = self.model
         if self.dist.enabled:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         self.start_epoch = cfg.start_epoch
         self.history: list[dict] = []
         self.events: list[dict] = []
@@ -170,7 +175,8 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
 
 
 def _evaluate(run: _Run, loader) -> dict[str, float]:
-    return summarize(D.all_reduce_sums(evaluate(run.model, loader), run.dist))
+    sums = evaluate(run.model, loader, autocast=run.autocast, channels_last=run.cfg.channels_last)
+    return summarize(D.all_reduce_sums(sums, run.dist))
 
 
 def _train_loop(run: _Run, debug_distributed: bool) -> dict:
@@ -187,7 +193,8 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
         run.sparsifier.set_epoch(epoch)
         data.train.set_epoch(epoch)
         sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier,
-                               progress=cfg.progress and run.dist.is_main, desc=f"epoch {epoch}")
+                               progress=cfg.progress and run.dist.is_main, desc=f"epoch {epoch}",
+                               autocast=run.autocast, channels_last=cfg.channels_last)
         train = summarize(D.all_reduce_sums(sums, run.dist))
         D.broadcast_buffers(run.model, run.dist)
         run.sparsifier.end_epoch()

@@ -6,6 +6,7 @@ training) at the three visible points of every step.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -48,18 +49,31 @@ def _topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ..
     return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
 
 
+def _precision(device: torch.device, autocast: torch.dtype | None):
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast)
+
+
+def _prepare(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return inputs.contiguous(memory_format=torch.channels_last) if channels_last and inputs.dim() == 4 else inputs
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier,
-                    *, progress: bool = False, desc: str = "train") -> dict[str, torch.Tensor]:
+                    *, progress: bool = False, desc: str = "train", autocast: torch.dtype | None = None,
+                    channels_last: bool = False) -> dict[str, torch.Tensor]:
     """One pass over ``batches``; returns on-device sums (loss, correct top-1, samples) so that
-    no step waits on the host and the caller can all-reduce them exactly."""
+    no step waits on the host and the caller can all-reduce them exactly. ``autocast`` (e.g.
+    ``torch.bfloat16``) runs the forward pass in mixed precision; weights stay float32."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
     for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress, mininterval=0.5):
-        logits = model(inputs)
-        loss = F.cross_entropy(logits, targets)
+        with _precision(device, autocast):
+            logits = model(_prepare(inputs, channels_last))
+            loss = F.cross_entropy(logits.float(), targets)
         total = loss + sparsifier.penalty()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -74,7 +88,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, *, progress: bool = False, desc: str = "eval") -> dict[str, torch.Tensor]:
+def evaluate(model: nn.Module, batches: Iterable, *, progress: bool = False, desc: str = "eval",
+             autocast: torch.dtype | None = None, channels_last: bool = False) -> dict[str, torch.Tensor]:
     """Sums of loss, top-1 and top-5 hits and samples over ``batches`` (on-device)."""
     model.eval()
     device = next(model.parameters()).device
@@ -83,7 +98,8 @@ def evaluate(model: nn.Module, batches: Iterable, *, progress: bool = False, des
     c5 = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
     for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress, mininterval=0.5):
-        logits = model(inputs)
+        with _precision(device, autocast):
+            logits = model(_prepare(inputs, channels_last)).float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         h1, h5 = _topk_correct(logits, targets, (1, 5))
         c1 += h1

@@ -109,3 +109,16 @@ def test_cli_subprocess_trains_and_prints_a_table(tiny_mnist, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [l for l in proc.stdout.splitlines() if l.strip()[:1].isdigit()]
     assert len(rows) == 2 and "final test top-1" in proc.stdout
+
+
+def test_bf16_autocast_and_channels_last_train(tiny_cifar, tmp_path):
+    cfg, _ = parse_train_args(["--model", "cifar10_WideResNet", "--layers", "10", "--widen-factor", "1",
+                               "--data", str(tiny_cifar), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "8",
+                               "--initial-sparsity-conv", "0.8", "--rewire", "--threshold-prune", "--rewire-scaling",
+                               "--amp", "bf16", "--channels-last", "--no-progress"])
+    s = run_training(cfg)
+    assert s["config"]["amp"] == "bf16" and s["params_sparse"] < s["params_sparse_total"]
+    ckpt = torch.load(tmp_path / cfg.run_name / "checkpoint.pt", weights_only=True)
+    assert ckpt["model"]["block1.layer.0.conv1.weight"].dtype == torch.float32  # weights stay float32
+    with pytest.raises(DynsparseError, match="--amp must be off or bf16"):
+        parse_train_args(["--amp", "fp8"])

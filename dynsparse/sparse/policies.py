@@ -86,7 +86,8 @@ class DSR(_Periodic):
             if k == sp.num_active:  # never empty a tensor: keep its largest entry
                 keep = torch.argmax(sp.magnitude().masked_fill(~sp.mask.view(-1), -1.0))
                 b[keep] = False
-            idx = b.nonzero().view(-1)
+                k -= 1
+            idx = torch.nonzero_static(b, size=k).view(-1)  # the count is known: no device sync
             pruned_idx.append(idx)
             s.prune(sp, idx, idx.numel())
         pruned = [idx.numel() for idx in pruned_idx]
@@ -173,7 +174,7 @@ class DeepR(Policy):
         pruned = grown = 0
         for sp, f, k in zip(sps, flips, counts):
             if k:
-                idx = f.nonzero().view(-1)
+                idx = torch.nonzero_static(f, size=k).view(-1)
                 s.prune(sp, idx, k)
                 sp.param.detach().view(-1)[idx] = 0.0
                 pruned += k
