@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dynsparse.errors import DynsparseError
+from dynsparse.flops import model_layer_flops, training_multiplier
 from dynsparse.io import atomic_write_bytes, atomic_write_text
 from dynsparse.published import published
+from dynsparse.schedule import load_schedules
 
 METHOD_ORDER = ["dense", "thin dense", "prune", "dsr", "rigl", "snfs", "set", "deepr", "static", "tied"]
 
@@ -66,6 +68,22 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def flops_multiplier(summary: dict) -> float | None:
+    """Training FLOPs relative to dense (RigL paper's counting), from the run's densities per epoch."""
+    cfg = summary.get("config") or {}
+    if "model" not in cfg:
+        return None
+    try:
+        period = load_schedules(cfg.get("schedule_file")).rewire_period_at(0) if cfg.get("schedule_file") else 100
+    except DynsparseError:
+        period = 100
+    densities = [r["densities"] for r in summary["history"] if "densities" in r]
+    if not densities and summary["method"] not in ("dense", "tied"):
+        return None
+    return training_multiplier(summary["method"], model_layer_flops(cfg), densities, period=period,
+                               update_end=cfg.get("update_end", 0.75))
+
+
 def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
     rows = []
     for (model, label, sparsity), runs in groups.items():
@@ -73,9 +91,11 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
         best_m, _ = _mean_std([r["best_test_top1"] for r in runs])
         params = statistics.fmean(r.get("params_learnable", r["params_nonzero"]) for r in runs)
         pub = published(model, label, sparsity)
+        mults = [m for m in map(flops_multiplier, runs) if m is not None]
         rows.append({"model": model, "method": label, "sparsity": sparsity, "seeds": len(runs),
                      "test_top1_mean": round(acc_m, 3), "test_top1_std": round(acc_s, 3),
                      "best_test_top1_mean": round(best_m, 3), "params_learnable": round(params),
+                     "train_flops_x_dense": round(statistics.fmean(mults), 4) if mults else None,
                      "published_top1": pub[0] if pub else None, "published_source": pub[1] if pub else None,
                      "delta_vs_published": round(acc_m - pub[0], 3) if pub else None,
                      "runs": [Path(r["_dir"]).name for r in runs]})
@@ -84,16 +104,18 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
 
 def markdown(rows: list[dict], title: str, figures: list[Path]) -> str:
     out = [f"# {title}", "", "Final test top-1 (%), mean +- std over seeds; `published` is another "
-           "implementation's or the paper's number (source column).", ""]
+           "implementation's or the paper's number (source column). Training FLOPs are relative to dense "
+           "training, counted as in the RigL paper (`dynsparse/flops.py`; pruning excludes its dense pre-training).", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         out += [f"## {model}", "", "| method | sparsity | seeds | test top-1 | best-epoch top-1 | learnable params "
-                "| published | delta | source |", "|---|---|---|---|---|---|---|---|---|"]
+                "| train FLOPs (x dense) | published | delta | source |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["model"] == model):
             pub = "" if r["published_top1"] is None else f"{r['published_top1']:.2f}"
             delta = "" if r["delta_vs_published"] is None else f"{r['delta_vs_published']:+.2f}"
             sp = "-" if r["sparsity"] is None else f"{r['sparsity']:g}"
+            fl = "" if r["train_flops_x_dense"] is None else f"{r['train_flops_x_dense']:.3f}"
             out.append(f"| {r['method']} | {sp} | {r['seeds']} | {r['test_top1_mean']:.2f} +- {r['test_top1_std']:.2f} "
-                       f"| {r['best_test_top1_mean']:.2f} | {r['params_learnable']:,} | {pub} | {delta} "
+                       f"| {r['best_test_top1_mean']:.2f} | {r['params_learnable']:,} | {fl} | {pub} | {delta} "
                        f"| {r['published_source'] or ''} |")
         out.append("")
     if figures:

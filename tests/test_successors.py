@@ -155,3 +155,16 @@ def test_dense_layers_option(tiny_mnist, tmp_path):
     cfg, _ = parse_train_args(["--dense-layers", "nope", "--data", str(tiny_mnist), "--runs-dir", str(tmp_path)])
     with pytest.raises(DynsparseError, match="matches no sparse layer"):
         run_training(cfg)
+
+
+def test_training_flops_follow_the_rigl_paper():
+    from dynsparse.flops import model_layer_flops, training_multiplier
+    f = model_layer_flops({"model": "mnist_mlp"})
+    assert f == {"fc1.weight": 2 * 784 * 300, "fc_int.weight": 2 * 300 * 100, "fc2.weight": 2 * 100 * 10}
+    d = [{n: 0.1 for n in f}] * 4
+    assert training_multiplier("dsr", f, d) == pytest.approx(0.1)
+    assert training_multiplier("dense", f, []) == 1.0
+    assert training_multiplier("snfs", f, d, update_end=1.0) == pytest.approx((2 * 0.1 + 1) / 3)
+    assert training_multiplier("rigl", f, d, period=100, update_end=1.0) == pytest.approx((3 * 0.1 * 100 + 2 * 0.1 + 1) / 101 / 3)
+    wrn = model_layer_flops({"model": "cifar10_WideResNet", "layers": 28, "widen_factor": 2})
+    assert wrn["conv1.weight"] == 2 * 27 * 16 * 32 * 32 and len(wrn) == 24 + 1 + 3 + 1

@@ -109,7 +109,10 @@ def fake_run(root: Path, name: str, method: str, sparsity: float, seed: int, acc
     history = [{"epoch": e, "test_top1": acc - 2 + e} for e in range(3)]
     s = {"run": name, "model": "mnist_mlp", "method": method, "label": method, "sparsity": sparsity, "seed": seed,
          "test_top1": acc, "best_test_top1": acc + 0.1, "params_nonzero": params, "params_learnable": params,
-         "history": history, "config": {"widen_factor": 10.0}}
+         "history": history, "config": {"widen_factor": 10.0, "model": "mnist_mlp", "schedule_file": None}}
+    if method != "dense":
+        for row in history:
+            row["densities"] = {"fc1.weight": 0.02, "fc_int.weight": 0.02, "fc2.weight": 0.02}
     (d / "summary.json").write_text(json.dumps(s))
     if method == "dsr":
         events = [{"step": 100 * i, "densities": {"fc1.weight": 0.02 - 0.001 * i, "fc2.weight": 0.02 + 0.01 * i}}
@@ -136,8 +139,10 @@ def test_report_tables_and_plots(tmp_path):
     assert float(rows["dsr"]["test_top1_mean"]) == pytest.approx(98.1)
     assert float(rows["static"]["test_top1_std"]) == pytest.approx(statistics.stdev([90.0, 91.0, 92.0]), abs=1e-3)
     assert float(rows["dsr"]["published_top1"]) == 98.14 and rows["dsr"]["seeds"] == "3"
+    assert float(rows["dsr"]["train_flops_x_dense"]) == pytest.approx(0.02) and float(rows["dense"]["train_flops_x_dense"]) == 1.0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| dsr | 0.98 | 3 | 98.10 +- 0.10 |" in md and "MNIST_sparse_summary" in md
+    assert "| dsr | 0.98 | 3 | 98.10 +- 0.10 | 98.20 | 6,144 | 0.020 | 98.14 | -0.04 |" in md
+    assert "MNIST_sparse_summary" in md
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path):
