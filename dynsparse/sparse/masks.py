@@ -13,7 +13,7 @@ the mask. All counts here are in mask entries; ``slice_size`` converts them to w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class SparseParam:
     granularity: int
     mask: torch.Tensor  # bool, shape param.shape[:granularity]
     num_active: int  # host-side count, kept in step with ``mask`` to avoid device syncs
+    _cache: dict = field(default_factory=dict, repr=False)  # derived from ``mask``, keyed by its version
 
     @property
     def slice_size(self) -> int:
@@ -41,9 +42,23 @@ class SparseParam:
     def density(self) -> float:
         return self.num_active / self.num_entries
 
+    def _derived(self, key: str, make):
+        # ``mask._version`` changes with every in-place write, so a stale copy is never used
+        version = self.mask._version
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != version:
+            hit = self._cache[key] = (version, make())
+        return hit[1]
+
     def mask_view(self) -> torch.Tensor:
-        """The mask shaped to broadcast against the parameter."""
-        return self.mask.view(self.mask.shape + (1,) * (self.param.dim() - self.granularity))
+        """The mask as the parameter's dtype, shaped to broadcast against it (cached: multiplying
+        by a float mask is several times faster than by a bool one)."""
+        shape = self.mask.shape + (1,) * (self.param.dim() - self.granularity)
+        return self._derived("float", lambda: self.mask.view(shape).to(self.param.dtype))
+
+    def active_indices(self) -> torch.Tensor:
+        """Flat indices of the active entries (cached)."""
+        return self._derived("active", lambda: torch.nonzero_static(self.mask.view(-1), size=self.num_active).view(-1))
 
     def magnitude(self) -> torch.Tensor:
         """Flat magnitude of every mask entry (mean |w| over a slice at coarse granularity)."""
@@ -85,11 +100,32 @@ def random_mask(shape: torch.Size, density: float, generator: torch.Generator, d
     return mask.view(shape), k
 
 
-def choose_random(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+def _first_unique(idx: torch.Tensor) -> torch.Tensor:
+    """The distinct values of ``idx`` in order of first appearance."""
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    first = torch.full((uniq.numel(),), idx.numel(), dtype=torch.long, device=idx.device)
+    first.scatter_reduce_(0, inverse, torch.arange(idx.numel(), device=idx.device), reduce="amin")
+    return uniq[torch.argsort(first)]
+
+
+def choose_random(candidates: torch.Tensor, count: int, generator: torch.Generator,
+                  num_candidates: int | None = None) -> torch.Tensor:
     """Flat indices of ``count`` entries drawn uniformly without replacement where ``candidates``
-    (flat bool) is true. ``count`` must not exceed the number of candidates."""
+    (flat bool) is true. ``count`` must not exceed the number of candidates.
+
+    When few are wanted from many (``num_candidates`` known), uniform draws with rejection of
+    non-candidates and repeats give the same distribution at O(count) cost; otherwise the top
+    ``count`` of a uniform score over all entries."""
     if count <= 0:
         return torch.empty(0, dtype=torch.long, device=candidates.device)
+    n = candidates.numel()
+    if num_candidates is not None and count * 16 <= num_candidates:
+        draws = int(count * n / num_candidates * 1.25) + 16
+        for _ in range(4):
+            idx = torch.randint(n, (draws,), generator=generator, device=generator.device).to(candidates.device)
+            idx = _first_unique(idx[candidates[idx]])
+            if idx.numel() >= count:
+                return idx[:count]
     scores = torch.rand(candidates.numel(), generator=generator, device=generator.device).to(candidates.device)
     scores.masked_fill_(~candidates, -1.0)
     return torch.topk(scores, count, sorted=False).indices

@@ -161,8 +161,9 @@ class DeepR(Policy):
         for sp in s.params.values():
             if sp.param.grad is None or sp.num_active == sp.num_entries or std == 0.0:
                 continue
-            noise = torch.randn(sp.param.shape, generator=s.generator, device=s.generator.device)
-            sp.param.grad.add_(noise.to(sp.param.grad) * std)
+            idx = sp.active_indices()  # noise only where it survives the gradient mask
+            noise = torch.randn(idx.numel(), generator=s.generator, device=s.generator.device)
+            sp.param.grad.view(-1).index_add_(0, idx, noise.to(sp.param.grad) * std)
 
     def update(self, s: Sparsifier) -> tuple[int, int]:
         sps = list(s.params.values())
@@ -179,7 +180,6 @@ class DeepR(Policy):
                 sp.param.detach().view(-1)[idx] = 0.0
                 pruned += k
                 grown += s.grow_random(sp, k, exclude=idx)
-        s.apply_masks()
         for sp in sps:
             self.signs[sp.name] = torch.sign(sp.param.detach()).to(torch.int8)
         return pruned, grown

@@ -120,7 +120,10 @@ class Sparsifier:
     @torch.no_grad()
     def step(self) -> None:
         self.step_count += 1
-        self.apply_masks()
+        # Gradients were masked, and optimizer state is zero off the mask since the last topology
+        # change, so SGD/Adam-style updates leave it zero there; only the weights are re-masked
+        # here (a safety for optimizers that move zero-gradient weights). _record() re-masks all.
+        self.apply_masks(optimizer_state=False)
         if self.rewiring and self.policy.due(self):
             self._record(*self.policy.update(self))
 
@@ -142,12 +145,12 @@ class Sparsifier:
 
     # ---- masks ----------------------------------------------------------------------------
     @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Zero weights and shaped optimizer state off the mask."""
+    def apply_masks(self, optimizer_state: bool = True) -> None:
+        """Zero weights (and, unless told otherwise, shaped optimizer state) off the mask."""
         for sp in self.params.values():
             m = sp.mask_view()
             sp.param.mul_(m)
-            if self.optimizer is not None and self.mask_optimizer_state:
+            if optimizer_state and self.optimizer is not None and self.mask_optimizer_state:
                 for buf in self.optimizer.state.get(sp.param, {}).values():
                     if torch.is_tensor(buf) and buf.shape == sp.param.shape:
                         buf.mul_(m)
@@ -174,7 +177,7 @@ class Sparsifier:
         if count > capacity:
             log.warning("%s: no room to grow %d entries, growing %d", sp.name, count, capacity)
             count = capacity
-        idx = choose_random(free, count, self.generator)
+        idx = choose_random(free, count, self.generator, num_candidates=capacity)
         self.activate(sp, idx, count)
         return count
 
