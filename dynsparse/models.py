@@ -42,9 +42,15 @@ def dataset_of(model_name: str) -> str:
     return model_name.split("_", 1)[0]
 
 
-def _he_normal_fan_out_(conv: nn.Conv2d) -> None:
-    # N(0, sqrt(2 / (kh * kw * out_channels))), the reference init for every conv (sparse or not).
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+def _init_conv_and_bn(model: nn.Module) -> None:
+    # Convs N(0, sqrt(2 / (kh * kw * out_channels))), the reference init for every conv (sparse or
+    # not); BatchNorm weight 1, bias 0.
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class MnistMLP(nn.Module):
@@ -138,12 +144,7 @@ class WideResNet(nn.Module):
         self.block3 = _NetworkBlock(n, ch[2], ch[3], 2)
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.fc = nn.Linear(ch[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                _he_normal_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_conv_and_bn(self)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,12 +211,7 @@ class ResNet50(nn.Module):
         self.layer3 = self._make_layer(base * 4, 6, stride=2)
         self.layer4 = self._make_layer(base * 8, 3, stride=2)
         self.fc = nn.Linear(base * 8 * Bottleneck.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                _he_normal_fan_out_(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_conv_and_bn(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         out = planes * Bottleneck.expansion

@@ -21,6 +21,7 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError
 from dynsparse.regularizers import sparsity_penalty
+from dynsparse.train import NullSparsifier
 
 
 def uniform_coverage(bank_size: int, positions: int, generator: torch.Generator) -> torch.Tensor:
@@ -59,7 +60,7 @@ def _set_weight(module: nn.Module, _inputs) -> None:
     module.weight = module.tied_weight()
 
 
-class TiedModel:
+class TiedModel(NullSparsifier):
     """Ties the named weights of ``model`` in place. Implements the sparsifier protocol of the
     training loop (``penalty``, ``before_optimizer_step``, ``step``...), so it plugs into it."""
 
@@ -82,9 +83,6 @@ class TiedModel:
             module.register_forward_pre_hook(_set_weight)
             self.tied[name] = tw
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
     def penalty(self):
         if self.group_lasso:
             return sparsity_penalty((tw() for tw in self.tied.values()), self.l1_coeff, True)
@@ -96,15 +94,6 @@ class TiedModel:
             for tw in self.tied.values():
                 if tw.bank.grad is not None:
                     tw.bank.grad.div_(tw.repetition)
-
-    def step(self) -> None:
-        pass
-
-    def end_epoch(self) -> None:
-        pass
-
-    def drain_events(self) -> list:
-        return []
 
     def num_tied(self) -> int:
         """Learnable parameters in the banks (every bank entry is used at least once)."""
