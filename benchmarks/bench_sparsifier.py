@@ -102,7 +102,7 @@ def main() -> None:
     text = "\n".join([f"# Sparsifier cost ({DEVICE.type}, median of {args.repeats}, interleaved)", "",
                       "| measurement | ratio | target | met |", "|---|---|---|---|", *md, "",
                       f"Device {ev['device']}, {ev['threads']} threads, torch {ev['torch']}, commit {ev['commit']}.",
-                      f"Command: `{ev['command']}`", ""])
+                      f"Command: `{ev['command']}`" + (f" Note: {ev['note']}" if ev['note'] else ""), ""])
     path = write_results("sparsifier", {"benchmark": "sparsifier", "results": results, "evidence": ev}, text)
     print(text)
     print(f"wrote {path}")

@@ -70,7 +70,7 @@ def main() -> None:
                       "| model | dense img/s | DSR 0.9 img/s | ratio | target | met |", "|---|---|---|---|---|---|", *md, "",
                       f"Device {ev['device']}, {ev['threads']} threads, torch {ev['torch']}, commit {ev['commit']}."
                       + ("" if CUDA else " CPU: absolute numbers are not meaningful; the ratio is."),
-                      f"Command: `{ev['command']}`", ""])
+                      f"Command: `{ev['command']}`" + (f" Note: {ev['note']}" if ev['note'] else ""), ""])
     path = write_results(f"throughput_{DEVICE.type}", {"benchmark": "throughput", "results": results, "evidence": ev}, text)
     print(text)
     print(f"wrote {path}")

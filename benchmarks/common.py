@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -24,7 +25,9 @@ def evidence() -> dict:
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit,
             "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # what else ran on the machine, when the measurement could not have it alone
+            "note": os.environ.get("DYNSPARSE_BENCH_NOTE", "")}
 
 
 def timed(fn, sync: bool = False) -> float:

@@ -115,11 +115,12 @@ class _Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise DynsparseError(f"checkpoint does not fit this model/optimizer: {str(e).splitlines()[0][:300]}") from None
-        if isinstance(self.sparsifier, Sparsifier) and ckpt.get("sparsifier") is not None:
-            if exact:
+        if isinstance(self.sparsifier, Sparsifier):
+            if exact and ckpt.get("sparsifier") is not None:
                 self.sparsifier.load_state_dict(ckpt["sparsifier"])
-            else:
+            elif ckpt.get("sparsifier") is not None:
                 self.load_masks(ckpt["sparsifier"]["masks"])
+            self.sparsifier.apply_masks()  # loaded weights and optimizer state obey our masks
         if exact:
             self.start_epoch, self.history, self.events = int(ckpt["epoch"]), list(ckpt["history"]), list(ckpt["events"])
 

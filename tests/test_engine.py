@@ -306,3 +306,25 @@ def test_dsr_on_a_model_with_no_sparse_layer_is_refused(tmp_path):
     model = create_model("cifar10_WideResNet", layers=10, widen_factor=1)
     with pytest.raises(DynsparseError, match="needs a sparse layer"):
         build_sparsifier(cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), load_schedules(None))
+
+
+def test_weights_stay_zero_off_the_mask_with_any_optimizer():
+    class Drift(torch.optim.Optimizer):  # moves every weight, gradient or not
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.data.add_(0.01)
+
+    model = nn.Sequential(nn.Linear(6, 4, bias=False))
+    s = Sparsifier(model, Drift(model.parameters()), policy=Static(), densities={"0.weight": 0.5})
+    assert s.remask_weights
+    s.optimizer.step()
+    s.step()
+    assert torch.all(model[0].weight[s.params["0.weight"].mask_view().expand(4, 6) == 0] == 0)
+    sgd = Sparsifier(nn.Sequential(nn.Linear(6, 4)), None, policy=Static(), densities=0.5)
+    assert sgd.remask_weights  # no optimizer known: re-mask
+    assert not Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=Static(),
+                          densities={"0.weight": 0.5}).remask_weights

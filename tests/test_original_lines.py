@@ -6,12 +6,13 @@ X_initial``); the first line of each group runs exactly as parsed, in a scratch 
 directory (so its ``./runs/...`` paths resolve there), with only the budget replaced: a tiny
 synthetic dataset, 1 epoch (2 in prune mode: two prunes), small batches, a rewire period of 1-2 steps and,
 for ResNet-50, 64-pixel crops. A line that needs another run (pruning needs the dense job 0,
-transplants need the DSR run they copy) runs that one first.
+transplants need the DSR run they copy) runs that one first. With ``DYNSPARSE_TEST_DATA`` set
+(the full suite, as CI runs it) every line of both lists runs, not only one of each kind.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import shlex
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def representatives(list_name: str) -> list[int]:
             seen.add(key)
             reps.append(idx)
     return reps
+
+
+def selected(list_name: str) -> list[int]:
+    """Every line when the full suite runs (DYNSPARSE_TEST_DATA set, as in CI), else one per kind."""
+    if os.environ.get("DYNSPARSE_TEST_DATA"):
+        return sorted(jobs(list_name))
+    return representatives(list_name)
 
 
 def dependencies(cfg: TrainConfig) -> list[str]:
@@ -125,13 +133,13 @@ def check(cfg: TrainConfig, summary: dict) -> None:
         assert all(torch.equal(initial[k], copied[k]) for k in copied)
 
 
-@pytest.mark.parametrize("idx", representatives("wrnet_experiments.yaml"))
+@pytest.mark.parametrize("idx", selected("wrnet_experiments.yaml"))
 def test_wrn_line(idx, wrn_workspace, monkeypatch):
     monkeypatch.chdir(wrn_workspace.root)
     check(*wrn_workspace.run(idx))
 
 
-@pytest.mark.parametrize("idx", representatives("resnet_experiments.yaml"))
+@pytest.mark.parametrize("idx", selected("resnet_experiments.yaml"))
 def test_resnet_line(idx, resnet_workspace, monkeypatch):
     pytest.importorskip("torchvision")
     from dynsparse import imagenet

@@ -34,6 +34,9 @@ from dynsparse.sparse.masks import SparseParam, choose_random, effective_granula
 
 log = logging.getLogger(__name__)
 
+ZERO_PRESERVING_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad,
+                              torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+
 
 @dataclass(frozen=True)
 class RewireEvent:
@@ -69,6 +72,10 @@ class Sparsifier:
         self.stop_epoch, self.l1_coeff, self.group_lasso = stop_epoch, l1_coeff, group_lasso
         self.mask_optimizer_state = mask_optimizer_state
         self.after_update: Callable[[], None] | None = None  # e.g. the distributed consistency check
+        # With a masked gradient and zero state off the mask, these optimizers leave zero weights
+        # at zero (weight decay of 0 is 0), so the weights need no re-masking every step; any
+        # other optimizer (it might move weights without a gradient) gets it after every step.
+        self.remask_weights = not (mask_optimizer_state and isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS))
         self.step_count, self.epoch = 0, 0
         self.events: list[RewireEvent] = []
         self.total_pruned = self.total_grown = 0
@@ -121,9 +128,10 @@ class Sparsifier:
     def step(self) -> None:
         self.step_count += 1
         # Gradients were masked, and optimizer state is zero off the mask since the last topology
-        # change, so SGD/Adam-style updates leave it zero there; only the weights are re-masked
-        # here (a safety for optimizers that move zero-gradient weights). _record() re-masks all.
-        self.apply_masks(optimizer_state=False)
+        # change, so zero-preserving optimizers keep weights and state zero there; _record()
+        # re-masks everything after a topology change.
+        if self.remask_weights:
+            self.apply_masks(optimizer_state=False)
         if self.rewiring and self.policy.due(self):
             self._record(*self.policy.update(self))
 
