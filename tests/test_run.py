@@ -92,6 +92,9 @@ def test_bad_inputs_give_one_line_errors(tiny_mnist, tmp_path, capsys):
         (["--schedule-file", str(bad_schedule)], "not valid YAML"),
         (["--resume", str(tmp_path / "missing")], "not found"),
         (["--resume", str(corrupt)], "corrupt or unreadable"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--budget", "lottery"], "unknown budget 'lottery'"),
+        (["--dense-layers", "conv*"], "matches no sparse layer"),
     ]
     for extra, needle in cases:
         argv = ["train", "--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1",
