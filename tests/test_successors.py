@@ -67,15 +67,20 @@ def test_rigl_reads_gradients_only_before_update_steps_and_stops_at_end_step():
     assert len(s.drain_events()) == 1
 
 
-def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():
+def snfs_update(layer1_momentum: list[float]):
+    """Two 2x4 layers, 4 active entries each; layer 0's momentum is fixed, layer 1's given."""
     model = two_by_four(2)
     pol = SNFS(fraction=0.5, end_step=10**6)
     s = setup(model, pol, [[1, 1, 1, 1, 0, 0, 0, 0]] * 2,
               [[0.5, 0.1, 0.4, 0.3, 0, 0, 0, 0], [0.5, 0.6, 0.7, 0.05, 0, 0, 0, 0]])
     pol.momentum = {"0.weight": torch.tensor([1.0, 1, 1, 1, 0, 0.2, 0.8, 0.1]).view(2, 4),
-                    "1.weight": torch.tensor([0.1, 0.1, 0.1, 0.1, 0.3, 0, 0, 0.05]).view(2, 4)}
+                    "1.weight": torch.tensor(layer1_momentum).view(2, 4)}
     s.step_count = 0
-    pruned, grown = pol.update(s)
+    return s, pol.update(s)
+
+
+def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():
+    s, (pruned, grown) = snfs_update([0.1, 0.1, 0.1, 0.1, 0.3, 0, 0, 0.05])
     # each layer prunes int(0.5 * 4) = 2 smallest; 4 regrown in proportion 1.0 : 0.1 of mean
     # momentum -> 4 : 0 (largest remainder), all into layer 0's four free positions
     assert (pruned, grown) == (4, 4)
@@ -84,14 +89,7 @@ def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():
 
 
 def test_snfs_growth_within_a_layer_follows_momentum():
-    model = two_by_four(2)
-    pol = SNFS(fraction=0.5, end_step=10**6)
-    s = setup(model, pol, [[1, 1, 1, 1, 0, 0, 0, 0]] * 2,
-              [[0.5, 0.1, 0.4, 0.3, 0, 0, 0, 0], [0.5, 0.6, 0.7, 0.05, 0, 0, 0, 0]])
-    pol.momentum = {"0.weight": torch.tensor([1.0, 1, 1, 1, 0, 0.2, 0.8, 0.1]).view(2, 4),
-                    "1.weight": torch.tensor([1.0, 1, 1, 1, 0.3, 0, 0, 0.05]).view(2, 4)}
-    s.step_count = 0
-    pol.update(s)
+    s, _ = snfs_update([1.0, 1, 1, 1, 0.3, 0, 0, 0.05])
     # equal importance -> 2 + 2; layer 0 grows momentum 0.8 and 0.2; layer 1 grows 0.3 and 0.05
     assert mask(s, "0.weight") == [1, 0, 1, 0, 0, 1, 1, 0]
     assert mask(s, "1.weight") == [0, 1, 1, 0, 1, 0, 0, 1]
