@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
-from dynsparse import data as D
+from dynsparse import datasets as D
 
 MNIST_STEMS = list(D.MNIST_FILES)
 

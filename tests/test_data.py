@@ -1,4 +1,4 @@
-"""Tests of dynsparse.data (and dynsparse.imagenet): formats, loaders, sharding, errors.
+"""Tests of dynsparse.data (and dynsparse.datasets, dynsparse.imagenet): formats, loaders, sharding, errors.
 
 Everything runs on tiny synthetic files in tmp_path and never touches the network. Real-data
 tests run when DYNSPARSE_TEST_DATA (MNIST, tiny-imagenet) or DYNSPARSE_TEST_CIFAR_ROOT are set.
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from dynsparse import data as D
+from dynsparse import datasets as DS
 from dynsparse.errors import DynsparseError
 
-from conftest import MNIST_STEMS, cifar_batch, cifar_images, idx_bytes, mnist_arrays, write_cifar, write_mnist  # noqa: E402
+from conftest import MNIST_STEMS, idx_bytes, mnist_arrays, write_cifar, write_mnist  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -65,7 +66,7 @@ def mnist_root(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # Any test that would reach the network fails loudly instead.
-    monkeypatch.setattr(D, "_fetch", no_network)
+    monkeypatch.setattr(DS, "_fetch", no_network)
 
 
 # --------------------------------------------------------------------------- data root
@@ -228,7 +229,7 @@ def test_cifar_augment_false_and_validate_set(tmp_path, monkeypatch):
 
 def test_cifar_accepts_batches_directly_in_root(tmp_path):
     write_cifar(tmp_path)
-    for f in (tmp_path / D.CIFAR10_DIR).iterdir():
+    for f in (tmp_path / DS.CIFAR10_DIR).iterdir():
         f.rename(tmp_path / f.name)
     b = D.build_data("cifar10", tmp_path, batch_size=50, device=CPU, download=False)
     assert b.num_train == 100
@@ -236,10 +237,10 @@ def test_cifar_accepts_batches_directly_in_root(tmp_path):
 
 def test_corrupt_cifar_batch(tmp_path):
     write_cifar(tmp_path)
-    (tmp_path / D.CIFAR10_DIR / "data_batch_3").write_bytes(b"\x80\x02garbage")
+    (tmp_path / DS.CIFAR10_DIR / "data_batch_3").write_bytes(b"\x80\x02garbage")
     with pytest.raises(DynsparseError, match="data_batch_3"):
         D.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
-    (tmp_path / D.CIFAR10_DIR / "data_batch_3").write_bytes(pickle.dumps({b"data": [1, 2]}))
+    (tmp_path / DS.CIFAR10_DIR / "data_batch_3").write_bytes(pickle.dumps({b"data": [1, 2]}))
     with pytest.raises(DynsparseError, match="data_batch_3 is not a CIFAR-10 batch"):
         D.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
 
@@ -282,38 +283,38 @@ def test_mnist_download_checks_md5_and_renames_into_place(tmp_path, monkeypatch)
     write_mnist(source)
     for stem in MNIST_STEMS:
         md5 = hashlib.md5((source / f"{stem}.gz").read_bytes()).hexdigest()
-        monkeypatch.setitem(D.MNIST_FILES, stem, md5)
+        monkeypatch.setitem(DS.MNIST_FILES, stem, md5)
     fetched = []
 
     def fake_fetch(url: str, dest: Path) -> None:
         fetched.append(url)
         shutil.copy(source / url.rsplit("/", 1)[-1], dest)
 
-    monkeypatch.setattr(D, "_fetch", fake_fetch)
+    monkeypatch.setattr(DS, "_fetch", fake_fetch)
     root = tmp_path / "root"
     b = D.build_data("mnist", root, batch_size=8, device=CPU)
-    assert b.num_train == 31 and len(fetched) == 4 and fetched[0].startswith(D.MNIST_URL)
+    assert b.num_train == 31 and len(fetched) == 4 and fetched[0].startswith(DS.MNIST_URL)
     assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == \
         sorted(f"{s}.gz" for s in MNIST_STEMS)
-    monkeypatch.setitem(D.MNIST_FILES, MNIST_STEMS[0], "0" * 32)
+    monkeypatch.setitem(DS.MNIST_FILES, MNIST_STEMS[0], "0" * 32)
     (root / "MNIST" / "raw" / f"{MNIST_STEMS[0]}.gz").unlink()
     with pytest.raises(DynsparseError, match="checksum mismatch"):
         D.build_data("mnist", root, batch_size=8, device=CPU)
     assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == \
         sorted(f"{s}.gz" for s in MNIST_STEMS[1:])  # the bad file was not kept
-    assert fetched[4:] == [D.MNIST_URL + MNIST_STEMS[0] + ".gz"]  # only the missing one
+    assert fetched[4:] == [DS.MNIST_URL + MNIST_STEMS[0] + ".gz"]  # only the missing one
 
 
 def test_cifar_download_extracts_the_archive(tmp_path, monkeypatch):
     write_cifar(tmp_path / "src")
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        tar.add(tmp_path / "src" / D.CIFAR10_DIR, arcname=D.CIFAR10_DIR)
-    monkeypatch.setattr(D, "CIFAR10_MD5", hashlib.md5(archive.getvalue()).hexdigest())
-    monkeypatch.setattr(D, "_fetch", lambda url, dest: Path(dest).write_bytes(archive.getvalue()))
+        tar.add(tmp_path / "src" / DS.CIFAR10_DIR, arcname=DS.CIFAR10_DIR)
+    monkeypatch.setattr(DS, "CIFAR10_MD5", hashlib.md5(archive.getvalue()).hexdigest())
+    monkeypatch.setattr(DS, "_fetch", lambda url, dest: Path(dest).write_bytes(archive.getvalue()))
     root = tmp_path / "root"
     b = D.build_data("cifar10", root, batch_size=8, device=CPU)
-    assert b.num_train == 100 and (root / D.CIFAR10_DIR / "test_batch").is_file()
+    assert b.num_train == 100 and (root / DS.CIFAR10_DIR / "test_batch").is_file()
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -329,9 +330,9 @@ def test_corrupt_idx_files(tmp_path):
     for path, pattern in [(bad_magic, "not an IDX file"), (truncated, "truncated"),
                           (truncated_gz, "corrupt")]:
         with pytest.raises(DynsparseError, match=pattern) as e:
-            D.read_idx(path)
+            DS.read_idx(path)
         assert str(path) in str(e.value)
-    assert np.array_equal(D.read_idx(_write(tmp_path / "ok", good)), images)
+    assert np.array_equal(DS.read_idx(_write(tmp_path / "ok", good)), images)
     write_mnist(tmp_path / "m")
     _write(tmp_path / "m" / "train-labels-idx1-ubyte.gz", gzip.compress(idx_bytes(np.zeros(5))))
     with pytest.raises(DynsparseError, match="train-labels-idx1-ubyte.gz: expected 31 labels"):

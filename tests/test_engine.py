@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.schedule import PiecewiseConstant
 from dynsparse.sparse import DSR, POLICIES, SET, SNFS, DeepR, GradualPruning, RigL, Sparsifier, Static, allocate
 from dynsparse.sparse.sparsifier import Policy
 
