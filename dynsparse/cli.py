@@ -84,6 +84,8 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--sparse-momentum",), dict(action="store_true", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)")),
     (("--drop-fraction",), dict(type=float, help="RigL/SNFS initial drop fraction, cosine-decayed (RigL 0.3, SNFS 0.5)")),
     (("--update-end",), dict(type=float, help="RigL/SNFS: fraction of training after which the topology is fixed")),
+    (("--update-period",), dict(type=int, help="RigL/SNFS: training steps between topology updates "
+                                               "(default: RigL rewire_period_schedule, SNFS one epoch, as in the papers)")),
     (("--budget",), dict(help="how density is spread over layers: type (the original's conv/fc sparsities), uniform, er, erk")),
     (("--keep-optimizer-state",), dict(action="store_true", help="do not zero optimizer state off the mask (the original's behaviour)")),
     (("--dense-layers",), dict(help="comma-separated parameter names or glob patterns to keep dense")),

@@ -68,6 +68,7 @@ class TrainConfig:
     sparse_momentum: bool = False
     drop_fraction: float | None = None
     update_end: float = 0.75
+    update_period: int | None = None
     budget: str = "type"
     keep_optimizer_state: bool = False
     dense_layers: str = ""
@@ -156,6 +157,11 @@ class TrainConfig:
             raise DynsparseError(f"--drop-fraction must be in (0, 1), got {self.drop_fraction}")
         if not 0.0 < self.update_end <= 1.0:
             raise DynsparseError(f"--update-end must be in (0, 1] (a fraction of training), got {self.update_end}")
+        if self.update_period is not None and self.update_period < 1:
+            raise DynsparseError(f"--update-period must be >= 1 (training steps), got {self.update_period}")
+        if self.update_period is not None and not (self.rigl or self.sparse_momentum):
+            raise DynsparseError("--update-period is for --rigl and --sparse-momentum; DSR, SET and DeepR take "
+                                 "their period from rewire_period_schedule in --schedule-file")
         if self.amp not in ("off", "bf16"):
             raise DynsparseError(f"--amp must be off or bf16, got {self.amp!r}")
         if self.rescale_tied_gradient and not self.tied:

@@ -75,8 +75,10 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
         return NullSparsifier()
     end_step = max(int(cfg.update_end * cfg.total_epochs * steps_per_epoch), 1)
     policies = {
-        "rigl": lambda: RigL(fraction=cfg.drop_fraction or 0.3, end_step=end_step),
-        "snfs": lambda: SNFS(fraction=cfg.drop_fraction or 0.5, end_step=end_step),
+        "rigl": lambda: RigL(fraction=cfg.drop_fraction or 0.3, end_step=end_step, period=cfg.update_period),
+        # Dettmers & Zettlemoyer update once per epoch (their prune rate 0.5 is per epoch)
+        "snfs": lambda: SNFS(fraction=cfg.drop_fraction or 0.5, end_step=end_step,
+                             period=cfg.update_period or steps_per_epoch),
         "dsr": lambda: DSR(n_prune=cfg.n_prune_params, scaling=cfg.rewire_scaling),
         "set": lambda: SET(fraction=cfg.rewire_fraction),
         "deepr": lambda: DeepR(eta=cfg.DeepR_eta),

@@ -105,6 +105,36 @@ def test_snfs_keeps_a_dense_momentum_of_the_gradient():
     assert torch.allclose(s.policy.momentum["0.weight"], torch.full((2, 4), 1.5))  # 0.5 * 1 + 1
 
 
+def test_update_period_overrides_the_schedule_and_snfs_defaults_to_one_epoch(tiny_mnist, tmp_path):
+    model = two_by_four()
+    s = Sparsifier(model, None, policy=SNFS(0.5, period=3), densities={"0.weight": 0.5}, period=lambda e: 1)
+    due = []
+    for _ in range(7):
+        model[0].weight.grad = torch.ones(2, 4)
+        s.before_optimizer_step()
+        s.step()
+        due.append(len(s.drain_events()))
+    assert due == [0, 0, 1, 0, 0, 1, 0]  # steps 3 and 6, not every step as the schedule says
+    assert SNFS(0.5, period=3).state_dict()["period"] == 3
+
+    from dynsparse.cli import parse_train_args
+    from dynsparse.methods import build_sparsifier
+    from dynsparse.models import create_model
+    from dynsparse.schedule import load_schedules
+    base = ["--data", str(tiny_mnist), "--initial-sparsity-fc", "0.9"]
+    for extra, rigl_period, snfs_period in (([], None, 37), (["--update-period", "5"], 5, 5)):
+        got = []
+        for method in ("--rigl", "--sparse-momentum"):
+            cfg, _ = parse_train_args([*base, method, *extra])
+            sp = build_sparsifier(cfg, create_model("mnist_mlp"), None, load_schedules(None), steps_per_epoch=37)
+            got.append(sp.policy.update_period)
+        assert got == [rigl_period, snfs_period]
+    with pytest.raises(DynsparseError, match="--update-period is for --rigl and --sparse-momentum"):
+        parse_train_args([*base, "--rewire", "--update-period", "5"])
+    with pytest.raises(DynsparseError, match="--update-period must be >= 1"):
+        parse_train_args([*base, "--rigl", "--update-period", "0"])
+
+
 # ---- budgets -----------------------------------------------------------------------------------
 
 SHAPES = {"fc1": (300, 784), "fc2": (100, 300), "fc3": (10, 100), "conv": (64, 32, 3, 3), "tiny": (2, 2)}

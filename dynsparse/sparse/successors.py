@@ -43,7 +43,13 @@ def _entry_scores(sp: SparseParam, t: torch.Tensor) -> torch.Tensor:
 
 
 class _Scheduled(Policy):
-    def __init__(self, fraction: float, end_step: int) -> None:
+    """Updates every ``period`` training steps (None: the sparsifier's ``rewire_period_schedule``)
+    until ``end_step``, with a cosine-decayed drop fraction."""
+
+    def __init__(self, fraction: float, end_step: int, period: int | None = None) -> None:
+        if period is not None and period < 1:
+            raise DynsparseError(f"the update period must be >= 1 step, got {period}")
+        self.update_period = period
         if not 0.0 < fraction < 1.0:
             raise DynsparseError(f"the drop fraction must be in (0, 1), got {fraction}")
         if end_step < 1:
@@ -51,7 +57,8 @@ class _Scheduled(Policy):
         self.fraction, self.end_step = fraction, end_step
 
     def due_at(self, s: Sparsifier, step: int) -> bool:
-        return step < self.end_step and step % s.period(s.epoch) == 0
+        period = self.update_period if self.update_period is not None else s.period(s.epoch)
+        return step < self.end_step and step % period == 0
 
     def due(self, s: Sparsifier) -> bool:
         return self.due_at(s, s.step_count)
@@ -66,8 +73,8 @@ class RigL(_Scheduled):
 
     name = "rigl"
 
-    def __init__(self, fraction: float = 0.3, end_step: int = 10**9) -> None:
-        super().__init__(fraction, end_step)
+    def __init__(self, fraction: float = 0.3, end_step: int = 10**9, period: int | None = None) -> None:
+        super().__init__(fraction, end_step, period)
         self.grad_scores: dict[str, torch.Tensor] = {}
 
     def before_optimizer_step(self, s: Sparsifier) -> None:
@@ -89,14 +96,16 @@ class RigL(_Scheduled):
         return pruned, grown
 
     def state_dict(self) -> dict:
-        return {"fraction": self.fraction, "end_step": self.end_step}
+        return {"fraction": self.fraction, "end_step": self.end_step, "period": self.update_period}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.fraction, self.end_step = float(state["fraction"]), int(state["end_step"])
+        self.update_period = state.get("period")
 
 
 class SNFS(_Scheduled):
-    """Sparse momentum (Dettmers & Zettlemoyer 2019): every ``period`` steps until ``end_step``,
+    """Sparse momentum (Dettmers & Zettlemoyer 2019): every ``period`` steps (the paper and the
+    command line: once per epoch) until ``end_step``,
     each layer prunes the fraction ``p_t`` (cosine-decayed from ``fraction``) of its active entries
     with the smallest magnitude; the total pruned is regrown across layers in proportion to each
     layer's mean momentum magnitude over its active entries, and within a layer where the
@@ -107,8 +116,9 @@ class SNFS(_Scheduled):
 
     name = "snfs"
 
-    def __init__(self, fraction: float = 0.5, end_step: int = 10**9, beta: float = 0.9) -> None:
-        super().__init__(fraction, end_step)
+    def __init__(self, fraction: float = 0.5, end_step: int = 10**9, beta: float = 0.9,
+                 period: int | None = None) -> None:
+        super().__init__(fraction, end_step, period)
         self.beta = beta
         self.momentum: dict[str, torch.Tensor] = {}
 
@@ -141,9 +151,10 @@ class SNFS(_Scheduled):
         return total, grown
 
     def state_dict(self) -> dict:
-        return {"fraction": self.fraction, "end_step": self.end_step, "beta": self.beta,
+        return {"fraction": self.fraction, "end_step": self.end_step, "beta": self.beta, "period": self.update_period,
                 "momentum": {n: t.clone() for n, t in self.momentum.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.fraction, self.end_step, self.beta = float(state["fraction"]), int(state["end_step"]), float(state["beta"])
+        self.update_period = state.get("period")
         self.momentum = {n: t.clone() for n, t in state["momentum"].items()}
