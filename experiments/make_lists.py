@@ -3,7 +3,7 @@
 * mnist_lenet300.yaml -- designed by us (the original shipped no MNIST list): LeNet-300-100 with
   BN, batch 50, 20 epochs, ``mnist_schedule.yaml``; dense, static, gradual pruning (from the
   dense run of the same seed), DSR, SET, DeepR, tied, RigL and SNFS at sparsities 0.9 ... 0.99,
-  3 seeds.
+  3 seeds; then RigL and static with the ERK budget at 0.98 and 0.99.
   DSR reallocates Np = 600 entries per 100 iterations; SET's fraction equals 600 / nonzeros, so
   both move the same number of parameters (the original's rule for its SET fractions).
 * wrn28_2_cifar10.yaml, resnet50_imagenet.yaml -- the original lists' jobs with the same
@@ -32,7 +32,13 @@ METHODS = {
 # issue 7's successors come after the original methods, so the indices of the jobs above stay put
 SUCCESSORS = {
     "rigl": lambda s: "--rigl",  # drop fraction 0.3, cosine-decayed, every 100 steps until 75% of training
-    "snfs": lambda s: "--sparse-momentum",  # prune rate 0.5, cosine-decayed, every 100 steps until 75%
+    "snfs": lambda s: "--sparse-momentum",  # prune rate 0.5, cosine-decayed, once per epoch until 75%
+}
+# then the ERK budget (issue 7) for the methods whose per-layer densities stay fixed, where the
+# per-type budget starves the 10x100 output layer
+ERK = {
+    "rigl": lambda s: "--rigl --budget erk",
+    "static": lambda s: "--budget erk",
 }
 
 
@@ -52,6 +58,10 @@ def mnist_jobs() -> list[str]:
         for seed in SEEDS:
             for method, flags in SUCCESSORS.items():
                 jobs.append(f"{BASE} --initial-sparsity-fc {s} {flags(s)} --seed {seed} --name mnist_{method}_{s}_s{seed}")
+    for s in (0.98, 0.99):
+        for seed in SEEDS:
+            for method, flags in ERK.items():
+                jobs.append(f"{BASE} --initial-sparsity-fc {s} {flags(s)} --seed {seed} --name mnist_{method}_erk_{s}_s{seed}")
     return [" ".join(j.split()) + f" --job-idx {i}" for i, j in enumerate(jobs)]
 
 
