@@ -1,7 +1,8 @@
 """``dynsparse report RUNS...``: compare finished runs in a markdown and CSV table and in plots.
 
-Runs are grouped by model, method label (with the budget when it is not the per-type default,
-e.g. ``rigl (erk)``) and nominal sparsity; the table gives the final test
+Runs are grouped by model, method label (with the budget when it is not the per-type default
+and ``no BN`` for an MLP without batch norm, e.g. ``rigl (erk)``) and nominal sparsity; the
+table gives the final test
 top-1 as mean +- std over seeds (sample std, n-1), the learnable parameter count, and the
 published number with its source where there is one. Plots (PNG):
 
@@ -58,10 +59,15 @@ def group_runs(summaries: list[dict]) -> dict[tuple, list[dict]]:
         label = s.get("label", s["method"])
         if label == "thin dense":  # thin dense runs differ by width, not sparsity
             label = f"thin dense x{s['config']['widen_factor']:g}"
-        budget = (s.get("config") or {}).get("budget", "type")
-        if budget != "type" and s["method"] not in ("dense", "tied"):  # e.g. "rigl (erk)": never pooled with "rigl"
-            label = f"{label} ({budget})"
-        sparsity = None if label == "dense" or label.startswith("thin") else round(float(s.get("sparsity", 0.0)), 4)
+        cfg = s.get("config") or {}
+        qualifiers = []  # settings that change the experiment, so that such runs are never pooled with the others
+        if cfg.get("budget", "type") != "type" and s["method"] not in ("dense", "tied"):
+            qualifiers.append(cfg["budget"])
+        if cfg.get("no_batch_norm") and s["model"] == "mnist_mlp":
+            qualifiers.append("no BN")
+        if qualifiers:  # e.g. "rigl (erk)", "snfs (no BN)"
+            label = f"{label} ({', '.join(qualifiers)})"
+        sparsity = None if label.startswith(("dense", "thin")) else round(float(s.get("sparsity", 0.0)), 4)
         groups[(s["model"], label, sparsity)].append(s)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], _order(kv[0][1].split(" (")[0].split(" x")[0]), kv[0][1],
                                                         kv[0][2] or 0.0)))

@@ -3,7 +3,8 @@
 * mnist_lenet300.yaml -- designed by us (the original shipped no MNIST list): LeNet-300-100 with
   BN, batch 50, 20 epochs, ``mnist_schedule.yaml``; dense, static, gradual pruning (from the
   dense run of the same seed), DSR, SET, DeepR, tied, RigL and SNFS at sparsities 0.9 ... 0.99,
-  3 seeds; then RigL and static with the ERK budget at 0.98 and 0.99.
+  3 seeds; then RigL and static with the ERK budget, and SNFS and DSR without batch norm, at 0.98
+  and 0.99.
   DSR reallocates Np = 600 entries per 100 iterations; SET's fraction equals 600 / nonzeros, so
   both move the same number of parameters (the original's rule for its SET fractions).
 * wrn28_2_cifar10.yaml, resnet50_imagenet.yaml -- the original lists' jobs with the same
@@ -40,6 +41,12 @@ ERK = {
     "rigl": lambda s: "--rigl --budget erk",
     "static": lambda s: "--budget erk",
 }
+# then SNFS and DSR on the MLP without batch norm (sparse_learning's LeNet-300-100 has none): with
+# BN after every layer SNFS's mean-momentum redistribution starves the first layer
+NO_BN = {
+    "snfs": lambda s: "--sparse-momentum --no-batch-norm",
+    "dsr": lambda s: f"{METHODS['dsr'](s)} --no-batch-norm",
+}
 
 
 def mnist_jobs() -> list[str]:
@@ -62,6 +69,10 @@ def mnist_jobs() -> list[str]:
         for seed in SEEDS:
             for method, flags in ERK.items():
                 jobs.append(f"{BASE} --initial-sparsity-fc {s} {flags(s)} --seed {seed} --name mnist_{method}_erk_{s}_s{seed}")
+    for s in (0.98, 0.99):
+        for seed in SEEDS:
+            for method, flags in NO_BN.items():
+                jobs.append(f"{BASE} --initial-sparsity-fc {s} {flags(s)} --seed {seed} --name mnist_{method}_nobn_{s}_s{seed}")
     return [" ".join(j.split()) + f" --job-idx {i}" for i, j in enumerate(jobs)]
 
 

@@ -145,16 +145,19 @@ def test_report_tables_and_plots(tmp_path):
     assert "MNIST_sparse_summary" in md
 
 
-def test_report_keeps_budgets_apart(tmp_path):
+def test_report_keeps_budgets_and_model_variants_apart(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "rigl_type", "rigl", 0.99, 0, 88.0, 3482)
     fake_run(runs, "rigl_erk", "rigl", 0.99, 0, 96.0, 3482)
     s = json.loads((runs / "rigl_erk" / "summary.json").read_text())
     s["config"]["budget"] = "erk"
     (runs / "rigl_erk" / "summary.json").write_text(json.dumps(s))
+    fake_run(runs, "rigl_erk_nobn", "rigl", 0.99, 0, 97.0, 3482)
+    s["config"]["no_batch_norm"] = True
+    (runs / "rigl_erk_nobn" / "summary.json").write_text(json.dumps(s))
     build_report([runs], tmp_path / "report", title="budgets")
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "report" / "results.csv").open())}
-    assert set(rows) == {"rigl", "rigl (erk)"}
+    assert set(rows) == {"rigl", "rigl (erk)", "rigl (erk, no BN)"}
     assert float(rows["rigl (erk)"]["test_top1_mean"]) == 96.0 and rows["rigl"]["seeds"] == "1"
 
 
