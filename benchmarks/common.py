@@ -5,24 +5,22 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from dynsparse.run import git_state
+
 RESULTS = Path(__file__).with_name("results")
 
 
 def evidence() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = None
+    git = git_state()
     cuda = torch.cuda.is_available()
-    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit,
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git["commit"],
+            "uncommitted": git["uncommitted"],
             "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -162,11 +162,14 @@ def plots(rows: list[dict], groups: dict[tuple, list[dict]], out: Path) -> list[
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in dict.fromkeys(r["method"] for r in mrows):
+        methods = list(dict.fromkeys(r["method"] for r in mrows))
+        colors = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
+        for i, method in enumerate(methods):
             pts = sorted((r["params_learnable"], r["test_top1_mean"], r["test_top1_std"], r["published_top1"])
                          for r in mrows if r["method"] == method)
             xs, ys, es, pubs = zip(*pts)
-            line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+            line = ax.errorbar(xs, ys, yerr=es, marker="osD^vP*Xh<>"[i % 11], capsize=3, label=method,
+                               color=colors[i % len(colors)], linestyle="--" if " (" in method else "-")
             pub_pts = [(x, p) for x, p in zip(xs, pubs) if p is not None]
             if pub_pts:
                 ax.scatter(*zip(*pub_pts), marker="x", color=line[0].get_color(), label=f"{method} (published)")

@@ -46,6 +46,10 @@ def test_outputs_summary_and_metrics(tiny_mnist, tmp_path):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [0, 1]
     assert json.loads((run / "config.json").read_text())["method"] == "dsr"
+    ev = on_disk["evidence"]
+    assert {"command", "commit", "uncommitted", "device", "versions"} <= set(ev)
+    if ev["commit"] is not None:  # a git checkout: the list of modified tracked files (maybe empty)
+        assert len(ev["commit"]) == 40 and isinstance(ev["uncommitted"], list)
 
 
 def test_resume_is_exact(tiny_mnist, tmp_path):
