@@ -1,7 +1,8 @@
 """Tests of dynsparse.data (and dynsparse.datasets, dynsparse.imagenet): formats, loaders, sharding, errors.
 
 Everything runs on tiny synthetic files in tmp_path and never touches the network. Real-data
-tests run when DYNSPARSE_TEST_DATA (MNIST, tiny-imagenet) or DYNSPARSE_TEST_CIFAR_ROOT are set.
+tests run when DYNSPARSE_TEST_DATA (MNIST, tiny-imagenet, and CIFAR-10 made from its JPEG copy) or
+DYNSPARSE_TEST_CIFAR_ROOT are set.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 import tarfile
 import urllib.error
@@ -472,10 +474,26 @@ def test_real_tiny_imagenet(data_root):
     assert 0 <= y.min() and y.max() < 10
 
 
-def test_real_cifar10():
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> str:
+    """DYNSPARSE_TEST_CIFAR_ROOT, or else the standard batches made from the JPEG copy that the
+    shared data root ships with its converter (DYNSPARSE_TEST_DATA/cifar10/, ~10 s, Pillow)."""
     root = os.environ.get("DYNSPARSE_TEST_CIFAR_ROOT")
-    if not root:
-        pytest.skip("set DYNSPARSE_TEST_CIFAR_ROOT to a folder holding cifar-10-batches-py")
+    if root:
+        return root
+    data = os.environ.get("DYNSPARSE_TEST_DATA")
+    maker = Path(data) / "cifar10" / "make_cifar10_batches.py" if data else None
+    if maker is None or not maker.is_file():
+        pytest.skip("set DYNSPARSE_TEST_CIFAR_ROOT to a folder holding cifar-10-batches-py, or "
+                    "DYNSPARSE_TEST_DATA to a data root with cifar10/make_cifar10_batches.py")
+    pytest.importorskip("PIL")
+    out = tmp_path_factory.mktemp("cifar10")
+    subprocess.run([sys.executable, str(maker), str(out)], check=True, capture_output=True)
+    return str(out)
+
+
+def test_real_cifar10(cifar_root):
+    root = cifar_root
     b = D.build_data("cifar10", Path(root), batch_size=500, device=CPU, download=False,
                      validate_set=True)
     assert (b.num_train, b.val.num_samples, b.test.num_samples) == (45000, 5000, 10000)
