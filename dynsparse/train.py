@@ -70,7 +70,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
-    for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress, mininterval=0.5):
+    for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=0.5):
         with _precision(device, autocast):
             logits = model(_prepare(inputs, channels_last))
             loss = F.cross_entropy(logits.float(), targets)
@@ -97,7 +97,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, progress: bool = False, des
     c1 = torch.zeros((), device=device, dtype=torch.long)
     c5 = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
-    for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not progress, mininterval=0.5):
+    for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=0.5):
         with _precision(device, autocast):
             logits = model(_prepare(inputs, channels_last)).float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
