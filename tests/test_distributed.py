@@ -34,10 +34,12 @@ def flags(tiny_mnist: Path, tmp_path: Path, name: str, method: list[str], extra:
 
 DSR = ["--rewire", "--threshold-prune", "--rewire-scaling", "--n-prune-params", "40"]
 SET = ["--rewire", "--rewire-fraction", "0.1"]
+RIGL = ["--rigl", "--update-period", "1"]  # reads the all-reduced dense gradient
+SNFS = ["--sparse-momentum", "--update-period", "1"]  # its own momentum of the all-reduced gradient
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [DSR, SET], ids=["dsr", "set"])
+@pytest.mark.parametrize("method", [DSR, SET, RIGL, SNFS], ids=["dsr", "set", "rigl", "snfs"])
 def test_two_ranks_hold_identical_masks_and_weights(method, tiny_mnist, tmp_path):
     proc = launch(2, flags(tiny_mnist, tmp_path, "ddp", method), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
