@@ -82,12 +82,12 @@ def flops_multiplier(summary: dict) -> float | None:
     cfg = summary.get("config") or {}
     if "model" not in cfg:
         return None
-    try:
-        period = load_schedules(cfg.get("schedule_file")).rewire_period_at(0) if cfg.get("schedule_file") else 100
-    except DynsparseError:
-        period = 100
-    if cfg.get("update_period"):
-        period = cfg["update_period"]
+    period = cfg.get("update_period")  # RigL/SNFS's own period, else the schedule's
+    if not period:
+        try:
+            period = load_schedules(cfg.get("schedule_file")).rewire_period_at(0) if cfg.get("schedule_file") else 100
+        except DynsparseError:
+            period = 100
     densities = [r["densities"] for r in summary["history"] if "densities" in r]
     if not densities and summary["method"] not in ("dense", "tied"):
         return None

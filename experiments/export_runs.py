@@ -16,9 +16,17 @@ import sys
 from pathlib import Path
 
 
-def main(src: str, dst: str) -> None:
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python experiments/export_runs.py RUNS_DIR DEST_DIR", file=sys.stderr)
+        return 2
+    src, dst = argv
+    summaries = sorted(Path(src).glob("*/summary.json"))
+    if not summaries:
+        print(f"export_runs: error: no finished runs (*/summary.json) in {src}", file=sys.stderr)
+        return 2
     count = 0
-    for summary in sorted(Path(src).glob("*/summary.json")):
+    for summary in summaries:
         out = Path(dst) / summary.parent.name
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(summary, out / "summary.json")
@@ -27,7 +35,8 @@ def main(src: str, dst: str) -> None:
             shutil.copy2(events, out / "reallocations.jsonl")
         count += 1
     print(f"exported {count} runs to {dst}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    sys.exit(main(sys.argv[1:]))

@@ -164,3 +164,20 @@ def test_report_keeps_budgets_and_model_variants_apart(tmp_path):
 def test_report_without_runs_is_a_clear_error(tmp_path):
     with pytest.raises(DynsparseError, match="no finished runs"):
         build_report([tmp_path], tmp_path / "out")
+
+
+def test_export_runs_copies_summaries_and_dsr_events_and_rejects_bad_input(tmp_path):
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "experiments" / "export_runs.py"
+    runs = tmp_path / "runs"
+    fake_run(runs, "dsr_0", "dsr", 0.98, 0, 98.0, 6144)
+    fake_run(runs, "static_0", "static", 0.98, 0, 90.0, 6144)
+    (runs / "static_0" / "checkpoint.pt").write_bytes(b"big")
+    ok = subprocess.run([sys.executable, str(script), str(runs), str(tmp_path / "out")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "exported 2 runs" in ok.stdout
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) == \
+        ["dsr_0/reallocations.jsonl", "dsr_0/summary.json", "static_0/summary.json"]
+    for args in ([], [str(tmp_path / "nothing"), str(tmp_path / "o2")]):
+        bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip()
