@@ -58,8 +58,9 @@ class MnistMLP(nn.Module):
 
     With ``batch_norm`` a BatchNorm1d follows every linear layer, the logits included (``bn3``),
     and the linears have no bias, as in the reference. Without it, the linears carry biases
-    instead. Any input is flattened to ``(N, 784)``. Linear weights keep PyTorch's default
-    U(+-1/sqrt(fan_in)) init, which is what the reference ``DynamicLinear`` draws.
+    instead, initialised to zero as the reference's ``DynamicLinear`` does. Any input is flattened
+    to ``(N, 784)``. Linear weights keep PyTorch's default U(+-1/sqrt(fan_in)) init, which is what
+    the reference ``DynamicLinear`` draws.
     """
 
     def __init__(self, num_classes: int = 10, batch_norm: bool = True) -> None:
@@ -70,6 +71,9 @@ class MnistMLP(nn.Module):
         self.fc2 = nn.Linear(100, num_classes, bias=bias)
         norm = nn.BatchNorm1d if batch_norm else (lambda _features: nn.Identity())
         self.bn1, self.bn2, self.bn3 = norm(300), norm(100), norm(num_classes)
+        if bias:  # the reference's DynamicLinear zeroes its bias (init_parameters)
+            for fc in (self.fc1, self.fc_int, self.fc2):
+                nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.fc1(x.flatten(1))))
@@ -195,7 +199,7 @@ class ResNet50(nn.Module):
     channels and stage i has ``base * 2**i`` planes (``4 * base * 2**i`` outputs). Rounding once
     and then doubling is what reproduces the reference's thin-dense sizes (x0.54: 8,167,095 and
     x0.46: 5,771,217 parameters with 1000 classes); rounding each stage separately does not.
-    Init: He-normal fan-out convs, BN weight 1 / bias 0, fc PyTorch default.
+    Init: He-normal fan-out convs, BN weight 1 / bias 0, fc weight PyTorch default, fc bias 0.
     """
 
     def __init__(self, widen_factor: float = 1.0, num_classes: int = 1000) -> None:
@@ -212,6 +216,7 @@ class ResNet50(nn.Module):
         self.layer4 = self._make_layer(base * 8, 3, stride=2)
         self.fc = nn.Linear(base * 8 * Bottleneck.expansion, num_classes)
         _init_conv_and_bn(self)
+        nn.init.zeros_(self.fc.bias)  # the reference's fc is a DynamicLinear, whose bias starts at zero
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         out = planes * Bottleneck.expansion
