@@ -96,6 +96,7 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--device",), dict(help="cpu, cuda, cuda:N or auto (default)")),
     (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
+    (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),
     (("--no-progress",), dict(action="store_false", dest="progress", help="no progress bar (default: a bar when stderr is a terminal)")),
 ]
 

@@ -80,6 +80,17 @@ class TrainConfig:
     runs_dir: str = "runs"
     overwrite: bool = False
     progress: bool = True
+    hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
+
+    def __post_init__(self) -> None:
+        # configs come back from JSON as lists, from the command line as "300,100"
+        sizes = self.hidden_sizes
+        if isinstance(sizes, str):
+            try:
+                sizes = [int(s) for s in sizes.split(",") if s.strip()]
+            except ValueError:
+                raise DynsparseError(f"--hidden-sizes must be comma-separated integers, got {self.hidden_sizes!r}") from None
+        object.__setattr__(self, "hidden_sizes", tuple(sizes))
 
     def method(self) -> str:
         """``dense``, ``static``, ``dsr``, ``set``, ``deepr``, ``prune`` or ``tied``."""
@@ -145,6 +156,10 @@ class TrainConfig:
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")
         if self.batch_size < 1:
             raise DynsparseError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.hidden_sizes or any(not isinstance(h, int) or h < 1 for h in self.hidden_sizes):
+            raise DynsparseError(f"--hidden-sizes must be one or more positive integers, got {self.hidden_sizes}")
+        if self.hidden_sizes != (300, 100) and self.model != "mnist_mlp":
+            raise DynsparseError(f"--hidden-sizes is for mnist_mlp, not {self.model}")
         chosen = [f for f, on in (("--DeepR", self.DeepR), ("--rewire", self.rewire), ("--prune", self.prune),
                                    ("--tied", self.tied), ("--rigl", self.rigl),
                                    ("--sparse-momentum", self.sparse_momentum)) if on]

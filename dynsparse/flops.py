@@ -55,7 +55,8 @@ def model_layer_flops(config: dict, num_classes: int = 10) -> dict[str, int]:
     with torch.device("meta"):
         model = create_model(config["model"], num_classes=num_classes, layers=config.get("layers", 28),
                              widen_factor=config.get("widen_factor", 10.0),
-                             batch_norm=not config.get("no_batch_norm", False))
+                             batch_norm=not config.get("no_batch_norm", False),
+                             hidden_sizes=tuple(config.get("hidden_sizes", (300, 100))))
     model.eval()
     return layer_flops(model, INPUT_SHAPES[dataset_of(config["model"])])
 

@@ -54,35 +54,58 @@ def _init_conv_and_bn(model: nn.Module) -> None:
 
 
 class MnistMLP(nn.Module):
-    """LeNet-300-100: 784 -> 300 -> 100 -> ``num_classes``.
+    """LeNet-300-100: 784 -> 300 -> 100 -> ``num_classes``, or any ``hidden_sizes``.
 
     With ``batch_norm`` a BatchNorm1d follows every linear layer, the logits included (``bn3``),
     and the linears have no bias, as in the reference. Without it, the linears carry biases
     instead, initialised to zero as the reference's ``DynamicLinear`` does. Any input is flattened
     to ``(N, 784)``. Linear weights keep PyTorch's default U(+-1/sqrt(fan_in)) init, which is what
     the reference ``DynamicLinear`` draws.
+
+    Layers are named ``fc1``, then ``fc_int``, ``fc_int2``, ... for the hidden-to-hidden ones, then
+    ``fc2``; norms ``bn1`` ... ``bn{len(hidden_sizes) + 1}``: the default is the reference's model,
+    parameter for parameter and draw for draw. With ``sparse_density`` every linear but the output
+    one is a :class:`~dynsparse.sparse.csr.CSRLinear` of that density, built without a dense
+    weight (for wide layers), its positions and values drawn from a generator seeded by the
+    global RNG.
     """
 
-    def __init__(self, num_classes: int = 10, batch_norm: bool = True) -> None:
+    def __init__(self, num_classes: int = 10, batch_norm: bool = True,
+                 hidden_sizes: tuple[int, ...] = (300, 100), sparse_density: float | None = None) -> None:
         super().__init__()
+        if not hidden_sizes or any(int(h) < 1 for h in hidden_sizes):
+            raise DynsparseError(f"hidden_sizes must be one or more positive widths, got {tuple(hidden_sizes)}")
         bias = not batch_norm
-        self.fc1 = nn.Linear(784, 300, bias=bias)
-        self.fc_int = nn.Linear(300, 100, bias=bias)
-        self.fc2 = nn.Linear(100, num_classes, bias=bias)
+        sizes = (784, *map(int, hidden_sizes), num_classes)
+        self.fc_names = ["fc1", *[f"fc_int{i if i > 1 else ''}" for i in range(1, len(sizes) - 2)], "fc2"]
+        for i, name in enumerate(self.fc_names):
+            if sparse_density is not None and name != "fc2":
+                from dynsparse.sparse.csr import CSRLinear
+                gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+                layer = CSRLinear(sizes[i], sizes[i + 1], bias=bias, density=sparse_density, generator=gen)
+            else:
+                layer = nn.Linear(sizes[i], sizes[i + 1], bias=bias)
+            setattr(self, name, layer)
         norm = nn.BatchNorm1d if batch_norm else (lambda _features: nn.Identity())
-        self.bn1, self.bn2, self.bn3 = norm(300), norm(100), norm(num_classes)
+        for i, width in enumerate(sizes[1:], start=1):
+            setattr(self, f"bn{i}", norm(width))
         if bias:  # the reference's DynamicLinear zeroes its bias (init_parameters)
-            for fc in (self.fc1, self.fc_int, self.fc2):
-                nn.init.zeros_(fc.bias)
+            for name in self.fc_names:
+                nn.init.zeros_(getattr(self, name).bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.fc1(x.flatten(1))))
-        x = F.relu(self.bn2(self.fc_int(x)))
-        return self.bn3(self.fc2(x))
+        x = x.flatten(1)
+        for i, name in enumerate(self.fc_names, start=1):
+            x = getattr(self, f"bn{i}")(getattr(self, name)(x))
+            if name != "fc2":
+                x = F.relu(x)
+        return x
 
     def sparse_parameter_names(self, sparse_resnet_downsample: bool = False) -> list[str]:
-        """All three linear weights (the flag only concerns ResNet and is ignored)."""
-        return ["fc1.weight", "fc_int.weight", "fc2.weight"]
+        """Every linear weight (the flag only concerns ResNet and is ignored); a CSR layer's
+        trainable tensor is ``<layer>.weight.values``."""
+        return [f"{name}.weight.values" if not isinstance(getattr(self, name), nn.Linear) else f"{name}.weight"
+                for name in self.fc_names]
 
 
 class WideBasicBlock(nn.Module):
@@ -257,21 +280,21 @@ def _check_channels(channels: list[int], widen_factor: float) -> None:
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "mnist_mlp": lambda num_classes, layers, widen_factor, batch_norm:
-        MnistMLP(num_classes, batch_norm),
-    "cifar10_WideResNet": lambda num_classes, layers, widen_factor, batch_norm:
+    "mnist_mlp": lambda num_classes, layers, widen_factor, batch_norm, hidden_sizes:
+        MnistMLP(num_classes, batch_norm, hidden_sizes),
+    "cifar10_WideResNet": lambda num_classes, layers, widen_factor, batch_norm, hidden_sizes:
         WideResNet(layers, widen_factor, num_classes),
-    "imagenet_resnet50": lambda num_classes, layers, widen_factor, batch_norm:
+    "imagenet_resnet50": lambda num_classes, layers, widen_factor, batch_norm, hidden_sizes:
         ResNet50(widen_factor, num_classes),
 }
 assert tuple(_BUILDERS) == MODEL_NAMES
 
 
 def create_model(name: str, *, num_classes: int = 10, layers: int = 28, widen_factor: float = 10.0,
-                 batch_norm: bool = True) -> nn.Module:
+                 batch_norm: bool = True, hidden_sizes: tuple[int, ...] = (300, 100)) -> nn.Module:
     """Build a registered model with fresh (global-RNG) initialisation.
 
-    ``layers`` is used by the WRN only, ``batch_norm`` by the MLP only, ``widen_factor`` by WRN
+    ``layers`` is used by the WRN only, ``batch_norm`` and ``hidden_sizes`` by the MLP only, ``widen_factor`` by WRN
     and ResNet-50 (its default 10 is the reference CLI's WRN default; it would make a huge
     ResNet). Raises :class:`DynsparseError` for an unknown name (listing the valid ones), a WRN
     depth that is not 6n+4 with n >= 1, a non-positive ``widen_factor`` or ``num_classes``.
@@ -282,7 +305,7 @@ def create_model(name: str, *, num_classes: int = 10, layers: int = 28, widen_fa
         raise DynsparseError(f"widen_factor must be > 0, got {widen_factor}")
     if num_classes < 1:
         raise DynsparseError(f"num_classes must be >= 1, got {num_classes}")
-    return _BUILDERS[name](num_classes, layers, widen_factor, batch_norm)
+    return _BUILDERS[name](num_classes, layers, widen_factor, batch_norm, tuple(hidden_sizes))
 
 
 def sparse_parameter_names(model: nn.Module, *, sparse_resnet_downsample: bool = False) -> list[str]:

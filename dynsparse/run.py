@@ -85,7 +85,8 @@ class _Run:
                                validate_set=cfg.validate_set, augment=not cfg.no_augment, workers=cfg.workers,
                                seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, layers=cfg.layers,
-                                  widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm).to(self.device)
+                                  widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm,
+                                  hidden_sizes=cfg.hidden_sizes).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.nesterov and cfg.momentum <= 0:

@@ -1,0 +1,310 @@
+"""Truly sparse storage for linear weights: memory and time proportional to the active entries.
+
+:class:`CSRWeight` stores a weight of shape ``[out, in]`` as ``values`` (an ``nn.Parameter``
+holding only the active values, row-major) and int32 CSR index buffers; :class:`CSRLinear` is
+the ``nn.Linear`` built on it. Contract for the engine (policies see flat indices, never storage):
+
+- ``active_flat()``: sorted int64 flat indices ``row * in + col`` of the active entries, aligned
+  with ``values``; ``num_active`` / ``num_entries`` count them.
+- ``set_topology(keep, add_flat, add_values=None, optimizer=None)``: drop the entries where
+  ``keep`` is False, insert ``add_flat``, keep the same ``nn.Parameter`` object and remap every
+  optimizer state tensor shaped like ``values`` (survivors keep theirs, new entries start at
+  zero; scalar state such as Adam's ``step`` is untouched). Cost O(nnz), no dense tensor.
+- ``capture_gradient()``: the next backward keeps ``x`` and ``dy``; ``dense_grad_rows(a, b)``
+  then gives rows ``a:b`` of the dense weight gradient, for grow-by-gradient policies.
+- ``to_dense()``, ``to_sparse_csr()`` export; ``CSRWeight.random`` builds without any dense
+  tensor. ``state_dict`` holds ``values``, ``crow_indices``, ``col_indices``; loading resizes
+  them, so checkpoints whose per-layer counts changed (DSR) load into a fresh module.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, csr_from_flat, rows_of, sparse_linear,
+                                      transpose_indices)
+
+INITS = ("linear", "zeros")
+
+
+def sample_flat(n: int, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """``count`` distinct flat indices in ``[0, n)`` drawn uniformly, none in the sorted int64
+    ``exclude``; returned sorted. O(count log count) time and memory, never O(n).
+
+    Draws exactly the deficit each round and keeps the distinct values, so the result is the set
+    of the first ``count`` distinct admissible values of an i.i.d. uniform sequence: a uniform
+    subset. Suited to sparse sets (count + len(exclude) well below n), like any rejection sampler."""
+    free = n - (0 if exclude is None else exclude.numel())
+    if count > free:
+        raise DynsparseError(f"cannot choose {count} new entries: only {free} of {n} are inactive")
+    have = torch.empty(0, dtype=torch.int64, device=device)
+    while have.numel() < count:
+        draw = torch.randint(n, (count - have.numel(),), generator=generator, device=generator.device).to(device)
+        if exclude is not None and exclude.numel():
+            pos = torch.searchsorted(exclude, draw).clamp_(max=exclude.numel() - 1)
+            draw = draw[exclude[pos] != draw]
+        have = torch.unique(torch.cat([have, draw]))  # sorted
+        if have.numel() < count and count > free // 2:  # dense regime: rejection would crawl
+            rest = _all_free(n, torch.unique(torch.cat([have] + ([] if exclude is None else [exclude]))))
+            pick = torch.randperm(rest.numel(), generator=generator, device=generator.device)[:count - have.numel()]
+            have = torch.sort(torch.cat([have, rest[pick.to(device)]])).values
+    return have
+
+
+def _all_free(n: int, taken: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool, device=taken.device)
+    keep[taken] = False
+    return torch.nonzero(keep).view(-1)
+
+
+class CSRWeight(nn.Module):
+    """A sparse ``[out, in]`` weight: ``values`` (parameter) + int32 CSR indices (buffers)."""
+
+    def __init__(self, shape: tuple[int, int], flat: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.shape = (int(shape[0]), int(shape[1]))
+        flat = flat.to(torch.int64)
+        if values.dim() != 1 or values.numel() != flat.numel():
+            raise DynsparseError(f"need one value per active entry: {values.numel()} values for {flat.numel()} indices")
+        _check_flat(flat, self.num_entries)
+        crow, col = csr_from_flat(flat.to(values.device), self.shape)
+        self.values = nn.Parameter(values.detach().clone())
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        # W^T's pattern is derived, so it is not saved (and cannot disagree with a checkpoint)
+        for name in ("t_perm", "t_crow", "t_col"):
+            self.register_buffer(name, torch.empty(0, dtype=INDEX_DTYPE, device=values.device), persistent=False)
+        self._capture: GradientCapture | None = None
+        self._capture_armed = False
+        self._refresh_transpose()
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def random(cls, out_features: int, in_features: int, density: float, generator: torch.Generator, *,
+               init: str | torch.Tensor = "linear", device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> "CSRWeight":
+        """Exactly ``int(density * out * in + 0.1)`` entries at uniform positions, never a dense
+        tensor or mask. ``init``: ``"linear"`` (nn.Linear's U(-1/sqrt(in), 1/sqrt(in))),
+        ``"zeros"``, or a 1-D tensor of that many values."""
+        if not 0.0 < density <= 1.0:
+            raise DynsparseError(f"density must be in (0, 1], got {density}")
+        n = out_features * in_features
+        k = max(int(density * n + 0.1), 1)  # never an empty layer
+        flat = sample_flat(n, k, generator, device=device)
+        if isinstance(init, torch.Tensor):
+            values = init.to(device=device, dtype=dtype)
+        elif init == "linear":
+            bound = 1.0 / math.sqrt(in_features)
+            values = (torch.rand(k, generator=generator, device=generator.device, dtype=dtype) * (2 * bound) - bound).to(device)
+        elif init == "zeros":
+            values = torch.zeros(k, device=device, dtype=dtype)
+        else:
+            raise DynsparseError(f"unknown init {init!r}; valid choices: {', '.join(INITS)} or a tensor of values")
+        return cls((out_features, in_features), flat, values)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> "CSRWeight":
+        """The entries of ``weight`` where the bool ``mask`` is True (same values, same order)."""
+        if weight.dim() != 2 or mask.shape != weight.shape:
+            raise DynsparseError(f"need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+        flat = torch.nonzero(mask.reshape(-1)).view(-1)
+        return cls(tuple(weight.shape), flat, weight.detach().reshape(-1)[flat])
+
+    # topology ---------------------------------------------------------------------------------
+    @property
+    def num_entries(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def num_active(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.num_active / self.num_entries
+
+    def active_flat(self) -> torch.Tensor:
+        """Sorted int64 flat indices ``row * in + col`` of the active entries, aligned with ``values``."""
+        return rows_of(self.crow_indices) * self.shape[1] + self.col_indices.long()
+
+    def mask_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Dense bool mask of rows ``start:stop`` (for block-wise scans such as RigL's growth)."""
+        a, b = int(self.crow_indices[start]), int(self.crow_indices[stop])
+        block = torch.zeros(stop - start, self.shape[1], dtype=torch.bool, device=self.values.device)
+        rows = rows_of(self.crow_indices[start:stop + 1] - a)
+        block[rows, self.col_indices[a:b].long()] = True
+        return block
+
+    def sample_inactive(self, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """``count`` sorted flat indices drawn uniformly among inactive entries not in ``exclude``
+        (e.g. the positions just dropped, which the original DSR never regrows at once)."""
+        taken = self.active_flat()
+        if exclude is not None and exclude.numel():
+            taken = torch.unique(torch.cat([taken, exclude.to(taken)]))
+        return sample_flat(self.num_entries, count, generator, exclude=taken, device=self.values.device)
+
+    @torch.no_grad()
+    def set_topology(self, keep: torch.Tensor, add_flat: torch.Tensor, add_values: torch.Tensor | None = None,
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Drop the active entries where ``keep`` (bool, aligned with ``active_flat()``) is False
+        and insert the flat indices ``add_flat`` (any order, distinct, inactive after the drop)
+        with ``add_values`` (default zero). The ``values`` parameter stays the same object; its
+        ``.grad`` and the optimizer's per-entry state follow their entries, new entries get zero."""
+        old = self.active_flat()
+        if keep.dtype != torch.bool or keep.shape != old.shape:
+            raise DynsparseError(f"keep must be a bool tensor of shape {tuple(old.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+        kept = old[keep]
+        add_flat = add_flat.to(device=old.device, dtype=torch.int64).reshape(-1)
+        add_sorted, order = torch.sort(add_flat)
+        if add_values is not None:
+            add_values = add_values.reshape(-1)
+            if add_values.numel() != add_flat.numel():
+                raise DynsparseError(f"{add_values.numel()} add_values for {add_flat.numel()} new entries")
+            add_values = add_values[order]
+        _check_flat(add_sorted, self.num_entries, what="add_flat")
+        if kept.numel() and add_sorted.numel():
+            pos = torch.searchsorted(kept, add_sorted).clamp_(max=kept.numel() - 1)
+            if bool((kept[pos] == add_sorted).any()):
+                raise DynsparseError("add_flat contains entries that stay active")
+        # merge two sorted lists without a full sort: each item moves by the number of the
+        # other list's items before it
+        dest_keep = torch.arange(kept.numel(), device=old.device) + torch.searchsorted(add_sorted, kept)
+        dest_add = torch.arange(add_sorted.numel(), device=old.device) + torch.searchsorted(kept, add_sorted)
+        n_new = kept.numel() + add_sorted.numel()
+        if n_new == 0:
+            raise DynsparseError("set_topology would leave the weight with no active entry")
+
+        def remap(t: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+            new = torch.zeros(n_new, dtype=t.dtype, device=t.device)
+            new[dest_keep] = t[keep]
+            if fill is not None:
+                new[dest_add] = fill.to(t.dtype)
+            return new
+
+        flat = torch.empty(n_new, dtype=torch.int64, device=old.device)
+        flat[dest_keep], flat[dest_add] = kept, add_sorted
+        p = self.values
+        if optimizer is not None:
+            for state in ([optimizer.state[p]] if p in optimizer.state else []):
+                for key, t in state.items():
+                    if torch.is_tensor(t) and t.dim() == 1 and t.shape == p.shape:
+                        state[key] = remap(t, None)
+        if p.grad is not None:
+            p.grad = remap(p.grad, None)
+        p.data = remap(p.data, add_values)
+        self.crow_indices, self.col_indices = csr_from_flat(flat, self.shape)
+        self._refresh_transpose()
+
+    def _refresh_transpose(self) -> None:
+        self.t_perm, self.t_crow, self.t_col = transpose_indices(self.crow_indices, self.col_indices, self.shape)
+
+    # gradients ---------------------------------------------------------------------------------
+    def capture_gradient(self) -> None:
+        """Keep ``x`` and ``dy`` of the next forward/backward for :meth:`dense_grad_rows`."""
+        self._capture, self._capture_armed = GradientCapture(), True
+
+    def dense_grad_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the dense gradient ``dy^T @ x`` (summed over the batch) of the
+        captured backward: ``[stop - start, in]``. Call :meth:`release_gradient` when done."""
+        if self._capture is None:
+            raise DynsparseError("dense_grad_rows needs capture_gradient() before the forward and backward")
+        return self._capture.dense_grad_rows(start, stop)
+
+    def release_gradient(self) -> None:
+        self._capture, self._capture_armed = None, False
+
+    def matmul_t(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W^T (+ bias)`` for ``x`` of shape ``[..., in]``."""
+        capture = self._capture if self._capture_armed and torch.is_grad_enabled() else None
+        if capture is not None:
+            self._capture_armed = False  # one forward's worth: later steps do not pay for it
+        return sparse_linear(x, self.values, self.crow_indices, self.col_indices, self.t_perm, self.t_crow,
+                             self.t_col, self.shape, bias, capture)
+
+    # export and checkpoints ---------------------------------------------------------------------
+    def to_sparse_csr(self) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow_indices.long(), self.col_indices.long(), self.values.detach().clone(),
+                                       self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.num_entries, dtype=self.values.dtype, device=self.values.device)
+        dense[self.active_flat()] = self.values.detach()
+        return dense.view(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes of values and every index buffer (the weight's own memory, without optimizer state)."""
+        return sum(t.numel() * t.element_size() for t in (self.values, *self.buffers()))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A checkpoint's entry count may differ from this module's (DSR moves entries between
+        # layers): resize to the incoming tensors, then let the default loader copy.
+        crow = state_dict.get(prefix + "crow_indices")
+        if crow is not None and crow.numel() != self.shape[0] + 1:
+            error_msgs.append(f"{prefix}crow_indices has {crow.numel()} entries, expected {self.shape[0] + 1} "
+                              f"for a [{self.shape[0]}, {self.shape[1]}] weight")
+            return
+        with torch.no_grad():
+            if prefix + "values" in state_dict:
+                self.values.data = self.values.data.new_empty(state_dict[prefix + "values"].shape)
+            if prefix + "col_indices" in state_dict:
+                self.col_indices = self.col_indices.new_empty(state_dict[prefix + "col_indices"].shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._refresh_transpose()
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, nnz={self.num_active}, density={self.density:.3g}"
+
+
+def _check_flat(flat: torch.Tensor, n: int, what: str = "flat indices") -> None:
+    if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= n or bool((flat[1:] <= flat[:-1]).any())):
+        raise DynsparseError(f"{what} must be distinct and in [0, {n})")
+
+
+class CSRLinear(nn.Module):
+    """``nn.Linear`` with a :class:`CSRWeight`; ``weight.values`` is the trainable parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float = 1.0,
+                 generator: torch.Generator | None = None, weight: CSRWeight | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if weight is None:
+            generator = generator if generator is not None else torch.Generator().manual_seed(0)
+            weight = CSRWeight.random(out_features, in_features, density, generator)
+        if weight.shape != (out_features, in_features):
+            raise DynsparseError(f"weight shape {weight.shape} is not ({out_features}, {in_features})")
+        self.weight = weight
+        self.bias = nn.Parameter(torch.zeros(out_features, device=weight.values.device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.matmul_t(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def csr_linear_from_linear(linear: nn.Linear, mask: torch.Tensor) -> CSRLinear:
+    """A :class:`CSRLinear` with ``linear``'s values where ``mask`` is True, and its bias."""
+    module = CSRLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                       weight=CSRWeight.from_dense(linear.weight, mask.bool()))
+    if linear.bias is not None:
+        module.bias.data.copy_(linear.bias.detach())
+    return module
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every CSR weight exported as an ordinary dense ``<name>``."""
+    out = {}
+    csr = {name: m for name, m in model.named_modules() if isinstance(m, CSRWeight)}
+    for key, value in model.state_dict().items():
+        owner = next((n for n in csr if key.startswith(n + ".")), None)
+        if owner is None:
+            out[key] = value
+        elif key == owner + ".values":
+            out[owner] = csr[owner].to_dense()
+    return out
