@@ -98,6 +98,8 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
     (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),
     (("--no-progress",), dict(action="store_false", dest="progress", help="no progress bar (default: a bar when stderr is a terminal)")),
+    (("--global-prune",), dict(action="store_true", help="with --prune: remove the globally smallest weights of all layers (default: per layer, as the original)")),
+    (("--tied-per-kernel",), dict(action="store_true", help="with --tied: share whole 3x3 kernels below --sub-kernel-granularity 4 (default: per weight, as the original)")),
 ]
 
 

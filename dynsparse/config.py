@@ -80,6 +80,8 @@ class TrainConfig:
     runs_dir: str = "runs"
     overwrite: bool = False
     progress: bool = True
+    global_prune: bool = False  # issue 11: global magnitude pruning (the original's --threshold-prune is ignored in prune mode)
+    tied_per_kernel: bool = False  # issue 11: --tied shares per 3x3 kernel (the original always shares per weight)
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
 
     def __post_init__(self) -> None:
@@ -192,8 +194,12 @@ class TrainConfig:
             raise DynsparseError("prune mode needs --prune-iterations >= 1, --prune-epoch-frequency >= 1, "
                                  "--start-pruning-after-epoch >= 0 and --post-prune-epochs >= 1 (the count "
                                  "includes the epoch that ends with the last prune)")
-        if self.rewire_scaling and not (self.rewire and self.threshold_prune):
-            raise DynsparseError("--rewire-scaling needs --rewire --threshold-prune (DSR)")
+        if self.rewire_scaling and not self.rewire:
+            raise DynsparseError("--rewire-scaling needs --rewire (DSR, or SET without --threshold-prune)")
+        if self.global_prune and not self.prune:
+            raise DynsparseError("--global-prune needs --prune")
+        if self.tied_per_kernel and not self.tied:
+            raise DynsparseError("--tied-per-kernel needs --tied")
         if self.threshold_prune and not self.rewire and not self.prune:
             raise DynsparseError("--threshold-prune needs --rewire (DSR) or --prune")
         if self.n_prune_params < 1:

@@ -10,6 +10,7 @@ model-size report. This is the one place that turns the original's method flags 
 from __future__ import annotations
 
 import fnmatch
+import logging
 
 import torch
 from torch import nn
@@ -22,6 +23,8 @@ from dynsparse.sparse import DSR, SET, SNFS, DeepR, RigL, Sparsifier, Static, ma
 from dynsparse.sparse.pruning import GradualPruning, mnist_output_layer_targets
 from dynsparse.tied import TiedModel
 from dynsparse.train import NullSparsifier
+
+log = logging.getLogger(__name__)
 
 
 def _densities(cfg: TrainConfig, model: nn.Module) -> dict[str, float]:
@@ -65,7 +68,9 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     densities = _densities(cfg, model)
     method = cfg.method()
     if method == "tied":
-        return TiedModel(model, densities, granularity=cfg.sub_kernel_granularity, seed=cfg.seed + 1,
+        # the original passed the granularity where a bool was meant, so it always tied per weight
+        granularity = cfg.sub_kernel_granularity if cfg.tied_per_kernel else 4
+        return TiedModel(model, densities, granularity=granularity, seed=cfg.seed + 1,
                          rescale_gradient=cfg.rescale_tied_gradient, l1_coeff=cfg.L1_loss_coeff,
                          group_lasso=cfg.conv_group_lasso)
     if method in ("dsr", "set", "deepr", "rigl", "snfs") and all(d == 1.0 for d in densities.values()):
@@ -73,6 +78,9 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
                              f"is at sparsity 0: raise --initial-sparsity-conv/--initial-sparsity-fc")
     if method in ("dense", "static") and all(d == 1.0 for d in densities.values()) and not cfg.L1_loss_coeff:
         return NullSparsifier()
+    if method == "prune" and cfg.threshold_prune:
+        log.warning("--threshold-prune has no effect with --prune (as in the original): pruning is per layer; "
+                    "--global-prune prunes by a global magnitude")
     end_step = max(int(cfg.update_end * cfg.total_epochs * steps_per_epoch), 1)
     policies = {
         "rigl": lambda: RigL(fraction=cfg.drop_fraction or 0.3, end_step=end_step, period=cfg.update_period),
@@ -80,11 +88,11 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
         "snfs": lambda: SNFS(fraction=cfg.drop_fraction or 0.5, end_step=end_step,
                              period=cfg.update_period or steps_per_epoch),
         "dsr": lambda: DSR(n_prune=cfg.n_prune_params, scaling=cfg.rewire_scaling),
-        "set": lambda: SET(fraction=cfg.rewire_fraction),
+        "set": lambda: SET(fraction=cfg.rewire_fraction, scaling=cfg.rewire_scaling),
         "deepr": lambda: DeepR(eta=cfg.DeepR_eta),
         "prune": lambda: GradualPruning(prune_targets(cfg, model, list(densities)), iterations=cfg.prune_iterations,
                                         start_epoch=cfg.start_pruning_after_epoch, frequency=cfg.prune_epoch_frequency,
-                                        cubic=cfg.cubic_prune_schedule, global_threshold=cfg.threshold_prune),
+                                        cubic=cfg.cubic_prune_schedule, global_threshold=cfg.global_prune),
     }
     return Sparsifier(model, optimizer, policy=policies.get(method, Static)(), densities=densities,
                       granularity=cfg.sub_kernel_granularity,

@@ -137,13 +137,37 @@ class _Run:
             self.start_epoch, self.history, self.events = int(ckpt["epoch"]), list(ckpt["history"]), list(ckpt["events"])
 
 
+def _unmasked_init(cfg: dict, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The weights a run with configuration ``cfg`` had right after ``create_model``, before any
+    mask zeroed them: rebuilt from its seed (_Run seeds the global RNG just before building the
+    model and nothing in between draws from it). The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg["seed"]))
+        model = create_model(cfg["model"], num_classes=num_classes, layers=cfg["layers"],
+                             widen_factor=cfg["widen_factor"], batch_norm=not cfg["no_batch_norm"])
+    return {k: v.to(device) for k, v in model.state_dict().items()}
+
+
 def copy_masks(run: _Run, source: str) -> None:
     """``--copy-mask-from``: take only the masks of another run (its final checkpoint), as the
-    original did; weights stay as they are (random init, or ``--resume``'s)."""
+    original did. The original re-sampled all weights after masking, so every active weight of the
+    copied structure starts at a random-init value: here the value this run's unmasked fresh model
+    had there or, with ``--resume X_initial``, X's unmasked initial value (issue 11). With
+    ``--resume`` of a trained checkpoint the resumed values are kept (zero where it had no weight)."""
     ckpt, path = load_checkpoint(source, run.device, run.cfg.runs_dir)
     if not isinstance(run.sparsifier, Sparsifier) or ckpt.get("sparsifier") is None:
         raise DynsparseError(f"--copy-mask-from needs sparse layers here and in {path} (both runs sparse)")
-    run.load_masks(ckpt["sparsifier"]["masks"])
+    values_from = run.cfg.to_dict()
+    if run.cfg.resume:
+        resumed, _ = load_checkpoint(run.cfg.resume, run.device, run.cfg.runs_dir)
+        values_from = resumed["config"] if int(resumed["epoch"]) == 0 and not resumed["history"] else None
+    if values_from is not None:
+        init = _unmasked_init(values_from, run.data.num_classes, run.device)
+        with torch.no_grad():
+            for name, sp in run.sparsifier.params.items():
+                sp.param.copy_(init[name])
+    run.load_masks(ckpt["sparsifier"]["masks"])  # masks the weights and the optimizer state
+    run.sparsifier.policy.attach(run.sparsifier)  # DeepR records the signs of these values
     run.echo(f"copied the masks of {path}")
 
 
@@ -248,6 +272,9 @@ def _write_outputs(run: _Run) -> None:
     if run.events:
         atomic_write_text(run.dir / "reallocations.jsonl", "".join(json.dumps(e) + "\n" for e in run.events))
     atomic_torch_save(run.dir / "checkpoint.pt", run.state())
+    epoch = run.start_epoch - 1
+    if epoch == run.cfg.stop_rewire_epoch:  # the original's {run}_StopRewiringPoint_{epoch} copy (issue 11)
+        atomic_torch_save(run.dir / f"checkpoint_StopRewiringPoint_{epoch}.pt", run.state())
 
 
 def _summary(run: _Run) -> dict:

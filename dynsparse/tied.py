@@ -7,6 +7,10 @@ elementwise (N = all weights) at ``granularity`` 4 and per kernel slice (N = out
 entries are ``kh x kw`` kernels) below 4. The weight becomes ``bank[alloc].view(shape)``, computed
 before every forward pass by a pre-hook, so the module's own forward is unchanged.
 
+``--tied`` shares per weight at every ``--sub-kernel-granularity``, as the original did (it passed
+the granularity, an int, where a bool "per weight" was meant, so its per-kernel branch never ran);
+``--tied-per-kernel`` asks for per-kernel sharing at granularity < 4 (issue 11).
+
 ``--rescale-tied-gradient`` divides each bank's gradient by its mean repetition N / M before the
 optimizer step. Deviation: in the original this division ran after ``optimizer.step()`` and had
 no effect; here it does what its help says (no flag reproduces the original's behaviour).

@@ -82,7 +82,7 @@ def test_method_selection(flags, method):
     (["--initial-sparsity-conv", "-0.1"], "--initial-sparsity-conv must be in [0, 1)"),
     (["--sub-kernel-granularity", "5"], "--sub-kernel-granularity must be 1, 2, 3 or 4"),
     (["--DeepR", "--rewire"], "--DeepR and --rewire are different methods"),
-    (["--rewire-scaling"], "--rewire-scaling needs --rewire --threshold-prune"),
+    (["--rewire-scaling"], "--rewire-scaling needs --rewire"),
     (["--epochs", "0"], "--epochs >= 1"),
     (["--prune", "--rewire"], "--rewire and --prune are different methods"),
     (["--rescale-tied-gradient"], "--rescale-tied-gradient needs --tied"),

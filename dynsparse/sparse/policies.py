@@ -32,24 +32,28 @@ class SET(_Periodic):
     Every rewire period, each tensor prunes its ``int(f * active) + 1`` smallest-magnitude active
     entries and regrows as many at uniformly random inactive positions of the same tensor, never
     the positions just pruned. Per-layer densities never change. Like the original this is pure
-    magnitude pruning, not Mocanu's "smallest positive / largest negative" rule.
+    magnitude pruning, not Mocanu's "smallest positive / largest negative" rule. With ``scaling``
+    (the original's ``--rewire-scaling`` without ``--threshold-prune``) the total pruned is regrown
+    across tensors in proportion to their surviving entries, as DSR regrows (issue 11).
     """
 
     name = "set"
 
-    def __init__(self, fraction: float = 0.1) -> None:
+    def __init__(self, fraction: float = 0.1, scaling: bool = False) -> None:
         if not 0.0 <= fraction < 1.0:
             raise DynsparseError(f"rewire fraction must be in [0, 1), got {fraction}")
-        self.fraction = fraction
+        self.fraction, self.scaling = fraction, scaling
 
     def update(self, s: Sparsifier) -> tuple[int, int]:
-        pruned = grown = 0
-        for sp in s.params.values():
-            k = min(int(self.fraction * sp.num_active) + 1, sp.num_active)
-            idx = s.prune_smallest(sp, k)
-            pruned += k
-            grown += s.grow_random(sp, k, exclude=idx)
-        return pruned, grown
+        sps = list(s.params.values())
+        counts = [min(int(self.fraction * sp.num_active) + 1, sp.num_active) for sp in sps]
+        pruned_idx = [s.prune_smallest(sp, k) for sp, k in zip(sps, counts)]  # draws no random numbers
+        targets = counts
+        if self.scaling:
+            capacity = [sp.num_entries - sp.num_active - k for sp, k in zip(sps, counts)]
+            targets = allocate([sp.num_active for sp in sps], sum(counts), capacity)
+        grown = sum(s.grow_random(sp, t, exclude=idx) for sp, t, idx in zip(sps, targets, pruned_idx))
+        return sum(counts), grown
 
 
 class DSR(_Periodic):
@@ -139,7 +143,9 @@ class DeepR(Policy):
     the temperature schedule) to the gradients of active weights of tensors that are not fully
     dense; after it, prune active weights whose sign flipped since the last check and regrow as
     many at random in the same tensor, excluding those just pruned. Pair with an L1 penalty
-    (``l1_coeff``). Deviation: the signs are recorded after initialization, so the first step does
+    (``l1_coeff``). Tensors at density 1.0 get neither noise nor pruning, as in the original. The
+    recorded signs are taken after regrowth, so with ``--big-new-weights`` they are the signs of
+    the new values. Deviation: the signs are recorded after initialization, so the first step does
     not see the original's ~50% spurious sign flips (docs/deviations.md).
     """
 
@@ -174,7 +180,9 @@ class DeepR(Policy):
         counts = torch.stack([f.sum() for f in flips]).tolist()
         pruned = grown = 0
         for sp, f, k in zip(sps, flips, counts):
-            if k:
+            # issue 11: like the original, a fully dense tensor is left alone; it could not regrow
+            # what it pruned (no free position), so it would shrink and the total density drift
+            if k and sp.num_active < sp.num_entries:
                 idx = torch.nonzero_static(f, size=k).view(-1)
                 s.prune(sp, idx, k)
                 sp.param.detach().view(-1)[idx] = 0.0
