@@ -1,4 +1,10 @@
-"""Checkpoints: what a run saves to resume exactly, and reading one back with clear errors."""
+"""Checkpoints: what a run saves to resume exactly, and reading one back with clear errors.
+
+Also the resume rule: a run continued from its own directory must have the configuration it was
+started with, except for the fields in :data:`RESUME_MAY_CHANGE`, which cannot change what is
+trained (``--epochs`` extends or shortens the run; the others say where files are, how the work
+is spread or displayed, or how a tensor is laid out in memory).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,11 +15,79 @@ from dynsparse.errors import DynsparseError
 
 CHECKPOINT_FORMAT = "dynsparse-checkpoint-v1"
 
+RESUME_MAY_CHANGE = frozenset({
+    "epochs", "start_epoch", "resume", "overwrite", "progress", "print_freq", "data", "runs_dir", "workers",
+    "name", "job_idx", "device", "compile", "channels_last",
+})
 
-def load_checkpoint(path: str | Path, device: torch.device, runs_dir: str | Path | None = None) -> tuple[dict, Path]:
-    """Read a checkpoint given as a file or as a run directory; one clear error for anything wrong.
-    A path that does not exist is also looked up by its name in ``runs_dir`` (so a list's
-    ``--resume runs/X`` finds X when the runs live elsewhere)."""
+
+# files a run writes into its directory; --overwrite removes all of them before writing anything
+OUTPUT_PATTERNS = ("*.pt", "*.jsonl", "summary.json", "config.json", ".*.tmp")
+
+
+def _flag(field: str) -> str:
+    special = {"DeepR": "--DeepR", "DeepR_eta": "--DeepR_eta", "L1_loss_coeff": "--L1-loss-coeff",
+               "progress": "--no-progress"}
+    return special.get(field) or "--" + field.replace("_", "-")
+
+
+def config_differences(saved: dict, new: dict) -> list[str]:
+    """``--flag saved -> new`` for every field that differs and may not change on resume. A field
+    the saved configuration lacks (a run from before the field existed) counts as its default."""
+    from dynsparse.config import TrainConfig
+    defaults = TrainConfig().to_dict()
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        old, now = saved.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if key not in RESUME_MAY_CHANGE and old != now:
+            out.append(f"{_flag(key)} {old!r} -> {now!r}")
+    return out
+
+
+class ConfigMismatch(DynsparseError):
+    """A run may not continue under the configuration given."""
+
+
+def check_same_config(saved: dict | None, new: dict, where: Path) -> None:
+    """Refuse to continue the run in ``where`` under a configuration that changes its result."""
+    if not isinstance(saved, dict):
+        raise ConfigMismatch(f"{where} records no configuration, so it cannot be continued safely; "
+                             f"start over with --overwrite")
+    diff = config_differences(saved, new)
+    if diff:
+        raise ConfigMismatch(f"cannot continue {where} with a different configuration (saved -> now): "
+                             f"{'; '.join(diff)}. Use the run's own flags, or --overwrite or a new --name to "
+                             f"start a new run (only {', '.join(sorted(_flag(k) for k in RESUME_MAY_CHANGE))} "
+                             f"may change on resume)")
+
+
+def describe_mismatch(saved: dict, here: dict) -> str:
+    """What does not fit between two state dicts: missing and extra entries, different shapes."""
+    missing = [k for k in here if k not in saved]
+    extra = [k for k in saved if k not in here]
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(here[k].shape)}" for k in here
+              if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(here[k].shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("shape saved vs here", shapes)):
+        if items:
+            parts.append(f"{label}: {', '.join(items[:4])}" + (f" (+{len(items) - 4} more)" if len(items) > 4 else ""))
+    return "; ".join(parts) or "same entries and shapes"
+
+
+def does_not_fit(ckpt: dict, cfg: dict, model_state: dict, e: Exception) -> DynsparseError:
+    """The one-line error for a checkpoint whose state does not load into this run. (torch's own
+    message is "Error(s) in loading state_dict for X:" with the details on later lines.)"""
+    arch = {k: v for k, v in (ckpt.get("config") or {}).items()
+            if k in ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes")}
+    diff = config_differences(arch, {k: cfg.get(k) for k in arch})
+    what = describe_mismatch(ckpt.get("model") or {}, model_state)
+    if what == "same entries and shapes":  # the model fits; the optimizer state does not
+        what = "optimizer state: " + next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+    return DynsparseError(f"the checkpoint does not fit this model ({cfg.get('model')}): "
+                          f"{'saved with ' + ', '.join(diff) + '; ' if diff else ''}{what}"[:600])
+
+
+def _resolve(path: str | Path, runs_dir: str | Path | None) -> Path:
     p = Path(path)
     if not p.exists() and runs_dir is not None and (Path(runs_dir) / p.name).exists():
         p = Path(runs_dir) / p.name
@@ -21,15 +95,56 @@ def load_checkpoint(path: str | Path, device: torch.device, runs_dir: str | Path
             and (Path(runs_dir) / p.name.removesuffix("_initial")).is_dir():
         p = Path(runs_dir) / p.name
     if p.is_dir():
-        p = p / "checkpoint.pt"
+        # a run stopped before its first epoch ended has only its initial state
+        p = p / "checkpoint.pt" if (p / "checkpoint.pt").exists() or not (p / "initial.pt").is_file() \
+            else p / "initial.pt"
     elif not p.exists() and p.with_name(p.name.removesuffix("_initial")).is_dir() and p.name.endswith("_initial"):
         p = p.with_name(p.name.removesuffix("_initial")) / "initial.pt"  # the original's runs/X_initial
+    return p
+
+
+def load_checkpoint(path: str | Path, device: torch.device, runs_dir: str | Path | None = None) -> tuple[dict, Path]:
+    """Read a checkpoint given as a file or as a run directory; one clear error for anything wrong.
+    A path that does not exist is also looked up by its name in ``runs_dir`` (so a list's
+    ``--resume runs/X`` finds X when the runs live elsewhere). A run directory without
+    ``checkpoint.pt`` (stopped during its first epoch) gives its ``initial.pt``."""
+    p = _resolve(path, runs_dir)
     if not p.is_file():
-        raise DynsparseError(f"checkpoint {str(path)!r} not found (expected a run directory with checkpoint.pt, or a .pt file)")
+        raise DynsparseError(f"checkpoint {str(path)!r} not found (expected a run directory with checkpoint.pt "
+                             f"or initial.pt, or a .pt file)")
+    if p.stat().st_size == 0:
+        raise DynsparseError(f"checkpoint {p} is empty (0 bytes): it was not written by dynsparse, whose "
+                             f"writes are atomic; restore it or start over with --overwrite")
     try:
         ckpt = torch.load(p, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        raise DynsparseError(f"checkpoint {p} is corrupt or unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise DynsparseError(f"checkpoint {p} is corrupt or unreadable ({type(e).__name__}"
+                             f"{': ' + detail if detail else ''})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DynsparseError(f"{p} is not a dynsparse checkpoint")
     return ckpt, p
+
+
+def check_runs_dir(runs_dir: str | Path) -> None:
+    p = Path(runs_dir)
+    if p.exists() and not p.is_dir():
+        raise DynsparseError(f"--runs-dir {runs_dir} is a file, not a directory; pass a directory for the runs")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` has a run's state or results (not only a config or temporaries)."""
+    return any((run_dir / n).exists() for n in ("checkpoint.pt", "initial.pt", "metrics.jsonl", "summary.json"))
+
+
+def prepare_run_dir(run_dir: Path, *, clear: bool, keep: tuple[str, ...] = ()) -> None:
+    """Create ``run_dir``; delete the temporaries of writes a kill interrupted, and with ``clear``
+    every output of an earlier run there (but ``keep``), so nothing old is mistaken for new."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        doomed = [p for pattern in (OUTPUT_PATTERNS if clear else (".*.tmp",)) for p in run_dir.glob(pattern)]
+        for p in doomed:
+            if p.is_file() and p.name not in keep:
+                p.unlink()
+    except OSError as e:
+        raise DynsparseError(f"cannot prepare the run directory {run_dir}: {e.strerror or e}") from None

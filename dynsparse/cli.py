@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -100,6 +101,7 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--no-progress",), dict(action="store_false", dest="progress", help="no progress bar (default: a bar when stderr is a terminal)")),
     (("--global-prune",), dict(action="store_true", help="with --prune: remove the globally smallest weights of all layers (default: per layer, as the original)")),
     (("--tied-per-kernel",), dict(action="store_true", help="with --tied: share whole 3x3 kernels below --sub-kernel-granularity 4 (default: per weight, as the original)")),
+    (("--prune-from-scratch",), dict(action="store_true", help="with --prune: prune while training from random initialization instead of from --resume DENSE_RUN")),
 ]
 
 
@@ -157,18 +159,62 @@ def _repair_split_path(argv: list[str]) -> list[str]:
     return out
 
 
-def parse_train_args(argv: Sequence[str], *, with_options: bool = False):
+class _OneLineParser(argparse.ArgumentParser):
+    """Raises the problem as a DynsparseError instead of printing the usage and exiting."""
+
+    def error(self, message: str):
+        raise DynsparseError(message)
+
+
+def parse_train_args(argv: Sequence[str], *, with_options: bool = False, one_line_errors: bool = False):
     """Parse ``dynsparse train`` flags (or an original ``main.py`` line) into a config; returns
-    ``(config, dry_run)``, or ``(config, namespace)`` with ``with_options``."""
-    parser = argparse.ArgumentParser(prog="dynsparse train")
+    ``(config, dry_run)``, or ``(config, namespace)`` with ``with_options``. ``one_line_errors``:
+    a bad flag raises DynsparseError (for experiment lists) instead of argparse's usage and exit."""
+    parser = (_OneLineParser if one_line_errors else argparse.ArgumentParser)(prog="dynsparse train")
     add_train_flags(parser)
     ns = parser.parse_args(_repair_split_path(list(argv)))
     return config_from_args(ns), (ns if with_options else ns.dry_run)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm and torchrun send before killing): stop like Ctrl-C, resumable."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(e: KeyboardInterrupt, command: str) -> int:
+    """The message and exit status of an interrupted command: 130 for SIGINT, 143 for SIGTERM."""
+    why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    run_dir = getattr(e, "run_dir", None)
+    if command == "sweep":
+        hint = "run the same sweep again: it skips finished jobs and resumes interrupted ones"
+    elif run_dir is not None and any((run_dir / n).is_file() for n in ("checkpoint.pt", "initial.pt")):
+        hint = f"resume with the same flags and --resume {run_dir}"
+    else:
+        hint = "nothing was saved yet; run the same command again"
+    print(f"dynsparse: {why}; {hint}", file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, "sweep" if argv[:1] == ["sweep"] else "train")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] == "train":
             cfg, opts = parse_train_args(argv[1:], with_options=True)
@@ -198,9 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DynsparseError as e:
         print(f"dynsparse: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dynsparse: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
-        return 130
 
 
 def original_main(argv: Sequence[str] | None = None) -> int:

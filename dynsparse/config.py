@@ -82,6 +82,7 @@ class TrainConfig:
     progress: bool = True
     global_prune: bool = False  # issue 11: global magnitude pruning (the original's --threshold-prune is ignored in prune mode)
     tied_per_kernel: bool = False  # issue 11: --tied shares per 3x3 kernel (the original always shares per weight)
+    prune_from_scratch: bool = False
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
 
     def __post_init__(self) -> None:
@@ -162,6 +163,12 @@ class TrainConfig:
             raise DynsparseError(f"--hidden-sizes must be one or more positive integers, got {self.hidden_sizes}")
         if self.hidden_sizes != (300, 100) and self.model != "mnist_mlp":
             raise DynsparseError(f"--hidden-sizes is for mnist_mlp, not {self.model}")
+        for flag, value in (("--lr", self.lr), ("--momentum", self.momentum), ("--weight-decay", self.weight_decay),
+                            ("--L1-loss-coeff", self.L1_loss_coeff), ("--DeepR_eta", self.DeepR_eta)):
+            if not 0.0 <= value < float("inf"):  # also rejects nan
+                raise DynsparseError(f"{flag} must be a finite number >= 0, got {value}")
+        if self.prune_from_scratch and not self.prune:
+            raise DynsparseError("--prune-from-scratch is a variant of --prune; pass both")
         chosen = [f for f, on in (("--DeepR", self.DeepR), ("--rewire", self.rewire), ("--prune", self.prune),
                                    ("--tied", self.tied), ("--rigl", self.rigl),
                                    ("--sparse-momentum", self.sparse_momentum)) if on]

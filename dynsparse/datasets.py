@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dynsparse.errors import DynsparseError
+from dynsparse.io import file_mode
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,28 @@ def _download(url: str, dest: Path, md5: str) -> None:
         if got != md5:
             raise DynsparseError(f"checksum mismatch for {url}: md5 {got}, expected {md5}; "
                                  f"the download is corrupt, try again. {_HINT}")
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would hide shared data from colleagues
         os.replace(tmp, dest)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Undo the directories a failed download created (deepest first), if still empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _not_found(what: str, missing: Sequence[str], dirs: Sequence[Path], why: str) -> DynsparseError:
@@ -162,13 +182,18 @@ def load_mnist(root: Path, *, download: bool = True) -> tuple[Tensor, Tensor, Te
         missing = [f"{s}[.gz]" for s in MNIST_FILES if s not in found]
         if not download:
             raise _not_found("MNIST", missing, dirs, "downloading is off")
+        created = _missing_dirs(raw_dir)
         try:
             for stem, md5 in MNIST_FILES.items():
                 if stem not in _mnist_files(raw_dir):
                     _download(MNIST_URL + stem + ".gz", raw_dir / f"{stem}.gz", md5)
         except _DOWNLOAD_ERRORS as e:
+            _remove_empty(created)
             why = f"download from {MNIST_URL} failed: {e}"
             raise _not_found("MNIST", missing, dirs, why) from e
+        except BaseException:
+            _remove_empty(created)
+            raise
         files = _mnist_files(raw_dir)
     log.info("reading MNIST from %s", files["train-images-idx3-ubyte"].parent)
     train = _read_mnist_split(files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"])
@@ -227,11 +252,15 @@ def load_cifar10(root: Path, *, download: bool = True) -> tuple[Tensor, Tensor, 
         if not download:
             raise _not_found("CIFAR-10", missing, dirs, "downloading is off")
         archive = root / CIFAR10_URL.rsplit("/", 1)[-1]
+        created = _missing_dirs(root)
         try:
             if not archive.is_file() or _md5(archive) != CIFAR10_MD5:
                 _download(CIFAR10_URL, archive, CIFAR10_MD5)
             _extract_cifar(archive, root)
-        except (*_DOWNLOAD_ERRORS, tarfile.TarError) as e:
+        except BaseException as e:
+            _remove_empty(created)
+            if not isinstance(e, (*_DOWNLOAD_ERRORS, tarfile.TarError)):
+                raise
             raise _not_found("CIFAR-10", missing, dirs,
                              f"download from {CIFAR10_URL} failed: {e}") from e
         found = root / CIFAR10_DIR

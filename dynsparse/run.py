@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dynsparse
 from dynsparse import distributed as D
-from dynsparse.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_runs_dir, check_same_config, does_not_fit, holds_run,
+                                  load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
@@ -39,7 +40,7 @@ from dynsparse.methods import build_sparsifier, param_counts
 from dynsparse.models import create_model, dataset_of
 from dynsparse.schedule import load_schedules
 from dynsparse.sparse import Sparsifier
-from dynsparse.train import evaluate, set_lr, summarize, train_one_epoch
+from dynsparse.train import Diverged, evaluate, set_lr, summarize, train_one_epoch
 
 
 def git_state() -> dict:
@@ -101,6 +102,8 @@ class _Run:
         if self.dist.enabled:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.device.type == "cpu":  # resume bit-exact with any number of processes (issue 12)
+                self.train_model.register_comm_hook(None, D.rank_ordered_mean_hook)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.start_epoch = cfg.start_epoch
@@ -126,7 +129,7 @@ class _Run:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise DynsparseError(f"checkpoint does not fit this model/optimizer: {str(e).splitlines()[0][:300]}") from None
+            raise does_not_fit(ckpt, self.cfg.to_dict(), self.model.state_dict(), e) from None
         if isinstance(self.sparsifier, Sparsifier):
             if exact and ckpt.get("sparsifier") is not None:
                 self.sparsifier.load_state_dict(ckpt["sparsifier"])
@@ -176,29 +179,35 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
     """Train as ``cfg`` says; returns the summary that is also written to ``summary.json``.
     ``debug_distributed`` checks after every topology update and epoch that all ranks hold the
     same masks and weights (and raises if not)."""
+    if cfg.prune and not cfg.resume and not cfg.prune_from_scratch:
+        raise DynsparseError("--prune prunes a trained network: pass --resume DENSE_RUN (the dense run to prune, "
+                             "as the original's pruning jobs do), or --prune-from-scratch to prune while "
+                             "training from random initialization")
+    check_runs_dir(cfg.runs_dir)
     run = _Run(cfg, argv, echo)
     try:
-        ckpt_path = run.dir / "checkpoint.pt"
         continuing = False
         if cfg.resume:
             ckpt, path = load_checkpoint(cfg.resume, run.device, cfg.runs_dir)
-            continuing = path.resolve() == ckpt_path.resolve()
+            continuing = path.parent.resolve() == run.dir.resolve() and path.name in ("checkpoint.pt", "initial.pt")
+            if continuing:  # before anything is written: a refused resume leaves the run as it was
+                check_same_config(ckpt.get("config"), cfg.to_dict(), run.dir)
             run.restore(ckpt, exact=continuing)
             run.echo(f"{'continuing' if continuing else 'starting from'} {path} at epoch {run.start_epoch}")
         if cfg.copy_mask_from and not continuing:
             copy_masks(run, cfg.copy_mask_from)
-        if not continuing and ckpt_path.exists() and not cfg.overwrite:
+        if not continuing and holds_run(run.dir) and not cfg.overwrite:
             raise DynsparseError(f"{run.dir} already holds a run: pass --resume {run.dir} to continue it, "
                                  f"--overwrite to start over, or --name/--job-idx for a new run")
         D.barrier(run.dist)  # every rank has looked at the run directory before rank 0 changes it
         if run.dist.is_main:
-            run.dir.mkdir(parents=True, exist_ok=True)
-            if not continuing:
-                for stale in ("metrics.jsonl", "reallocations.jsonl", "summary.json"):
-                    (run.dir / stale).unlink(missing_ok=True)
-                atomic_torch_save(run.dir / "initial.pt", run.state())
+            prepare_run_dir(run.dir, clear=not continuing or path.name == "initial.pt",
+                            keep=("initial.pt",) if continuing else ())
+            # config.json first: whatever state file exists was written under this configuration
             atomic_write_json(run.dir / "config.json", {"config": cfg.to_dict(), "method": cfg.method(),
                                                         "schedule": run.schedules.source, **run.evidence})
+            if not continuing:
+                atomic_torch_save(run.dir / "initial.pt", run.state())
         if debug_distributed and isinstance(run.sparsifier, Sparsifier):
             run.sparsifier.after_update = lambda: D.check_consistency(run.model, run.sparsifier, run.dist,
                                                                       f"after step {run.sparsifier.step_count}")
@@ -207,6 +216,14 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
             atomic_torch_save(run.dir / f"debug_rank{run.dist.rank}.pt", run.state())
         D.barrier(run.dist)
         return summary
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the command line maps it: say what to resume
+        e.run_dir = run.dir
+        raise
+    except RuntimeError as e:
+        if not (run.dist.enabled and D.is_comm_failure(e)):
+            raise
+        raise DynsparseError(f"lost another process of this job ({str(e).strip().splitlines()[0][:200]}); "
+                             f"{run.dir} keeps the last finished epoch's checkpoint: --resume {run.dir}") from None
     finally:
         D.cleanup(run.dist)
 
@@ -229,9 +246,14 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
         set_lr(run.optimizer, lr)
         run.sparsifier.set_epoch(epoch)
         data.train.set_epoch(epoch)
-        sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier,
-                               progress=cfg.progress and run.dist.is_main, desc=f"epoch {epoch}",
-                               autocast=run.autocast, channels_last=cfg.channels_last)
+        try:
+            sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier,
+                                   progress=cfg.progress and run.dist.is_main, desc=f"epoch {epoch}",
+                                   autocast=run.autocast, channels_last=cfg.channels_last,
+                                   first_bad=lambda flags: D.all_reduce_min(flags, run.dist))
+        except Diverged as e:
+            raise DynsparseError(f"training diverged: non-finite loss at training step {epoch * len(data.train) + e.step} "
+                                 f"(step {e.step} of epoch {epoch}, counting from 0); lower the learning rate") from None
         train = summarize(D.all_reduce_sums(sums, run.dist))
         D.broadcast_buffers(run.model, run.dist)
         run.sparsifier.end_epoch()
@@ -256,9 +278,13 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
         run.history.append(row)
         run.start_epoch = epoch + 1
         if run.dist.is_main:
-            _write_outputs(run)
+            try:
+                _write_outputs(run)
+            except DynsparseError as e:
+                raise DynsparseError(f"{e}; the run stopped after training epoch {epoch}; {run.dir} keeps its last "
+                                     f"complete checkpoint: fix that, then --resume {run.dir}") from None
         echo(f"{epoch:>5} {lr:>8.4g} {row['train_loss']:>7.4f} {row.get('train_top1', row['train_top1_running']):>7.2f} "
-             f"{row['test_top1']:>7.2f} {row['test_top5']:>7.2f} {row.get('val_top1', float('nan')):>7.2f} "
+             f"{row['test_top1']:>7.2f} {row['test_top5']:>7.2f} {_cell(row.get('val_top1')):>7} "
              f"{row['params_nonzero']:>10,} {row.get('rewires', 0):>7} {row['time_s']:>6.1f}")
     summary = _summary(run)
     if run.dist.is_main:
@@ -267,14 +293,19 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     return summary
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _write_outputs(run: _Run) -> None:
-    atomic_write_text(run.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
-    if run.events:
-        atomic_write_text(run.dir / "reallocations.jsonl", "".join(json.dumps(e) + "\n" for e in run.events))
+    # the checkpoint first: logs never show an epoch that a resume would train again
     atomic_torch_save(run.dir / "checkpoint.pt", run.state())
     epoch = run.start_epoch - 1
     if epoch == run.cfg.stop_rewire_epoch:  # the original's {run}_StopRewiringPoint_{epoch} copy (issue 11)
         atomic_torch_save(run.dir / f"checkpoint_StopRewiringPoint_{epoch}.pt", run.state())
+    atomic_write_text(run.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
+    if run.events:
+        atomic_write_text(run.dir / "reallocations.jsonl", "".join(json.dumps(e) + "\n" for e in run.events))
 
 
 def _summary(run: _Run) -> dict:

@@ -7,7 +7,9 @@ runs one, ``--range A:B`` those with A <= index < B, and with neither, ``SLURM_A
 (when set) picks one, so a Slurm array job runs a list as it is; otherwise all run, in order.
 
 Finished jobs (a ``summary.json`` in the run directory) are skipped. An interrupted job (a
-checkpoint but no summary) resumes exactly from its own checkpoint. A job that needs another
+checkpoint or initial state but no summary) resumes exactly from its own checkpoint, but only
+when the configuration saved there is the job's (see :data:`dynsparse.checkpoint.RESUME_MAY_CHANGE`);
+otherwise the job fails with the differing flags and its directory is left as it is. A job that needs another
 run (``--resume``/``--copy-mask-from`` of ``./runs/X``) must come after it in the list. Flags
 given after ``--`` are appended to every line (so they win), e.g. ``-- --data DIR --epochs 1``.
 """
@@ -20,8 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
+from dynsparse.checkpoint import ConfigMismatch, check_same_config, load_checkpoint
 from dynsparse.cli import parse_train_args
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
@@ -89,18 +93,29 @@ def select(jobs: list[Job], job_idx: int | None = None, index_range: str | None 
 
 
 def job_config(job: Job, extra: Sequence[str]) -> TrainConfig:
-    try:
-        cfg, _ = parse_train_args([*job.argv, *extra])
-    except SystemExit:
-        raise DynsparseError(f"job {job.index}: its flags do not parse: {job.line}") from None
+    cfg, _ = parse_train_args([*job.argv, *extra], one_line_errors=True)  # errors: one line; the caller names the job
     return cfg
+
+
+def saved_config_differs(cfg: TrainConfig) -> str | None:
+    """Why the interrupted run of ``cfg`` must not be resumed under ``cfg`` (None: it may). An
+    unreadable checkpoint is left for the resume itself to report."""
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    try:
+        ckpt, _ = load_checkpoint(run_dir, torch.device("cpu"))
+        check_same_config(ckpt.get("config"), cfg.to_dict(), run_dir)
+    except ConfigMismatch as e:
+        return str(e)
+    except DynsparseError:
+        return None
+    return None
 
 
 def status(cfg: TrainConfig) -> str:
     run = Path(cfg.runs_dir) / cfg.run_name
     if (run / "summary.json").is_file():
         return "finished"
-    if (run / "checkpoint.pt").is_file():
+    if (run / "checkpoint.pt").is_file() or (run / "initial.pt").is_file():
         return "interrupted"
     return "new"
 
@@ -127,6 +142,11 @@ def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str 
             outcome[job.index] = "skipped"
             continue
         if state == "interrupted":
+            refused = saved_config_differs(cfg)
+            if refused:  # never continue a run under another job's labels; leave it untouched
+                outcome[job.index] = f"failed: {refused}"
+                echo(f"job {job.index} failed: {refused}")
+                continue
             cfg = dataclasses.replace(cfg, resume=str(Path(cfg.runs_dir) / cfg.run_name))
         if dry_run:
             outcome[job.index] = "would run"

@@ -15,6 +15,29 @@ from torch import nn
 from tqdm import tqdm
 
 
+class Diverged(Exception):
+    """A non-finite training loss at ``step`` (counted from 0 within the epoch)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"non-finite loss at step {step}")
+        self.step = step
+
+
+# Steps between divergence checks: each check waits for the device once, so checking every
+# step would serialize the host and the device; this finds a NaN within a few steps.
+CHECK_EVERY = 8
+
+
+def _first_nonfinite(losses: list[torch.Tensor], first_step: int, reduce_min) -> None:
+    bad = ~torch.isfinite(torch.stack(losses))
+    positions = torch.arange(first_step, first_step + len(losses), device=bad.device)
+    first = torch.where(bad, positions, torch.full_like(positions, torch.iinfo(torch.long).max)).min()
+    if reduce_min is not None:
+        first = reduce_min(first)  # every rank stops at the same check, or none does
+    if int(first) != torch.iinfo(torch.long).max:
+        raise Diverged(int(first))
+
+
 class NullSparsifier:
     """Dense training: every hook does nothing."""
 
@@ -61,19 +84,28 @@ def _prepare(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier,
                     *, progress: bool = False, desc: str = "train", autocast: torch.dtype | None = None,
-                    channels_last: bool = False) -> dict[str, torch.Tensor]:
+                    channels_last: bool = False, first_bad=None) -> dict[str, torch.Tensor]:
     """One pass over ``batches``; returns on-device sums (loss, correct top-1, samples) so that
     no step waits on the host and the caller can all-reduce them exactly. ``autocast`` (e.g.
-    ``torch.bfloat16``) runs the forward pass in mixed precision; weights stay float32."""
+    ``torch.bfloat16``) runs the forward pass in mixed precision; weights stay float32.
+    Raises :class:`Diverged` within :data:`CHECK_EVERY` steps of a non-finite loss; under
+    several processes ``first_bad`` (a min all-reduce of a tensor) makes all ranks agree."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
-    for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=0.5):
+    window: list[torch.Tensor] = []
+    step = 0
+    for step, (inputs, targets) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True,
+                                                  mininterval=0.5)):
+        if len(window) == CHECK_EVERY:
+            _first_nonfinite(window, step - CHECK_EVERY, first_bad)
+            window = []
         with _precision(device, autocast):
             logits = model(_prepare(inputs, channels_last))
             loss = F.cross_entropy(logits.float(), targets)
+        window.append(loss.detach())
         total = loss + sparsifier.penalty()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -84,6 +116,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             loss_sum += loss.detach() * targets.shape[0]
             correct += (logits.argmax(1) == targets).sum()
             seen += targets.shape[0]
+    if window:
+        _first_nonfinite(window, step + 1 - len(window), first_bad)
     return {"loss_sum": loss_sum, "correct1": correct, "count": seen}
 
 
