@@ -1,14 +1,35 @@
-"""Published numbers to compare with, each with its source (from ../shared/reference/RESULTS.md).
+"""Published numbers to compare with, each with where it comes from (../shared/reference/RESULTS.md).
 
 Test top-1 accuracy in percent, keyed by model, method and sparsity (``None`` for dense). These
-are other people's measurements, shown next to ours in reports; nothing of ours is derived
+are other people's measurements, made with other code and other training protocols; reports
+show them next to ours with a :class:`Source` that says so in words. Nothing of ours is derived
 from them.
 """
 from __future__ import annotations
 
-MNIST_SOURCE = "sparse_learning results/MNIST_sparse_summary.csv (RESULTS.md 2.3)"
-WRN_SOURCE = "sparse_learning results/WRN-28-2_results_summary.csv (RESULTS.md 2.2)"
-RESNET_SOURCE = "Mostafa & Wang, ICLR-2019 submission, Table 2 (RESULTS.md 2.1)"
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Source:
+    key: str  # short tag used in tables, e.g. "SL-MNIST"
+    file: str  # where the numbers are written down
+    description: str  # which implementation and protocol, for a reader
+
+
+SOURCES = {s.key: s for s in (
+    Source("SL-MNIST", "sparse_learning results/MNIST_sparse_summary.csv (RESULTS.md 2.3)",
+           "another implementation: Dettmers & Zettlemoyer's sparse_learning code (their DSR, SET, DeepR "
+           "and sparse momentum), trained with that code's own MNIST protocol, not ours (its LeNet-300-100 "
+           "has no batch norm and its epochs, batch size and schedule differ from a dynsparse run; "
+           "`experiments/make_lists.py` writes a list that follows it). One number per sparsity, no spread given."),
+    Source("SL-WRN", "sparse_learning results/WRN-28-2_results_summary.csv (RESULTS.md 2.2)",
+           "another implementation: Dettmers & Zettlemoyer's sparse_learning code, WRN-28-2 on CIFAR-10 "
+           "with that code's own protocol. The DSR paper's own WRN numbers exist only as plotted points."),
+    Source("DSR-paper", "Mostafa & Wang, ICLR-2019 submission, Table 2 (RESULTS.md 2.1)",
+           "the DSR paper itself: the authors' original code and ImageNet protocol (ResNet-50, batch 256, "
+           "SGD with Nesterov momentum; see the original experiment lists), one run per entry."),
+)}
 
 _MNIST = {  # sparsity: (DSR, SNFS, SET, DeepR), accuracy fractions in the source
     0.99: (0.9754, 0.9753, 0.958, 0.94), 0.98: (0.9814, 0.982, 0.9774, 0.9821),
@@ -25,26 +46,29 @@ _RESNET = {  # sparsity: {method: top-1}
 }
 
 
-def _table() -> dict[tuple[str, str, float | None], tuple[float, str]]:
-    t: dict = {("mnist_mlp", "dense", None): (98.69, MNIST_SOURCE),
-               ("cifar10_WideResNet", "dense", None): (94.70, WRN_SOURCE),
-               ("imagenet_resnet50", "dense", None): (74.9, RESNET_SOURCE)}
+def _table() -> dict[tuple[str, str, float | None], tuple[float, Source]]:
+    mn, wrn, rn = SOURCES["SL-MNIST"], SOURCES["SL-WRN"], SOURCES["DSR-paper"]
+    t: dict = {("mnist_mlp", "dense", None): (98.69, mn), ("cifar10_WideResNet", "dense", None): (94.70, wrn),
+               ("imagenet_resnet50", "dense", None): (74.9, rn)}
     for s, vals in _MNIST.items():
         for m, v in zip(("dsr", "snfs", "set", "deepr"), vals):
-            t[("mnist_mlp", m, s)] = (round(100 * v, 2), MNIST_SOURCE)
+            t[("mnist_mlp", m, s)] = (round(100 * v, 2), mn)
     for s, vals in _WRN.items():
         for m, v in zip(("dsr", "set", "deepr", "snfs"), vals):
-            t[("cifar10_WideResNet", m, s)] = (v, WRN_SOURCE)
+            t[("cifar10_WideResNet", m, s)] = (v, wrn)
     for s, vals in _RESNET.items():
         for m, v in vals.items():
-            t[("imagenet_resnet50", m, s)] = (v, RESNET_SOURCE)
+            t[("imagenet_resnet50", m, s)] = (v, rn)
     return t
 
 
 PUBLISHED = _table()
 
 
-def published(model: str, method: str, sparsity: float | None) -> tuple[float, str] | None:
-    """The published top-1 for this model/method/sparsity, with its source, or None."""
+def published(model: str, method: str, sparsity: float | None) -> tuple[float, Source] | None:
+    """The published top-1 for this model/method/sparsity, with its :class:`Source`, or None.
+
+    ``method`` is the plain method label: variants (another budget, no batch norm) have no
+    published number and get None."""
     key = (model, method, None if method == "dense" else (round(sparsity, 4) if sparsity is not None else None))
     return PUBLISHED.get(key)

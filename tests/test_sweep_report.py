@@ -1,17 +1,14 @@
-"""The sweep runner (selection, skip finished, resume interrupted, Slurm, original lists) and the
-report (tables and plots from small synthetic runs)."""
+"""The sweep runner (selection, skip finished, resume interrupted, Slurm, original lists); the
+report's tests are in test_report.py."""
 from __future__ import annotations
 
-import csv
 import json
-import statistics
 from pathlib import Path
 
 import pytest
 
 from dynsparse.cli import main
 from dynsparse.errors import DynsparseError
-from dynsparse.report import build_report
 from dynsparse.sweep import load_jobs, run_sweep, select
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,85 +96,3 @@ def test_sweep_end_to_end_on_tiny_mnist(tiny_mnist, tmp_path, capsys):
     assert dense["method"] == "dense"
     assert main(argv) == 0
     assert capsys.readouterr().out.count("finished") >= 2  # the second pass only reports them as finished
-
-
-# ---- report ------------------------------------------------------------------------------------
-
-def fake_run(root: Path, name: str, method: str, sparsity: float, seed: int, acc: float, params: int) -> None:
-    d = root / name
-    d.mkdir(parents=True)
-    history = [{"epoch": e, "test_top1": acc - 2 + e} for e in range(3)]
-    s = {"run": name, "model": "mnist_mlp", "method": method, "label": method, "sparsity": sparsity, "seed": seed,
-         "test_top1": acc, "best_test_top1": acc + 0.1, "params_nonzero": params, "params_learnable": params,
-         "history": history, "config": {"widen_factor": 10.0, "model": "mnist_mlp", "schedule_file": None}}
-    if method != "dense":
-        for row in history:
-            row["densities"] = {"fc1.weight": 0.02, "fc_int.weight": 0.02, "fc2.weight": 0.02}
-    (d / "summary.json").write_text(json.dumps(s))
-    if method == "dsr":
-        events = [{"step": 100 * i, "densities": {"fc1.weight": 0.02 - 0.001 * i, "fc2.weight": 0.02 + 0.01 * i}}
-                  for i in range(1, 4)]
-        (d / "reallocations.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-
-
-def test_report_tables_and_plots(tmp_path):
-    runs = tmp_path / "runs"
-    accs = {"dsr": [98.0, 98.2, 98.1], "static": [90.0, 91.0, 92.0]}
-    for method, values in accs.items():
-        for seed, acc in enumerate(values):
-            fake_run(runs, f"{method}_{seed}", method, 0.98, seed, acc, 6144)
-    fake_run(runs, "dense_0", "dense", 0.0, 0, 98.5, 267020)
-    paths = build_report([runs], tmp_path / "report", title="test")
-    names = {p.name for p in paths}
-    assert {"report.md", "results.csv", "accuracy_vs_params_mnist_mlp.png", "density_mnist_mlp.png",
-            "curves_mnist_mlp.png"} <= names
-    for p in paths:
-        assert p.stat().st_size > 0
-        if p.suffix == ".png":
-            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "report" / "results.csv").open())}
-    assert float(rows["dsr"]["test_top1_mean"]) == pytest.approx(98.1)
-    assert float(rows["static"]["test_top1_std"]) == pytest.approx(statistics.stdev([90.0, 91.0, 92.0]), abs=1e-3)
-    assert float(rows["dsr"]["published_top1"]) == 98.14 and rows["dsr"]["seeds"] == "3"
-    assert float(rows["dsr"]["train_flops_x_dense"]) == pytest.approx(0.02) and float(rows["dense"]["train_flops_x_dense"]) == 1.0
-    md = (tmp_path / "report" / "report.md").read_text()
-    assert "| dsr | 0.98 | 3 | 98.10 +- 0.10 | 98.20 | 6,144 | 0.020 | 98.14 | -0.04 |" in md
-    assert "MNIST_sparse_summary" in md
-
-
-def test_report_keeps_budgets_and_model_variants_apart(tmp_path):
-    runs = tmp_path / "runs"
-    fake_run(runs, "rigl_type", "rigl", 0.99, 0, 88.0, 3482)
-    fake_run(runs, "rigl_erk", "rigl", 0.99, 0, 96.0, 3482)
-    s = json.loads((runs / "rigl_erk" / "summary.json").read_text())
-    s["config"]["budget"] = "erk"
-    (runs / "rigl_erk" / "summary.json").write_text(json.dumps(s))
-    fake_run(runs, "rigl_erk_nobn", "rigl", 0.99, 0, 97.0, 3482)
-    s["config"]["no_batch_norm"] = True
-    (runs / "rigl_erk_nobn" / "summary.json").write_text(json.dumps(s))
-    build_report([runs], tmp_path / "report", title="budgets")
-    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "report" / "results.csv").open())}
-    assert set(rows) == {"rigl", "rigl (erk)", "rigl (erk, no BN)"}
-    assert float(rows["rigl (erk)"]["test_top1_mean"]) == 96.0 and rows["rigl"]["seeds"] == "1"
-
-
-def test_report_without_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(DynsparseError, match="no finished runs"):
-        build_report([tmp_path], tmp_path / "out")
-
-
-def test_export_runs_copies_summaries_and_dsr_events_and_rejects_bad_input(tmp_path):
-    import subprocess
-    import sys
-    script = Path(__file__).resolve().parents[1] / "experiments" / "export_runs.py"
-    runs = tmp_path / "runs"
-    fake_run(runs, "dsr_0", "dsr", 0.98, 0, 98.0, 6144)
-    fake_run(runs, "static_0", "static", 0.98, 0, 90.0, 6144)
-    (runs / "static_0" / "checkpoint.pt").write_bytes(b"big")
-    ok = subprocess.run([sys.executable, str(script), str(runs), str(tmp_path / "out")], capture_output=True, text=True)
-    assert ok.returncode == 0 and "exported 2 runs" in ok.stdout
-    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) == \
-        ["dsr_0/reallocations.jsonl", "dsr_0/summary.json", "static_0/summary.json"]
-    for args in ([], [str(tmp_path / "nothing"), str(tmp_path / "o2")]):
-        bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip()
