@@ -15,6 +15,7 @@
 The masked baseline is what dynsparse's masked engine does: a dense weight with zeros off the
 mask, a dense gradient multiplied by a float mask, the optimizer step on dense tensors.
 Usage: python benchmarks/bench_truly_sparse.py [--repeats 7] [--widest]
+       python benchmarks/bench_truly_sparse.py --widest-only   (adds the widest part to the last results)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import evidence, interleaved, median, timed, write_results  # noqa: E402
+from common import RESULTS, evidence, interleaved, median, timed, write_results  # noqa: E402
 
 from dynsparse.models import MnistMLP  # noqa: E402
 from dynsparse.sparse.csr import CSRWeight, sample_flat  # noqa: E402
@@ -52,6 +53,7 @@ def layer_cases(batch: int, densities, size: int = 4096) -> dict:
     maskf, opt = mask.float(), torch.optim.SGD([w], lr=0.01, momentum=0.9)
 
     def masked():
+        x.grad = None  # the input gradient is computed, not accumulated, as inside a network
         F.linear(x, w).backward(dy)
         w.grad.mul_(maskf)
         opt.step()
@@ -62,6 +64,7 @@ def layer_cases(batch: int, densities, size: int = 4096) -> dict:
         sopt = torch.optim.SGD(sw.parameters(), lr=0.01, momentum=0.9)
 
         def csr(sw=sw, sopt=sopt):
+            x.grad = None
             sw.matmul_t(x).backward(dy)
             sopt.step()
             sopt.zero_grad(set_to_none=True)
@@ -224,13 +227,25 @@ def main() -> None:
     ap.add_argument("--widest", action="store_true", help="also the widest-MLP memory measurement (minutes, GiBs)")
     ap.add_argument("--widths", default="50000,100000,150000,200000")
     ap.add_argument("--cap-gib", type=float, default=18.0)
-    ap.add_argument("--skip-layer", action="store_true")
+    ap.add_argument("--skip-layer", action="store_true", help="skip the per-layer sweep")
+    ap.add_argument("--widest-only", action="store_true",
+                    help="run only the widest-MLP part and add it to the existing results/truly_sparse.json")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]), float(args.child[2]), int(args.child[3]))
     torch.set_num_threads(1)
     load_before = os.getloadavg()
+    if args.widest_only:  # add the widest-MLP part to the results of an earlier full run
+        path = RESULTS / "truly_sparse.json"
+        payload = json.loads(path.read_text())
+        payload["results"]["widest"] = bench_widest([int(w) for w in args.widths.split(",")], args.cap_gib)
+        ev = evidence()
+        ev["load_average_before"], ev["load_average_after"] = load_before, os.getloadavg()
+        payload["evidence_widest"] = ev
+        write_results("truly_sparse", payload, markdown(payload["results"], payload["evidence"], ev))
+        print(markdown(payload["results"], payload["evidence"], ev))
+        return
     results: dict = {"layer": {}, "crossover_density": {}}
     if not args.skip_layer:
         for batch in BATCHES:
@@ -248,13 +263,13 @@ def main() -> None:
     ev["load_average_before"], ev["load_average_after"] = load_before, os.getloadavg()
     ev["dtype"] = "float32"
     payload = {"benchmark": "truly_sparse", "results": results, "evidence": ev}
-    text = markdown(results, ev, args)
+    text = markdown(results, ev)
     path = write_results("truly_sparse", payload, text)
     print(text)
     print(f"wrote {path}")
 
 
-def markdown(r: dict, ev: dict, args) -> str:
+def markdown(r: dict, ev: dict, ev_widest: dict | None = None) -> str:
     lines = [f"# Truly sparse (CSR) against masked dense, {ev['device']}, {ev['threads']} thread, float32", ""]
     if r["layer"]:
         lines += ["## 4096x4096 layer, full step (forward, both gradients, SGD-momentum update): masked / CSR", "",
@@ -289,6 +304,10 @@ def markdown(r: dict, ev: dict, args) -> str:
                 lines.append(f"| csr | {c['width']} | {c.get('skipped') or 'failed'} | | |")
         lines += ["", f"Masked widest within 24 GiB: {w['masked_widest_fit_24GiB']:.0f} (fit of the measured peaks), "
                   f"{w['masked_widest_from_tensor_bytes_24GiB']:.0f} (17 bytes per dense weight).", ""]
+        if ev_widest:
+            lines += [f"Widest part: commit {ev_widest['commit']}, load average before "
+                      f"{ev_widest['load_average_before'][0]:.2f}, after {ev_widest['load_average_after'][0]:.2f}; "
+                      f"command `{ev_widest['command']}`.", ""]
     lines += [f"Commit {ev['commit']} (uncommitted changes: {ev['uncommitted']}), torch {ev['torch']}, "
               f"load average before {ev['load_average_before'][0]:.2f}, after {ev['load_average_after'][0]:.2f} "
               "(2 cores shared with other agents' jobs).", f"Command: `{ev['command']}`", ""]

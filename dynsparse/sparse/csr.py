@@ -24,41 +24,12 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, csr_from_flat, rows_of, sparse_linear,
-                                      transpose_indices)
+from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, rows_of,
+                                      sample_flat, sparse_linear, transpose_indices)
+
+__all__ = ["CSRLinear", "CSRWeight", "csr_linear_from_linear", "dense_state_dict", "sample_flat"]
 
 INITS = ("linear", "zeros")
-
-
-def sample_flat(n: int, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """``count`` distinct flat indices in ``[0, n)`` drawn uniformly, none in the sorted int64
-    ``exclude``; returned sorted. O(count log count) time and memory, never O(n).
-
-    Draws exactly the deficit each round and keeps the distinct values, so the result is the set
-    of the first ``count`` distinct admissible values of an i.i.d. uniform sequence: a uniform
-    subset. Suited to sparse sets (count + len(exclude) well below n), like any rejection sampler."""
-    free = n - (0 if exclude is None else exclude.numel())
-    if count > free:
-        raise DynsparseError(f"cannot choose {count} new entries: only {free} of {n} are inactive")
-    have = torch.empty(0, dtype=torch.int64, device=device)
-    while have.numel() < count:
-        draw = torch.randint(n, (count - have.numel(),), generator=generator, device=generator.device).to(device)
-        if exclude is not None and exclude.numel():
-            pos = torch.searchsorted(exclude, draw).clamp_(max=exclude.numel() - 1)
-            draw = draw[exclude[pos] != draw]
-        have = torch.unique(torch.cat([have, draw]))  # sorted
-        if have.numel() < count and count > free // 2:  # dense regime: rejection would crawl
-            rest = _all_free(n, torch.unique(torch.cat([have] + ([] if exclude is None else [exclude]))))
-            pick = torch.randperm(rest.numel(), generator=generator, device=generator.device)[:count - have.numel()]
-            have = torch.sort(torch.cat([have, rest[pick.to(device)]])).values
-    return have
-
-
-def _all_free(n: int, taken: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool, device=taken.device)
-    keep[taken] = False
-    return torch.nonzero(keep).view(-1)
 
 
 class CSRWeight(nn.Module):
@@ -70,7 +41,7 @@ class CSRWeight(nn.Module):
         flat = flat.to(torch.int64)
         if values.dim() != 1 or values.numel() != flat.numel():
             raise DynsparseError(f"need one value per active entry: {values.numel()} values for {flat.numel()} indices")
-        _check_flat(flat, self.num_entries)
+        check_flat(flat, self.num_entries)
         crow, col = csr_from_flat(flat.to(values.device), self.shape)
         self.values = nn.Parameter(values.detach().clone())
         self.register_buffer("crow_indices", crow)
@@ -165,7 +136,7 @@ class CSRWeight(nn.Module):
             if add_values.numel() != add_flat.numel():
                 raise DynsparseError(f"{add_values.numel()} add_values for {add_flat.numel()} new entries")
             add_values = add_values[order]
-        _check_flat(add_sorted, self.num_entries, what="add_flat")
+        check_flat(add_sorted, self.num_entries, what="add_flat")
         if kept.numel() and add_sorted.numel():
             pos = torch.searchsorted(kept, add_sorted).clamp_(max=kept.numel() - 1)
             if bool((kept[pos] == add_sorted).any()):
@@ -193,9 +164,10 @@ class CSRWeight(nn.Module):
                 for key, t in state.items():
                     if torch.is_tensor(t) and t.dim() == 1 and t.shape == p.shape:
                         state[key] = remap(t, None)
-        if p.grad is not None:
-            p.grad = remap(p.grad, None)
+        grad = None if p.grad is None else remap(p.grad, None)
+        p.grad = None  # a gradient of the old size may not stay on a resized parameter
         p.data = remap(p.data, add_values)
+        p.grad = grad
         self.crow_indices, self.col_indices = csr_from_flat(flat, self.shape)
         self._refresh_transpose()
 
@@ -228,7 +200,7 @@ class CSRWeight(nn.Module):
     # export and checkpoints ---------------------------------------------------------------------
     def to_sparse_csr(self) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.crow_indices.long(), self.col_indices.long(), self.values.detach().clone(),
-                                       self.shape)
+                                       self.shape, check_invariants=False)
 
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.num_entries, dtype=self.values.dtype, device=self.values.device)
@@ -259,11 +231,6 @@ class CSRWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nnz={self.num_active}, density={self.density:.3g}"
-
-
-def _check_flat(flat: torch.Tensor, n: int, what: str = "flat indices") -> None:
-    if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= n or bool((flat[1:] <= flat[:-1]).any())):
-        raise DynsparseError(f"{what} must be distinct and in [0, {n})")
 
 
 class CSRLinear(nn.Module):

@@ -1,0 +1,275 @@
+"""The truly sparse CSR weight: products, optimizers, topology changes, construction, checkpoints."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynsparse.config import TrainConfig
+from dynsparse.errors import DynsparseError
+from dynsparse.models import MnistMLP
+from dynsparse.sparse.csr import CSRLinear, CSRWeight, csr_linear_from_linear, dense_state_dict, sample_flat
+from dynsparse.sparse.csr_ops import SparseLinearFunction
+
+
+def pair(out=6, inp=9, density=0.4, bias=True, seed=0, dtype=torch.float32):
+    """An nn.Linear with zeros off a random mask, and the CSRLinear holding the same values."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out, bias=bias).to(dtype)
+    mask = torch.rand(out, inp) < density
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return lin, mask, csr_linear_from_linear(lin, mask)
+
+
+def test_gradcheck_float64():
+    _, _, m = pair(dtype=torch.float64)
+    w = m.weight
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    v = w.values.detach().clone().requires_grad_()
+    fn = lambda x, v: SparseLinearFunction.apply(x, v, w.crow_indices, w.col_indices, w.t_perm,  # noqa: E731
+                                                 w.t_crow, w.t_col, w.shape, None)
+    assert torch.autograd.gradcheck(fn, (x, v))
+
+
+def test_forward_and_gradients_match_masked_dense_with_batch_dims():
+    lin, mask, m = pair(out=17, inp=23, density=0.3)
+    x = torch.randn(2, 5, 23)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(2, 5, 17)
+    ref = F.linear(x1, lin.weight * mask, lin.bias)
+    y = m(x2)
+    assert y.shape == (2, 5, 17)
+    torch.testing.assert_close(y, ref)
+    ref.backward(dy)
+    y.backward(dy)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    dense_grad = torch.zeros(17 * 23)
+    dense_grad[m.weight.active_flat()] = m.weight.values.grad
+    torch.testing.assert_close(dense_grad.view(17, 23), lin.weight.grad * mask)
+    torch.testing.assert_close(m.bias.grad, lin.bias.grad)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    lambda p: torch.optim.Adam(p, lr=0.01),
+    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+], ids=["sgd-momentum", "adam", "adamw"])
+def test_optimizer_steps_equal_masked_linear(make_opt):
+    lin, mask, m = pair(out=12, inp=20, density=0.25)
+    opt_dense, opt_csr = make_opt(lin.parameters()), make_opt(m.parameters())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(15):
+        x, y = torch.randn(8, 20, generator=g), torch.randint(0, 12, (8,), generator=g)
+        for model, opt in ((lin, opt_dense), (m, opt_csr)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if model is lin:
+                lin.weight.grad.mul_(mask)  # the masked engine's contract: zero gradient off the mask
+            opt.step()
+        if isinstance(opt_dense, torch.optim.AdamW):
+            with torch.no_grad():
+                lin.weight.mul_(mask)  # decoupled decay of a zero stays zero; keep exact anyway
+    torch.testing.assert_close(m.weight.to_dense(), lin.weight.detach() * mask, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.bias, lin.bias)
+
+
+def test_set_topology_keeps_survivors_state_and_zeroes_new():
+    _, _, m = pair(out=8, inp=10, density=0.5)
+    w = m.weight
+    for opt in (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), torch.optim.Adam(m.parameters(), lr=0.1)):
+        m(torch.randn(4, 10)).sum().backward()
+        opt.step()
+        param = w.values
+        state_before = {k: v.clone() for k, v in opt.state[param].items()}
+        values_before, flat_before = w.values.detach().clone(), w.active_flat()
+        keep = torch.ones(w.num_active, dtype=torch.bool)
+        keep[::3] = False
+        inactive = torch.tensor(sorted(set(range(80)) - set(flat_before.tolist())))
+        add = inactive[[4, 0, 2]]  # unsorted on purpose
+        w.set_topology(keep, add, add_values=torch.tensor([7.0, 8.0, 9.0]), optimizer=opt)
+        assert w.values is param  # the optimizer still holds the same parameter object
+        flat = w.active_flat()
+        assert torch.equal(flat, torch.sort(torch.cat([flat_before[keep], add])).values)
+        pos = {int(f): i for i, f in enumerate(flat)}
+        for i, f in enumerate(flat_before.tolist()):
+            if keep[i]:
+                assert w.values[pos[f]] == values_before[i]
+                for k, t in state_before.items():
+                    if t.dim() == 1:
+                        assert opt.state[param][k][pos[f]] == t[i]
+        for f, v in zip(add.tolist(), (7.0, 8.0, 9.0)):
+            assert w.values[pos[f]] == v
+            for k, t in opt.state[param].items():
+                if t.dim() == 1:
+                    assert t[pos[f]] == 0
+        if "step" in state_before:
+            assert torch.equal(opt.state[param]["step"], state_before["step"])
+        # the products use the new topology
+        x = torch.randn(3, 10)
+        torch.testing.assert_close(m(x), F.linear(x, w.to_dense(), m.bias))
+        opt.zero_grad()
+        m(x).sum().backward()
+        opt.step()  # state and parameter shapes agree
+
+
+def test_same_answers_as_masked_with_topology_changes():
+    """SGD momentum, a DSR-like prune-and-regrow every 4 steps: the masked layer (momentum zeroed
+    off the mask, new weights zero) and the CSR layer follow the same trajectory."""
+    lin, mask, m = pair(out=10, inp=16, density=0.3)
+    opt_d = torch.optim.SGD(lin.parameters(), lr=0.05, momentum=0.9)
+    opt_c = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    g, gt = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(1, 25):
+        x, y = torch.randn(6, 16, generator=g), torch.randint(0, 10, (6,), generator=g)
+        pair_losses = []
+        for model, opt in ((lin, opt_d), (m, opt_c)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if model is lin:
+                lin.weight.grad.mul_(mask)
+            opt.step()
+            pair_losses.append(loss.item())
+        losses.append(pair_losses)
+        if step % 4 == 0:
+            w = m.weight
+            k = 3
+            drop = torch.topk(w.values.detach().abs(), k, largest=False).indices
+            keep = torch.ones(w.num_active, dtype=torch.bool)
+            keep[drop] = False
+            dropped = torch.sort(w.active_flat()[drop]).values
+            add = w.sample_inactive(k, gt, exclude=dropped)
+            w.set_topology(keep, add, optimizer=opt_c)
+            flat_mask = mask.view(-1)
+            flat_mask[dropped] = False
+            flat_mask[add] = True
+            with torch.no_grad():
+                lin.weight.view(-1)[dropped] = 0.0
+                lin.weight.view(-1)[add] = 0.0
+                opt_d.state[lin.weight]["momentum_buffer"].mul_(mask)
+            assert torch.equal(mask.view(-1).nonzero().view(-1), w.active_flat())
+    torch.testing.assert_close(torch.tensor(losses)[:, 1], torch.tensor(losses)[:, 0])
+    torch.testing.assert_close(m.weight.to_dense(), lin.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_set_topology_rejects_bad_input():
+    _, _, m = pair()
+    w = m.weight
+    keep = torch.ones(w.num_active, dtype=torch.bool)
+    with pytest.raises(DynsparseError, match="stay active"):
+        w.set_topology(keep, w.active_flat()[:1])
+    with pytest.raises(DynsparseError, match="distinct"):
+        w.set_topology(keep, torch.tensor([w.num_entries]))
+    with pytest.raises(DynsparseError, match="keep must be"):
+        w.set_topology(keep[1:], torch.tensor([], dtype=torch.long))
+
+
+def test_random_construction_exact_count_and_no_dense_tensor():
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    w = CSRWeight.random(200_000, 200_000, 1e-6, g)  # a dense float tensor would be 160 GB
+    assert time.perf_counter() - t0 < 5
+    assert w.num_active == int(1e-6 * 200_000**2 + 0.1) == 40_000
+    flat = w.active_flat()
+    assert bool((flat[1:] > flat[:-1]).all()) and int(flat[-1]) < w.num_entries
+    bound = 1 / 200_000**0.5
+    assert float(w.values.detach().abs().max()) <= bound
+    small = CSRWeight.random(30, 40, 0.3, torch.Generator().manual_seed(1))
+    assert small.num_active == 360
+    assert small.to_dense().count_nonzero() == 360
+
+
+def test_sample_flat_is_uniform_and_respects_exclude():
+    g = torch.Generator().manual_seed(0)
+    exclude = torch.tensor([0, 3, 5])
+    counts = torch.zeros(10)
+    for _ in range(2000):
+        s = sample_flat(10, 3, g, exclude=exclude)
+        assert s.numel() == 3 and not set(s.tolist()) & {0, 3, 5}
+        counts[s] += 1
+    free = counts[[1, 2, 4, 6, 7, 8, 9]]
+    assert counts[[0, 3, 5]].sum() == 0
+    assert float(free.min()) > 0.8 * 2000 * 3 / 7  # each free slot ~857 times
+    assert sample_flat(10, 7, g, exclude=exclude).tolist() == [1, 2, 4, 6, 7, 8, 9]
+    with pytest.raises(DynsparseError, match="only 7"):
+        sample_flat(10, 8, g, exclude=exclude)
+
+
+def test_state_dict_round_trip_and_different_nnz():
+    _, _, a = pair(out=10, inp=12, density=0.5, seed=1)
+    _, _, b = pair(out=10, inp=12, density=0.1, seed=2)
+    sd = a.state_dict()
+    assert set(sd) == {"weight.values", "weight.crow_indices", "weight.col_indices", "bias"}
+    b.load_state_dict(sd)
+    assert b.weight.num_active == a.weight.num_active != 0
+    torch.testing.assert_close(b.weight.to_dense(), a.weight.to_dense())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(b(x), a(x))
+    b(x).sum().backward()  # transpose indices were rebuilt for the new pattern
+    assert b.weight.values.grad.shape == b.weight.values.shape
+    _, _, wrong = pair(out=11, inp=12)
+    with pytest.raises(RuntimeError, match="crow_indices"):
+        wrong.load_state_dict(sd)
+
+
+def test_export_dense_and_sparse():
+    lin, mask, m = pair()
+    torch.testing.assert_close(m.weight.to_dense(), lin.weight.detach() * mask)
+    sp = m.weight.to_sparse_csr()
+    assert sp.layout == torch.sparse_csr
+    torch.testing.assert_close(sp.to_dense(), lin.weight.detach() * mask)
+    model = nn.Sequential(m)
+    dense = dense_state_dict(model)
+    assert set(dense) == {"0.weight", "0.bias"}
+    torch.testing.assert_close(dense["0.weight"], lin.weight.detach() * mask)
+
+
+def test_dense_grad_rows_equals_dense_gradient():
+    lin, mask, m = pair(out=14, inp=11, density=0.3)
+    lin.weight.data = lin.weight.data.clone()  # dense reference gradient of the full weight
+    x = torch.randn(3, 4, 11)
+    m.weight.capture_gradient()
+    F.linear(x, lin.weight, lin.bias).pow(2).sum().backward()
+    m(x).pow(2).sum().backward()
+    full = torch.cat([m.weight.dense_grad_rows(a, min(a + 5, 14)) for a in range(0, 14, 5)])
+    torch.testing.assert_close(full, lin.weight.grad)
+    assert torch.equal(m.weight.mask_rows(3, 9), mask[3:9])
+    m.weight.release_gradient()
+    with pytest.raises(DynsparseError, match="capture_gradient"):
+        m.weight.dense_grad_rows(0, 1)
+
+
+def test_adam_on_values_parameter_and_csr_linear_default_init():
+    m = CSRLinear(50, 40, density=0.1, generator=torch.Generator().manual_seed(0))
+    assert m.weight.num_active == 200
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    m(torch.randn(2, 50)).sum().backward()
+    opt.step()
+    assert opt.state[m.weight.values]["exp_avg"].shape == (200,)
+
+
+def test_mnist_mlp_hidden_sizes_and_sparse_construction():
+    m = MnistMLP(hidden_sizes=(64, 32, 16))
+    assert m.sparse_parameter_names() == ["fc1.weight", "fc_int.weight", "fc_int2.weight", "fc2.weight"]
+    assert m(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+    wide = MnistMLP(hidden_sizes=(100_000, 100_000), sparse_density=1e-4)
+    assert wide.fc_int.weight.num_active == 1_000_000  # a dense fc_int would be 40 GB
+    assert wide.sparse_parameter_names() == ["fc1.weight.values", "fc_int.weight.values", "fc2.weight"]
+    with pytest.raises(DynsparseError, match="hidden_sizes"):
+        MnistMLP(hidden_sizes=(10, 0))
+
+
+def test_hidden_sizes_config():
+    assert TrainConfig(hidden_sizes="1000, 500").hidden_sizes == (1000, 500)
+    assert TrainConfig(hidden_sizes=[7]).hidden_sizes == (7,)
+    with pytest.raises(DynsparseError, match="comma-separated"):
+        TrainConfig(hidden_sizes="10,x")
+    with pytest.raises(DynsparseError, match="for mnist_mlp"):
+        TrainConfig(model="cifar10_WideResNet", hidden_sizes=(10,)).validate()
+    with pytest.raises(DynsparseError, match="positive"):
+        TrainConfig(hidden_sizes="").validate()
