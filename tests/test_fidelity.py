@@ -48,7 +48,10 @@ def test_copied_mask_starts_from_the_unmasked_fresh_init(tiny_mnist, tmp_path):
 
 
 def test_copied_mask_with_resume_initial_starts_from_the_other_runs_init(tiny_mnist, tmp_path):
-    _run(tiny_mnist, tmp_path, "--rewire", "--name", "x", "--seed", "5")
+    schedule = tmp_path / "every_step.yaml"  # X rewires at every step, so its final mask is not its initial one
+    schedule.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 1\n")
+    _run(tiny_mnist, tmp_path, "--rewire", "--rewire-fraction", "0.5", "--schedule-file", str(schedule),
+         "--name", "x", "--seed", "5")
     _run(tiny_mnist, tmp_path, "--copy-mask-from", str(tmp_path / "x"), "--resume", str(tmp_path / "x_initial"),
          "--name", "y", "--seed", "3")
     masks = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
@@ -61,6 +64,7 @@ def test_copied_mask_with_resume_initial_starts_from_the_other_runs_init(tiny_mn
         # where X's initial mask was on, that is exactly X's saved initial weight
         m0 = x_initial["sparsifier"]["masks"][n] & m
         assert torch.equal(start[n][m0], x_initial["model"][n][m0])
+        assert int((m & ~x_initial["sparsifier"]["masks"][n]).sum()) > 0  # and positions X grew later
 
 
 # ---- 2. DeepR: tensors at density 1.0 are skipped; signs after --big-new-weights growth --------
