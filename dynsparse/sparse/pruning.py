@@ -2,8 +2,9 @@
 
 ``iterations`` prunes, one at the end of epoch ``start``, ``start + frequency``, ... Each prune
 takes every tensor to the sparsity its schedule gives after that prune, by removing its
-smallest-magnitude active entries (or, with ``global_threshold``, the globally smallest entries of
-all tensors, in the same total number). Nothing is regrown, so sparsity never decreases.
+smallest-magnitude active entries (or, with ``global_threshold``, i.e. ``--global-prune``, the
+globally smallest entries of all tensors, in the same total number; the original's
+``--threshold-prune`` does not select this: the original ignored it in prune mode). Nothing is regrown, so sparsity never decreases.
 
 Schedules, for final sparsity ``s`` after ``n`` prunes (``i`` = prunes done, 1..n):
 
