@@ -80,6 +80,8 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--name",), dict(help="run name (default: {model}_{job_idx})")),
 ]
 OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--method",), dict(metavar="NAME", help="a method of the registry by name (dynsparse.legacy.METHODS); the "
+                                              "original flags (--rewire, --DeepR, ...) select the paper's methods")),
     (("--rigl",), dict(action="store_true", help="RigL (Evci et al. 2020): drop by magnitude, grow by gradient")),
     (("--sparse-momentum",), dict(action="store_true", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)")),
     (("--drop-fraction",), dict(type=float, help="RigL/SNFS initial drop fraction, cosine-decayed (RigL 0.3, SNFS 0.5)")),
@@ -110,6 +112,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         if kwargs.get("action") not in ("store_true", "store_false"):
             helptext += f" (default: {default})"
         parser.add_argument(*flags, default=default, help=helptext, **kwargs)
+    from dynsparse.legacy import METHODS
+    for m in METHODS.values():  # methods added to the registry bring their own flag
+        if m.flag:
+            parser.add_argument(m.flag, dest="method", action="store_const", const=m.name, help=f"train with {m.name}")
     parser.add_argument("--dry-run", action="store_true", help="resolve and print the configuration, train nothing")
     parser.add_argument("--debug-distributed", action="store_true",
                         help="under torchrun: check after every topology update that all ranks hold the same masks and weights")
@@ -119,6 +125,8 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**values)
     cfg.validate()
+    from dynsparse.legacy import check
+    check(cfg)
     return cfg
 
 

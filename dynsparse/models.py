@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
+from dynsparse.sparse.masks import conv_and_linear_weights
 
 MODEL_NAMES: tuple[str, ...] = ("mnist_mlp", "cifar10_WideResNet", "imagenet_resnet50")
 
@@ -290,10 +291,7 @@ def sparse_parameter_names(model: nn.Module, *, sparse_resnet_downsample: bool =
     own = getattr(model, "sparse_parameter_names", None)
     if callable(own):
         return list(own(sparse_resnet_downsample=sparse_resnet_downsample))
-    keep = {f"{name}.weight" if name else "weight"
-            for name, m in model.named_modules() if isinstance(m, (*_CONV_TYPES, nn.Linear))}
-    # Filtering named_parameters keeps its order and drops the second name of a shared weight.
-    return [name for name, _ in model.named_parameters() if name in keep]
+    return conv_and_linear_weights(model)
 
 
 def layer_type(model: nn.Module, name: str) -> str:

@@ -35,10 +35,9 @@ from dynsparse.config import TrainConfig
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from dynsparse.methods import build_sparsifier, param_counts
+from dynsparse.legacy import build_penalty, build_sparsifier, method_label, method_of, param_counts
 from dynsparse.models import create_model, dataset_of
 from dynsparse.schedule import load_schedules
-from dynsparse.sparse import Sparsifier
 from dynsparse.train import evaluate, set_lr, summarize, train_one_epoch
 
 
@@ -95,6 +94,7 @@ class _Run:
                                          momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.sparsifier = tied or build_sparsifier(cfg, self.model, self.optimizer, self.schedules,
                                                    steps_per_epoch=len(self.data.train))
+        self.penalty = build_penalty(cfg, self.sparsifier)
         self.autocast = torch.bfloat16 if cfg.amp == "bf16" else None
         self.train_model = self.model
         if self.dist.enabled:
@@ -108,17 +108,10 @@ class _Run:
         self.evidence = evidence(argv, self.device, self.dist.world_size)
 
     def state(self) -> dict:
-        sp = self.sparsifier
         return {"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sparsifier": sp.state_dict() if isinstance(sp, Sparsifier) else None,
+                "sparsifier": self.sparsifier.state_dict(),
                 "history": self.history, "events": self.events}
-
-    def load_masks(self, masks: dict) -> None:
-        """Another run's masks, with our own counters, threshold and generator."""
-        state = self.sparsifier.state_dict()
-        state["masks"] = masks
-        self.sparsifier.load_state_dict(state)
 
     def restore(self, ckpt: dict, *, exact: bool) -> None:
         try:
@@ -126,12 +119,7 @@ class _Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise DynsparseError(f"checkpoint does not fit this model/optimizer: {str(e).splitlines()[0][:300]}") from None
-        if isinstance(self.sparsifier, Sparsifier):
-            if exact and ckpt.get("sparsifier") is not None:
-                self.sparsifier.load_state_dict(ckpt["sparsifier"])
-            elif ckpt.get("sparsifier") is not None:
-                self.load_masks(ckpt["sparsifier"]["masks"])
-            self.sparsifier.apply_masks()  # loaded weights and optimizer state obey our masks
+        self.sparsifier.restore(ckpt.get("sparsifier"), exact=exact)  # loaded weights and optimizer state obey the masks
         if exact:
             self.start_epoch, self.history, self.events = int(ckpt["epoch"]), list(ckpt["history"]), list(ckpt["events"])
 
@@ -140,9 +128,9 @@ def copy_masks(run: _Run, source: str) -> None:
     """``--copy-mask-from``: take only the masks of another run (its final checkpoint), as the
     original did; weights stay as they are (random init, or ``--resume``'s)."""
     ckpt, path = load_checkpoint(source, run.device, run.cfg.runs_dir)
-    if not isinstance(run.sparsifier, Sparsifier) or ckpt.get("sparsifier") is None:
+    if run.sparsifier.state_dict() is None or ckpt.get("sparsifier") is None:
         raise DynsparseError(f"--copy-mask-from needs sparse layers here and in {path} (both runs sparse)")
-    run.load_masks(ckpt["sparsifier"]["masks"])
+    run.sparsifier.restore(ckpt["sparsifier"], exact=False)
     run.echo(f"copied the masks of {path}")
 
 
@@ -172,9 +160,9 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
                 for stale in ("metrics.jsonl", "reallocations.jsonl", "summary.json"):
                     (run.dir / stale).unlink(missing_ok=True)
                 atomic_torch_save(run.dir / "initial.pt", run.state())
-            atomic_write_json(run.dir / "config.json", {"config": cfg.to_dict(), "method": cfg.method(),
+            atomic_write_json(run.dir / "config.json", {"config": cfg.to_dict(), "method": method_of(cfg),
                                                         "schedule": run.schedules.source, **run.evidence})
-        if debug_distributed and isinstance(run.sparsifier, Sparsifier):
+        if debug_distributed:
             run.sparsifier.after_update = lambda: D.check_consistency(run.model, run.sparsifier, run.dist,
                                                                       f"after step {run.sparsifier.step_count}")
         summary = _train_loop(run, debug_distributed)
@@ -194,7 +182,7 @@ def _evaluate(run: _Run, loader) -> dict[str, float]:
 def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     cfg, echo, data = run.cfg, run.echo, run.data
     counts = param_counts(run.model, run.sparsifier)
-    echo(f"run {run.dir}: {cfg.model}, method {cfg.method()}, {counts['params_nonzero']:,} of "
+    echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_nonzero']:,} of "
          f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
          + (f" x {run.dist.world_size} processes" if run.dist.enabled else ""))
     echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} {'rewires':>7} {'time':>6}")
@@ -204,7 +192,7 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
         set_lr(run.optimizer, lr)
         run.sparsifier.set_epoch(epoch)
         data.train.set_epoch(epoch)
-        sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier,
+        sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier, penalty=run.penalty,
                                progress=cfg.progress and run.dist.is_main, desc=f"epoch {epoch}",
                                autocast=run.autocast, channels_last=cfg.channels_last)
         train = summarize(D.all_reduce_sums(sums, run.dist))
@@ -223,10 +211,9 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             row.update({f"val_{k}": v for k, v in _evaluate(run, data.val).items()})
         row.update({f"test_{k}": v for k, v in _evaluate(run, data.test).items()})
         row.update(param_counts(run.model, run.sparsifier))
-        if isinstance(run.sparsifier, Sparsifier):
-            row.update({"rewires": len(events), "pruned": sum(e["pruned"] for e in events),
-                        "threshold": getattr(run.sparsifier.policy, "threshold", None),
-                        "densities": run.sparsifier.densities()})
+        metrics = run.sparsifier.metrics()
+        if metrics:
+            row.update({"rewires": len(events), "pruned": sum(e["pruned"] for e in events), **metrics})
         row["time_s"] = time.perf_counter() - t0
         run.history.append(row)
         run.start_epoch = epoch + 1
@@ -255,8 +242,8 @@ def _summary(run: _Run) -> dict:
         raise DynsparseError(f"no epoch was trained (start epoch {run.start_epoch} >= {run.cfg.total_epochs} epochs)")
     best = max(hist, key=lambda r: r["test_top1"])
     last = hist[-1]
-    out = {"run": run.cfg.run_name, "model": run.cfg.model, "method": run.cfg.method(),
-           "label": run.cfg.method_label(), "sparsity": run.cfg.nominal_sparsity(),
+    out = {"run": run.cfg.run_name, "model": run.cfg.model, "method": method_of(run.cfg),
+           "label": method_label(run.cfg), "sparsity": run.cfg.nominal_sparsity(),
            "sparsity_conv": run.cfg.initial_sparsity_conv, "sparsity_fc": run.cfg.initial_sparsity_fc,
            "seed": run.cfg.seed, "epochs": len(hist), "test_top1": last["test_top1"], "test_top5": last["test_top5"],
            "best_test_top1": best["test_top1"], "best_epoch": best["epoch"],
@@ -265,8 +252,8 @@ def _summary(run: _Run) -> dict:
         best_val = max(hist, key=lambda r: r["val_top1"])
         out.update({"best_val_top1": best_val["val_top1"], "best_val_epoch": best_val["epoch"],
                     "test_top1_at_best_val": best_val["test_top1"]})
-    if isinstance(run.sparsifier, Sparsifier):
-        out.update({"reallocations": len(run.events), "total_pruned": run.sparsifier.total_pruned,
-                    "total_grown": run.sparsifier.total_grown})
+    totals = run.sparsifier.totals()
+    if totals:
+        out.update({"reallocations": len(run.events), **totals})
     out.update({"evidence": run.evidence, "config": run.cfg.to_dict(), "history": hist})
     return out
