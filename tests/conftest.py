@@ -37,6 +37,7 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords:
             item.add_marker(skip)
 
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The real-data directory from ``DYNSPARSE_TEST_DATA``; tests that use it are skipped when it
