@@ -1,7 +1,7 @@
 """Time one MNIST training epoch (60k images, batch 100, LeNet-300-100 with BN, SGD) three ways,
 side by side in one process, interleaved:
 
-  dynsparse   -- dynsparse's on-device TensorLoader + train_one_epoch (dense, NullSparsifier)
+  dynsparse   -- dynsparse's on-device TensorLoader + train_one_epoch (dense, no sparsifier)
   plain       -- (a) a plain PyTorch loop over in-memory tensors (shuffle, index, normalize)
   dataloader  -- (b) a plain loop over a torch DataLoader of per-sample tensors, as the original:
                  torchvision's MNIST item (a PIL image) + ToTensor + Normalize, 1 worker process
@@ -24,7 +24,7 @@ from common import evidence, interleaved, median, write_results  # noqa: E402
 from dynsparse.data import MNIST_MEAN, MNIST_STD, TensorLoader, load_mnist, resolve_data_root  # noqa: E402
 from dynsparse.errors import DynsparseError  # noqa: E402
 from dynsparse.models import create_model  # noqa: E402
-from dynsparse.train import NullSparsifier, train_one_epoch  # noqa: E402
+from dynsparse.train import train_one_epoch  # noqa: E402
 
 
 class PerSample(torch.utils.data.Dataset):
@@ -67,7 +67,7 @@ def main() -> None:
         loader = TensorLoader(x.to(device), y.to(device), batch_size=bs, shuffle=True, seed=0,
                               mean=MNIST_MEAN, std=MNIST_STD)
         loader.set_epoch(0)
-        train_one_epoch(model, loader, opt, NullSparsifier())
+        train_one_epoch(model, loader, opt)
 
     def step(model, opt, xb, yb):
         loss = F.cross_entropy(model(xb), yb)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import evidence, interleaved, median, timed, write_results  # noqa: E402
 
 from dynsparse.models import create_model  # noqa: E402
-from dynsparse.sparse import DSR, Sparsifier  # noqa: E402
+from dynsparse.sparse import DSR, Periodic, Sparsifier  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -33,7 +33,7 @@ def setup(model_name: str, sparse: bool, density: float, period: int, **kw):
     torch.manual_seed(0)
     model = create_model(model_name, **kw).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sp = Sparsifier(model, opt, policy=DSR(n_prune=2000), densities=density, period=lambda e: period) if sparse else None
+    sp = Sparsifier(model, opt, policy=DSR(n_prune=2000, when=Periodic(period)), densities=density) if sparse else None
     return model, opt, sp
 
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import evidence, interleaved, median, write_results  # noqa: E402
 
 from dynsparse.models import create_model, sparse_parameter_names  # noqa: E402
-from dynsparse.sparse import DSR, Sparsifier  # noqa: E402
-from dynsparse.train import NullSparsifier, train_one_epoch  # noqa: E402
+from dynsparse.sparse import DSR, Periodic, Sparsifier  # noqa: E402
+from dynsparse.train import train_one_epoch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -38,8 +38,8 @@ def workload(name: str, sparse: bool, steps: int):
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     names = sparse_parameter_names(model)
-    sp = (Sparsifier(model, opt, policy=DSR(n_prune=n_prune), densities={n: 0.1 for n in names},
-                     period=lambda e: 100) if sparse else NullSparsifier())
+    sp = (Sparsifier(model, opt, policy=DSR(n_prune=n_prune, when=Periodic(100)), densities={n: 0.1 for n in names})
+          if sparse else None)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=g).to(DEVICE)
     y = torch.randint(0, 10, (batch,), generator=g).to(DEVICE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dynsparse.run import git_state
+from dynsparse.evidence import git_state
 
 RESULTS = Path(__file__).with_name("results")
 

@@ -1,6 +1,7 @@
 """dynsparse: parameter-efficient training by dynamic sparse reparameterization.
 
-A few lines turn any model and optimizer into DSR (or SET, DeepR, static sparse) training::
+A few lines turn any model and optimizer into DSR (or SET, DeepR, RigL, SNFS, static sparse,
+gradual pruning) training::
 
     from dynsparse import DSR, Sparsifier
     sparsifier = Sparsifier(model, optimizer, policy=DSR(n_prune=600), densities=0.1)
@@ -16,7 +17,11 @@ __version__ = "0.1.0"
 
 from dynsparse.errors import DynsparseError
 from dynsparse.models import create_model, sparse_parameter_names
-from dynsparse.sparse import DSR, SET, DeepR, Sparsifier, Static, create_policy
+from dynsparse.sparse import (BUDGETS, DSR, POLICIES, SET, SNFS, AtEpochEnds, DeepR, DropGrow, EveryStep,
+                              GradualPruning, MEST, Never, Periodic, Policy, RigL, Sparsifier, Static, When, create_policy,
+                              erk_densities, make_densities, register_policy)
 
-__all__ = ["DSR", "SET", "DeepR", "DynsparseError", "Sparsifier", "Static", "__version__", "create_model",
-           "create_policy", "sparse_parameter_names"]
+__all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "DynsparseError", "EveryStep", "GradualPruning",
+           "MEST", "Never", "POLICIES", "Periodic", "Policy", "RigL", "SET", "SNFS", "Sparsifier", "Static", "When",
+           "__version__", "create_model", "create_policy", "erk_densities", "make_densities", "register_policy",
+           "sparse_parameter_names"]

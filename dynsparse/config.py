@@ -2,8 +2,8 @@
 
 Field names follow the original command-line flags (``--initial-sparsity-conv`` ->
 ``initial_sparsity_conv``, ``--DeepR_eta`` -> ``DeepR_eta``) so that a configuration can be
-compared with an original job line at a glance. :meth:`TrainConfig.method` is the one place that
-decides which sparse training method a set of original flags means.
+compared with an original job line at a glance. Which method a set of flags means is decided by
+the method table in :mod:`dynsparse.legacy`, which also checks the method's own settings.
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ class TrainConfig:
     schedule_file: str | None = None
     name: str = ""
     # dynsparse's own
+    method: str = ""  # a method of the registry by name (--method NAME, or its own flag)
     rigl: bool = False
     sparse_momentum: bool = False
     drop_fraction: float | None = None
@@ -80,6 +81,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     overwrite: bool = False
     progress: bool = True
+    logger: str = ""  # comma-separated: csv, tensorboard, wandb (dynsparse.loggers)
     global_prune: bool = False  # issue 11: global magnitude pruning (the original's --threshold-prune is ignored in prune mode)
     tied_per_kernel: bool = False  # issue 11: --tied shares per 3x3 kernel (the original always shares per weight)
     prune_from_scratch: bool = False
@@ -95,38 +97,12 @@ class TrainConfig:
                 raise DynsparseError(f"--hidden-sizes must be comma-separated integers, got {self.hidden_sizes!r}") from None
         object.__setattr__(self, "hidden_sizes", tuple(sizes))
 
-    def method(self) -> str:
-        """``dense``, ``static``, ``dsr``, ``set``, ``deepr``, ``prune`` or ``tied``."""
-        if self.prune:
-            return "prune"
-        if self.tied:
-            return "tied"
-        if self.DeepR:
-            return "deepr"
-        if self.rigl:
-            return "rigl"
-        if self.sparse_momentum:
-            return "snfs"
-        if self.rewire:
-            return "dsr" if self.threshold_prune else "set"
-        from dynsparse.models import SPARSE_LAYER_TYPES
-        used = SPARSE_LAYER_TYPES.get(self.model, ("conv", "fc"))
-        sparsities = {"conv": self.initial_sparsity_conv, "fc": self.initial_sparsity_fc}
-        return "dense" if all(sparsities[t] == 0 for t in used) else "static"
-
     def nominal_sparsity(self) -> float:
         """The sparsity a run is labelled with: of the fc layers for mnist_mlp, of the conv layers
         otherwise (the pruning target in prune mode), as in the paper's tables."""
         if self.prune:
             return self.prune_target_sparsity_fc if self.model == "mnist_mlp" else self.prune_target_sparsity_conv
         return self.initial_sparsity_fc if self.model == "mnist_mlp" else self.initial_sparsity_conv
-
-    def method_label(self) -> str:
-        """``method()``, with dense runs narrower than the paper's baseline width called thin dense."""
-        full_width = {"cifar10_WideResNet": 2.0, "imagenet_resnet50": 1.0}.get(self.model)
-        if self.method() == "dense" and full_width is not None and self.widen_factor < full_width:
-            return "thin dense"
-        return self.method()
 
     @property
     def total_epochs(self) -> int:
@@ -148,6 +124,8 @@ class TrainConfig:
         """Reject impossible values and incompatible flags with one clear message."""
         from dynsparse.models import dataset_of
         dataset_of(self.model)  # unknown model -> error listing the valid names
+        from dynsparse.loggers import parse_names
+        parse_names(self.logger)
         for flag, value in (("--initial-sparsity-conv", self.initial_sparsity_conv),
                             ("--initial-sparsity-fc", self.initial_sparsity_fc)):
             if not 0.0 <= value < 1.0:
@@ -169,23 +147,11 @@ class TrainConfig:
                 raise DynsparseError(f"{flag} must be a finite number >= 0, got {value}")
         if self.prune_from_scratch and not self.prune:
             raise DynsparseError("--prune-from-scratch is a variant of --prune; pass both")
-        chosen = [f for f, on in (("--DeepR", self.DeepR), ("--rewire", self.rewire), ("--prune", self.prune),
-                                   ("--tied", self.tied), ("--rigl", self.rigl),
-                                   ("--sparse-momentum", self.sparse_momentum)) if on]
-        if len(chosen) > 1:
-            raise DynsparseError(f"{' and '.join(chosen)} are different methods: pass one of them")
         from dynsparse.sparse.budget import BUDGETS
         if self.budget not in BUDGETS:
             raise DynsparseError(f"unknown budget {self.budget!r}; valid choices: {', '.join(sorted(BUDGETS))}")
-        if self.drop_fraction is not None and not 0.0 < self.drop_fraction < 1.0:
-            raise DynsparseError(f"--drop-fraction must be in (0, 1), got {self.drop_fraction}")
         if not 0.0 < self.update_end <= 1.0:
             raise DynsparseError(f"--update-end must be in (0, 1] (a fraction of training), got {self.update_end}")
-        if self.update_period is not None and self.update_period < 1:
-            raise DynsparseError(f"--update-period must be >= 1 (training steps), got {self.update_period}")
-        if self.update_period is not None and not (self.rigl or self.sparse_momentum):
-            raise DynsparseError("--update-period is for --rigl and --sparse-momentum; DSR, SET and DeepR take "
-                                 "their period from rewire_period_schedule in --schedule-file")
         if self.amp not in ("off", "bf16"):
             raise DynsparseError(f"--amp must be off or bf16, got {self.amp!r}")
         if self.rescale_tied_gradient and not self.tied:
@@ -196,11 +162,9 @@ class TrainConfig:
                             ("--prune-target-sparsity-conv", self.prune_target_sparsity_conv)):
             if self.prune and not 0.0 <= value < 1.0:
                 raise DynsparseError(f"{flag} must be in [0, 1), got {value}")
-        if self.prune and (self.prune_iterations < 1 or self.prune_epoch_frequency < 1 or self.post_prune_epochs < 1
-                           or self.start_pruning_after_epoch < 0):
-            raise DynsparseError("prune mode needs --prune-iterations >= 1, --prune-epoch-frequency >= 1, "
-                                 "--start-pruning-after-epoch >= 0 and --post-prune-epochs >= 1 (the count "
-                                 "includes the epoch that ends with the last prune)")
+        if self.prune and self.post_prune_epochs < 1:
+            raise DynsparseError("prune mode needs --post-prune-epochs >= 1 (the count includes the epoch that "
+                                 "ends with the last prune)")
         if self.rewire_scaling and not self.rewire:
             raise DynsparseError("--rewire-scaling needs --rewire (DSR, or SET without --threshold-prune)")
         if self.global_prune and not self.prune:
@@ -209,9 +173,5 @@ class TrainConfig:
             raise DynsparseError("--tied-per-kernel needs --tied")
         if self.threshold_prune and not self.rewire and not self.prune:
             raise DynsparseError("--threshold-prune needs --rewire (DSR) or --prune")
-        if self.n_prune_params < 1:
-            raise DynsparseError(f"--n-prune-params must be >= 1, got {self.n_prune_params}")
-        if not 0.0 <= self.rewire_fraction < 1.0:
-            raise DynsparseError(f"--rewire-fraction must be in [0, 1), got {self.rewire_fraction}")
         if self.DeepR and self.sub_kernel_granularity != 4 and self.model != "mnist_mlp":
             raise DynsparseError("--DeepR needs per-weight masks: pass --sub-kernel-granularity 4")

@@ -4,12 +4,14 @@ A multiply-add counts as 2 FLOPs; only conv and linear layers are counted. With 
 forward cost per sample and ``f_S`` the sparse one (each sparse layer's cost times its density),
 a training step costs (per sample):
 
-* dense, tied: ``3 f_D`` (forward, and backward for activations and weights);
-* static, SET, DSR, DeepR, pruning: ``3 f_S``, with ``f_S`` following the per-layer densities
-  epoch by epoch (DSR moves parameters, pruning shrinks them);
-* RigL: ``(3 f_S dT + 2 f_S + f_D) / (dT + 1)`` while the topology is updated (the dense
-  gradient only at update steps), ``3 f_S`` after;
-* SNFS: ``2 f_S + f_D`` (its momentum needs the dense gradient every step).
+* cost ``dense`` (dense, tied): ``3 f_D`` (forward, and backward for activations and weights);
+* ``sparse`` (static, SET, DSR, DeepR, pruning): ``3 f_S``, with ``f_S`` following the per-layer
+  densities epoch by epoch (DSR moves parameters, pruning shrinks them);
+* ``dense-grad-at-updates`` (RigL): ``(3 f_S dT + 2 f_S + f_D) / (dT + 1)`` while the topology
+  is updated (the dense gradient only at update steps), ``3 f_S`` after;
+* ``dense-grad-every-step`` (SNFS): ``2 f_S + f_D`` (its momentum needs the dense gradient every step).
+
+A method's cost kind is its ``cost`` in the method table (:data:`dynsparse.legacy.METHODS`).
 
 ``multiplier`` is the whole run's cost divided by dense training's over the same epochs; the
 dense training before pruning is not included.
@@ -21,6 +23,8 @@ import statistics
 import torch
 from torch import nn
 
+from dynsparse.errors import unknown_choice
+from dynsparse.legacy import METHODS
 from dynsparse.models import create_model, dataset_of
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
@@ -64,16 +68,19 @@ def model_layer_flops(config: dict, num_classes: int = 10) -> dict[str, int]:
 def training_multiplier(method: str, flops: dict[str, int], densities_per_epoch: list[dict[str, float]],
                         *, period: int = 100, update_end: float = 0.75) -> float:
     """The run's training FLOPs relative to dense training (see the module docstring)."""
+    if method not in METHODS:
+        raise unknown_choice("method", method, METHODS)
+    cost_kind = METHODS[method].cost
     dense = sum(flops.values())
-    if method in ("dense", "tied") or not densities_per_epoch:
+    if cost_kind == "dense" or not densities_per_epoch:
         return 1.0
     epochs = len(densities_per_epoch)
     costs = []
     for e, dens in enumerate(densities_per_epoch):
         f_s = dense - sum(flops[n] * (1 - d) for n, d in dens.items() if n in flops)
-        if method == "rigl":
+        if cost_kind == "dense-grad-at-updates":
             cost = (3 * f_s * period + 2 * f_s + dense) / (period + 1) if e < update_end * epochs else 3 * f_s
-        elif method == "snfs":
+        elif cost_kind == "dense-grad-every-step":
             cost = 2 * f_s + dense if e < update_end * epochs else 3 * f_s
         else:
             cost = 3 * f_s

@@ -28,7 +28,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
-from dynsparse.data import DATA_ENV, DataBundle, epoch_generator, pad_to_multiple
+from dynsparse.datasets import DATA_ENV
+from dynsparse.loaders import DataBundle, epoch_generator, pad_to_multiple
 from dynsparse.errors import DynsparseError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

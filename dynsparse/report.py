@@ -31,6 +31,7 @@ from pathlib import Path
 from dynsparse.errors import DynsparseError
 from dynsparse.flops import model_layer_flops, training_multiplier
 from dynsparse.io import atomic_write_text
+from dynsparse.legacy import METHODS
 from dynsparse.published import published
 from dynsparse.schedule import load_schedules
 
@@ -179,7 +180,8 @@ def flops_multiplier(summary: dict) -> float | None:
         except DynsparseError:
             period = 100
     densities = [r["densities"] for r in summary["history"] if "densities" in r]
-    if not densities and summary["method"] not in ("dense", "tied"):
+    method = METHODS.get(summary["method"])
+    if method is None or (not densities and method.cost != "dense"):
         return None
     try:
         layer_flops = model_layer_flops(cfg)

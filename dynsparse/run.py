@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,44 +26,19 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import dynsparse
-from dynsparse import distributed as D
+from dynsparse import distributed
 from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_runs_dir, check_same_config, does_not_fit, holds_run,
                                   load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
+from dynsparse.evidence import evidence
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from dynsparse.methods import build_sparsifier, param_counts
+from dynsparse.legacy import build_penalty, build_sparsifier, method_label, method_of, param_counts
+from dynsparse.loggers import create_logger, epoch_scalars
 from dynsparse.models import create_model, dataset_of
 from dynsparse.schedule import load_schedules
-from dynsparse.sparse import Sparsifier
 from dynsparse.train import Diverged, evaluate, set_lr, summarize, train_one_epoch
-
-
-def git_state() -> dict:
-    """The checkout's commit and its uncommitted changes to tracked files (None outside git), so
-    that a result made from a modified tree says so."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout if out.returncode == 0 else None
-    commit = (git("rev-parse", "HEAD") or "").strip() or None
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "uncommitted": None if status is None else [line[3:] for line in status.splitlines()]}
-
-
-def evidence(argv: Sequence[str] | None, device: torch.device, world_size: int) -> dict:
-    git = git_state()
-    return {"command": list(argv) if argv else None, "commit": git["commit"], "uncommitted": git["uncommitted"],
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-            "world_size": world_size, "threads": torch.get_num_threads(),
-            "versions": {"dynsparse": dynsparse.__version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 class _Run:
@@ -73,7 +46,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, argv: Sequence[str] | None, echo: Callable[[str], None]):
         self.cfg = cfg
-        self.dist, self.device = D.setup(cfg.device)
+        self.dist, self.device = distributed.setup(cfg.device)
         self.echo = echo if self.dist.is_main else (lambda s: None)
         self.dir = Path(cfg.runs_dir) / cfg.run_name
         if cfg.batch_size % self.dist.world_size:
@@ -97,32 +70,27 @@ class _Run:
                                          momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.sparsifier = tied or build_sparsifier(cfg, self.model, self.optimizer, self.schedules,
                                                    steps_per_epoch=len(self.data.train))
+        self.penalty = build_penalty(cfg, self.sparsifier)
         self.autocast = torch.bfloat16 if cfg.amp == "bf16" else None
         self.train_model = self.model
         if self.dist.enabled:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.device.type == "cpu":  # resume bit-exact with any number of processes (issue 12)
-                self.train_model.register_comm_hook(None, D.rank_ordered_mean_hook)
+                self.train_model.register_comm_hook(None, distributed.rank_ordered_mean_hook)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.start_epoch = cfg.start_epoch
         self.history: list[dict] = []
         self.events: list[dict] = []
         self.evidence = evidence(argv, self.device, self.dist.world_size)
+        self.logger = create_logger(None, self.dir)  # the real one once the run directory is ready
 
     def state(self) -> dict:
-        sp = self.sparsifier
         return {"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sparsifier": sp.state_dict() if isinstance(sp, Sparsifier) else None,
+                "sparsifier": self.sparsifier.state_dict(),
                 "history": self.history, "events": self.events}
-
-    def load_masks(self, masks: dict) -> None:
-        """Another run's masks, with our own counters, threshold and generator."""
-        state = self.sparsifier.state_dict()
-        state["masks"] = masks
-        self.sparsifier.load_state_dict(state)
 
     def restore(self, ckpt: dict, *, exact: bool) -> None:
         try:
@@ -130,12 +98,7 @@ class _Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise does_not_fit(ckpt, self.cfg.to_dict(), self.model.state_dict(), e) from None
-        if isinstance(self.sparsifier, Sparsifier):
-            if exact and ckpt.get("sparsifier") is not None:
-                self.sparsifier.load_state_dict(ckpt["sparsifier"])
-            elif ckpt.get("sparsifier") is not None:
-                self.load_masks(ckpt["sparsifier"]["masks"])
-            self.sparsifier.apply_masks()  # loaded weights and optimizer state obey our masks
+        self.sparsifier.restore(ckpt.get("sparsifier"), exact=exact)  # loaded weights and optimizer state obey the masks
         if exact:
             self.start_epoch, self.history, self.events = int(ckpt["epoch"]), list(ckpt["history"]), list(ckpt["events"])
 
@@ -158,7 +121,7 @@ def copy_masks(run: _Run, source: str) -> None:
     had there or, with ``--resume X_initial``, X's unmasked initial value (issue 11). With
     ``--resume`` of a trained checkpoint the resumed values are kept (zero where it had no weight)."""
     ckpt, path = load_checkpoint(source, run.device, run.cfg.runs_dir)
-    if not isinstance(run.sparsifier, Sparsifier) or ckpt.get("sparsifier") is None:
+    if run.sparsifier.state_dict() is None or ckpt.get("sparsifier") is None:
         raise DynsparseError(f"--copy-mask-from needs sparse layers here and in {path} (both runs sparse)")
     values_from = run.cfg.to_dict()
     if run.cfg.resume:
@@ -169,7 +132,7 @@ def copy_masks(run: _Run, source: str) -> None:
         with torch.no_grad():
             for name, sp in run.sparsifier.params.items():
                 sp.param.copy_(init[name])
-    run.load_masks(ckpt["sparsifier"]["masks"])  # masks the weights and the optimizer state
+    run.sparsifier.restore(ckpt["sparsifier"], exact=False)  # masks the weights and the optimizer state
     run.sparsifier.policy.attach(run.sparsifier)  # DeepR records the signs of these values
     run.echo(f"copied the masks of {path}")
 
@@ -199,44 +162,47 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
         if not continuing and holds_run(run.dir) and not cfg.overwrite:
             raise DynsparseError(f"{run.dir} already holds a run: pass --resume {run.dir} to continue it, "
                                  f"--overwrite to start over, or --name/--job-idx for a new run")
-        D.barrier(run.dist)  # every rank has looked at the run directory before rank 0 changes it
+        distributed.barrier(run.dist)  # every rank has looked at the run directory before rank 0 changes it
         if run.dist.is_main:
             prepare_run_dir(run.dir, clear=not continuing or path.name == "initial.pt",
                             keep=("initial.pt",) if continuing else ())
             # config.json first: whatever state file exists was written under this configuration
-            atomic_write_json(run.dir / "config.json", {"config": cfg.to_dict(), "method": cfg.method(),
+            atomic_write_json(run.dir / "config.json", {"config": cfg.to_dict(), "method": method_of(cfg),
                                                         "schedule": run.schedules.source, **run.evidence})
             if not continuing:
                 atomic_torch_save(run.dir / "initial.pt", run.state())
-        if debug_distributed and isinstance(run.sparsifier, Sparsifier):
-            run.sparsifier.after_update = lambda: D.check_consistency(run.model, run.sparsifier, run.dist,
+            run.logger = create_logger(cfg.logger, run.dir, start_step=run.start_epoch if continuing else 0,
+                                       config=cfg.to_dict())
+        if debug_distributed:
+            run.sparsifier.after_update = lambda: distributed.check_consistency(run.model, run.sparsifier, run.dist,
                                                                       f"after step {run.sparsifier.step_count}")
         summary = _train_loop(run, debug_distributed)
         if debug_distributed and run.dist.enabled:  # every rank's final state, for inspection
             atomic_torch_save(run.dir / f"debug_rank{run.dist.rank}.pt", run.state())
-        D.barrier(run.dist)
+        distributed.barrier(run.dist)
         return summary
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the command line maps it: say what to resume
         e.run_dir = run.dir
         raise
     except RuntimeError as e:
-        if not (run.dist.enabled and D.is_comm_failure(e)):
+        if not (run.dist.enabled and distributed.is_comm_failure(e)):
             raise
         raise DynsparseError(f"lost another process of this job ({str(e).strip().splitlines()[0][:200]}); "
                              f"{run.dir} keeps the last finished epoch's checkpoint: --resume {run.dir}") from None
     finally:
-        D.cleanup(run.dist)
+        run.logger.close()
+        distributed.cleanup(run.dist)
 
 
 def _evaluate(run: _Run, loader) -> dict[str, float]:
     sums = evaluate(run.model, loader, autocast=run.autocast, channels_last=run.cfg.channels_last)
-    return summarize(D.all_reduce_sums(sums, run.dist))
+    return summarize(distributed.all_reduce_sums(sums, run.dist))
 
 
 def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     cfg, echo, data = run.cfg, run.echo, run.data
     counts = param_counts(run.model, run.sparsifier)
-    echo(f"run {run.dir}: {cfg.model}, method {cfg.method()}, {counts['params_nonzero']:,} of "
+    echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_nonzero']:,} of "
          f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
          + (f" x {run.dist.world_size} processes" if run.dist.enabled else ""))
     echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} {'rewires':>7} {'time':>6}")
@@ -247,18 +213,18 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
         run.sparsifier.set_epoch(epoch)
         data.train.set_epoch(epoch)
         try:
-            sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier,
+            sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier, penalty=run.penalty,
                                    progress=cfg.progress and run.dist.is_main, desc=f"epoch {epoch}",
                                    autocast=run.autocast, channels_last=cfg.channels_last,
-                                   first_bad=lambda flags: D.all_reduce_min(flags, run.dist))
+                                   first_bad=lambda flags: distributed.all_reduce_min(flags, run.dist))
         except Diverged as e:
             raise DynsparseError(f"training diverged: non-finite loss at training step {epoch * len(data.train) + e.step} "
                                  f"(step {e.step} of epoch {epoch}, counting from 0); lower the learning rate") from None
-        train = summarize(D.all_reduce_sums(sums, run.dist))
-        D.broadcast_buffers(run.model, run.dist)
+        train = summarize(distributed.all_reduce_sums(sums, run.dist))
+        distributed.broadcast_buffers(run.model, run.dist)
         run.sparsifier.end_epoch()
         if debug_distributed:
-            D.check_consistency(run.model, run.sparsifier, run.dist, f"at the end of epoch {epoch}")
+            distributed.check_consistency(run.model, run.sparsifier, run.dist, f"at the end of epoch {epoch}")
         events = [e.as_dict() for e in run.sparsifier.drain_events()]
         run.events.extend(events)
         if not math.isfinite(train["loss"]):
@@ -270,10 +236,9 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             row.update({f"val_{k}": v for k, v in _evaluate(run, data.val).items()})
         row.update({f"test_{k}": v for k, v in _evaluate(run, data.test).items()})
         row.update(param_counts(run.model, run.sparsifier))
-        if isinstance(run.sparsifier, Sparsifier):
-            row.update({"rewires": len(events), "pruned": sum(e["pruned"] for e in events),
-                        "threshold": getattr(run.sparsifier.policy, "threshold", None),
-                        "densities": run.sparsifier.densities()})
+        metrics = run.sparsifier.metrics()
+        if metrics:
+            row.update({"rewires": len(events), "pruned": sum(e["pruned"] for e in events), **metrics})
         row["time_s"] = time.perf_counter() - t0
         run.history.append(row)
         run.start_epoch = epoch + 1
@@ -283,6 +248,7 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             except DynsparseError as e:
                 raise DynsparseError(f"{e}; the run stopped after training epoch {epoch}; {run.dir} keeps its last "
                                      f"complete checkpoint: fix that, then --resume {run.dir}") from None
+            run.logger.log_dict(epoch_scalars(row), step=epoch)
         echo(f"{epoch:>5} {lr:>8.4g} {row['train_loss']:>7.4f} {row.get('train_top1', row['train_top1_running']):>7.2f} "
              f"{row['test_top1']:>7.2f} {row['test_top5']:>7.2f} {_cell(row.get('val_top1')):>7} "
              f"{row['params_nonzero']:>10,} {row.get('rewires', 0):>7} {row['time_s']:>6.1f}")
@@ -314,8 +280,8 @@ def _summary(run: _Run) -> dict:
         raise DynsparseError(f"no epoch was trained (start epoch {run.start_epoch} >= {run.cfg.total_epochs} epochs)")
     best = max(hist, key=lambda r: r["test_top1"])
     last = hist[-1]
-    out = {"run": run.cfg.run_name, "model": run.cfg.model, "method": run.cfg.method(),
-           "label": run.cfg.method_label(), "sparsity": run.cfg.nominal_sparsity(),
+    out = {"run": run.cfg.run_name, "model": run.cfg.model, "method": method_of(run.cfg),
+           "label": method_label(run.cfg), "sparsity": run.cfg.nominal_sparsity(),
            "sparsity_conv": run.cfg.initial_sparsity_conv, "sparsity_fc": run.cfg.initial_sparsity_fc,
            "seed": run.cfg.seed, "epochs": len(hist), "test_top1": last["test_top1"], "test_top5": last["test_top5"],
            "best_test_top1": best["test_top1"], "best_epoch": best["epoch"],
@@ -324,8 +290,8 @@ def _summary(run: _Run) -> dict:
         best_val = max(hist, key=lambda r: r["val_top1"])
         out.update({"best_val_top1": best_val["val_top1"], "best_val_epoch": best_val["epoch"],
                     "test_top1_at_best_val": best_val["test_top1"]})
-    if isinstance(run.sparsifier, Sparsifier):
-        out.update({"reallocations": len(run.events), "total_pruned": run.sparsifier.total_pruned,
-                    "total_grown": run.sparsifier.total_grown})
+    totals = run.sparsifier.totals()
+    if totals:
+        out.update({"reallocations": len(run.events), **totals})
     out.update({"evidence": run.evidence, "config": run.cfg.to_dict(), "history": hist})
     return out

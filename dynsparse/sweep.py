@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from dynsparse.checkpoint import ConfigMismatch, check_same_config, load_checkpoint
-from dynsparse.cli import parse_train_args
+from dynsparse.flags import parse_train_args
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
 

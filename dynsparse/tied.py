@@ -17,15 +17,14 @@ no effect; here it does what its help says (no flag reproduces the original's be
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
+from dynsparse.hooks import NoSparsity
 from dynsparse.regularizers import sparsity_penalty
-from dynsparse.train import NullSparsifier
 
 
 def uniform_coverage(bank_size: int, positions: int, generator: torch.Generator) -> torch.Tensor:
@@ -64,14 +63,13 @@ def _set_weight(module: nn.Module, _inputs) -> None:
     module.weight = module.tied_weight()
 
 
-class TiedModel(NullSparsifier):
-    """Ties the named weights of ``model`` in place. Implements the sparsifier protocol of the
-    training loop (``penalty``, ``before_optimizer_step``, ``step``...), so it plugs into it."""
+class TiedModel(NoSparsity):
+    """Ties the named weights of ``model`` in place. Implements the hooks the training loop calls
+    (``before_optimizer_step`` rescales the bank gradients), so it plugs into it."""
 
     def __init__(self, model: nn.Module, densities: Mapping[str, float], *, granularity: int = 4, seed: int = 0,
-                 rescale_gradient: bool = False, l1_coeff: float = 0.0, group_lasso: bool = False) -> None:
+                 rescale_gradient: bool = False) -> None:
         self.model, self.rescale_gradient = model, rescale_gradient
-        self.l1_coeff, self.group_lasso = l1_coeff, group_lasso
         g = torch.Generator().manual_seed(seed)
         modules = dict(model.named_modules())
         self.tied: dict[str, TiedWeight] = {}
@@ -87,10 +85,11 @@ class TiedModel(NullSparsifier):
             module.register_forward_pre_hook(_set_weight)
             self.tied[name] = tw
 
-    def penalty(self):
-        if self.group_lasso:
-            return sparsity_penalty((tw() for tw in self.tied.values()), self.l1_coeff, True)
-        return sparsity_penalty((tw.bank for tw in self.tied.values()), self.l1_coeff)
+    def penalty(self, coeff: float, group_lasso: bool = False):
+        """L1 of the banks, or the group lasso of the tied conv weights, times ``coeff``."""
+        if group_lasso:
+            return sparsity_penalty((tw() for tw in self.tied.values()), coeff, True)
+        return sparsity_penalty((tw.bank for tw in self.tied.values()), coeff)
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -103,5 +102,5 @@ class TiedModel(NullSparsifier):
         """Learnable parameters in the banks (every bank entry is used at least once)."""
         return sum(tw.bank.numel() for tw in self.tied.values())
 
-    def num_tied_positions(self) -> int:
-        return sum(math.prod(tw.shape) for tw in self.tied.values())
+    def param_counts(self) -> dict[str, int]:
+        return {"sparse": 0, "sparse_total": self.num_tied(), "tied": self.num_tied()}

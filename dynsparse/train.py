@@ -1,18 +1,20 @@
 """The training loop: plain functions that read top to bottom.
 
 Nothing here imports the sparsity code. The loop calls a *sparsifier* (any object with
-``penalty()``, ``before_optimizer_step()`` and ``step()``; :class:`NullSparsifier` for dense
-training) at the three visible points of every step.
+``before_optimizer_step()`` and ``step()``, see :mod:`dynsparse.hooks`; ``None`` for dense
+training) at the two visible points of every step, and adds an optional ``penalty()`` to the loss.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from dynsparse.hooks import NoSparsity
 
 
 class Diverged(Exception):
@@ -38,27 +40,6 @@ def _first_nonfinite(losses: list[torch.Tensor], first_step: int, reduce_min) ->
         raise Diverged(int(first))
 
 
-class NullSparsifier:
-    """Dense training: every hook does nothing."""
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def penalty(self) -> float:
-        return 0.0
-
-    def before_optimizer_step(self) -> None:
-        pass
-
-    def step(self) -> None:
-        pass
-
-    def end_epoch(self) -> None:
-        pass
-
-    def drain_events(self) -> list:
-        return []
-
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
@@ -82,14 +63,17 @@ def _prepare(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last and inputs.dim() == 4 else inputs
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier,
-                    *, progress: bool = False, desc: str = "train", autocast: torch.dtype | None = None,
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier=None,
+                    *, penalty: Callable[[], torch.Tensor | float] | None = None, progress: bool = False,
+                    desc: str = "train", autocast: torch.dtype | None = None,
                     channels_last: bool = False, first_bad=None) -> dict[str, torch.Tensor]:
     """One pass over ``batches``; returns on-device sums (loss, correct top-1, samples) so that
     no step waits on the host and the caller can all-reduce them exactly. ``autocast`` (e.g.
     ``torch.bfloat16``) runs the forward pass in mixed precision; weights stay float32.
+    ``penalty()`` (e.g. L1) is added to the loss that is differentiated, not to the one reported.
     Raises :class:`Diverged` within :data:`CHECK_EVERY` steps of a non-finite loss; under
     several processes ``first_bad`` (a min all-reduce of a tensor) makes all ranks agree."""
+    sparsifier = sparsifier if sparsifier is not None else NoSparsity()
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -106,7 +90,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             logits = model(_prepare(inputs, channels_last))
             loss = F.cross_entropy(logits.float(), targets)
         window.append(loss.detach())
-        total = loss + sparsifier.penalty()
+        total = loss + penalty() if penalty is not None else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         sparsifier.before_optimizer_step()

@@ -5,7 +5,7 @@ Run: python examples/custom_model.py   (CPU, synthetic data, a few seconds)
 import torch
 from torch import nn
 
-from dynsparse import DSR, Sparsifier
+from dynsparse import DSR, Periodic, Sparsifier
 
 
 class TinyTransformer(nn.Module):
@@ -25,8 +25,7 @@ def main():
     model = TinyTransformer()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # every nn.Linear / conv weight is made 90% sparse; DSR moves 200 entries every 20 steps
-    sparsifier = Sparsifier(model, optimizer, policy=DSR(n_prune=200), densities=0.1,
-                            period=lambda epoch: 20)
+    sparsifier = Sparsifier(model, optimizer, policy=DSR(n_prune=200, when=Periodic(20)), densities=0.1)
     tokens = torch.randint(0, 50, (512, 12))
     labels = tokens[:, 0] % 4  # learnable: the class is a function of the first token
     for step in range(300):

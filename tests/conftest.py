@@ -1,4 +1,10 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, one thread per process, and which tests a bare ``pytest`` runs.
+
+Two CPU cores shared with other work make PyTorch with 2 threads 10-20x slower than with 1, so
+every test process (and the processes tests start) uses one thread. Tests marked ``slow`` run
+when ``DYNSPARSE_TEST_DATA`` is set (the README's test command, CI) or with ``--run-slow``; a
+bare ``pytest`` skips them.
+"""
 from __future__ import annotations
 
 import os
@@ -9,10 +15,27 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
-from dynsparse import datasets as D
+from dynsparse import datasets
 
-MNIST_STEMS = list(D.MNIST_FILES)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the processes tests start
+torch.set_num_threads(1)
+
+MNIST_STEMS = list(datasets.MNIST_FILES)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DYNSPARSE_TEST_DATA") or config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs with DYNSPARSE_TEST_DATA set or --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +106,7 @@ def cifar_batch(images: np.ndarray, labels: np.ndarray, bytes_keys: bool) -> byt
 def write_cifar(root: Path, per_batch: int = 20, n_test: int = 10, bytes_keys: bool = True) -> \
         tuple[np.ndarray, np.ndarray]:
     """Writes root/cifar-10-batches-py; returns the (train, test) images."""
-    out = root / D.CIFAR10_DIR
+    out = root / datasets.CIFAR10_DIR
     out.mkdir(parents=True, exist_ok=True)
     train = cifar_images(5 * per_batch)
     for b in range(5):

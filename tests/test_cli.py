@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dynsparse.legacy import method_of
 from dynsparse.cli import main, parse_train_args
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
@@ -44,7 +45,7 @@ def test_every_original_job_line_parses():
         cfg, _ = parse_train_args(argv[2:])
         assert cfg.model in ("cifar10_WideResNet", "imagenet_resnet50")
         assert cfg.schedule_file.endswith(".yaml")
-        methods.add(cfg.method())
+        methods.add(method_of(cfg))
     assert methods == {"dense", "static", "dsr", "set", "deepr", "prune", "tied"}
 
 
@@ -74,7 +75,7 @@ def test_original_defaults_and_values():
     (["--DeepR"], "deepr"),
 ])
 def test_method_selection(flags, method):
-    assert parse_train_args(flags)[0].method() == method
+    assert method_of(parse_train_args(flags)[0]) == method
 
 
 @pytest.mark.parametrize("flags,needle", [

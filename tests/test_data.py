@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynsparse import data as D
-from dynsparse import datasets as DS
+from dynsparse import data
+from dynsparse import datasets
 from dynsparse.errors import DynsparseError
 
 from conftest import MNIST_STEMS, idx_bytes, mnist_arrays, write_cifar, write_mnist  # noqa: E402
@@ -46,8 +46,8 @@ def cifar_ids(x: torch.Tensor) -> list[int]:
 
 
 def unnormalize_cifar(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(D.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(D.CIFAR10_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
     return torch.round((x * std + mean) * 255).to(torch.uint8)
 
 
@@ -68,22 +68,22 @@ def mnist_root(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # Any test that would reach the network fails loudly instead.
-    monkeypatch.setattr(DS, "_fetch", no_network)
+    monkeypatch.setattr(datasets, "_fetch", no_network)
 
 
 # --------------------------------------------------------------------------- data root
 
 def test_resolve_data_root_prefers_flag_then_env_then_default(monkeypatch, tmp_path):
-    monkeypatch.setenv(D.DATA_ENV, str(tmp_path / "env"))
-    assert D.resolve_data_root(tmp_path / "flag") == tmp_path / "flag"
-    assert D.resolve_data_root("") == tmp_path / "env"
-    assert D.resolve_data_root(None) == tmp_path / "env"
-    monkeypatch.setenv(D.DATA_ENV, "")
-    assert D.resolve_data_root(None) == Path("./data")
-    monkeypatch.delenv(D.DATA_ENV)
-    assert D.resolve_data_root("") == Path("data")
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
+    assert data.resolve_data_root(tmp_path / "flag") == tmp_path / "flag"
+    assert data.resolve_data_root("") == tmp_path / "env"
+    assert data.resolve_data_root(None) == tmp_path / "env"
+    monkeypatch.setenv(data.DATA_ENV, "")
+    assert data.resolve_data_root(None) == Path("./data")
+    monkeypatch.delenv(data.DATA_ENV)
+    assert data.resolve_data_root("") == Path("data")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert D.resolve_data_root("~/x") == tmp_path / "x"
+    assert data.resolve_data_root("~/x") == tmp_path / "x"
 
 
 # --------------------------------------------------------------------------- MNIST
@@ -92,10 +92,10 @@ def test_resolve_data_root_prefers_flag_then_env_then_default(monkeypatch, tmp_p
 @pytest.mark.parametrize("layout", ["MNIST/raw", "."])
 def test_mnist_shapes_values_and_batches(tmp_path, gz, layout):
     write_mnist(tmp_path / layout, gz=gz)
-    b = D.build_data("mnist", tmp_path, batch_size=8, device=CPU, download=False)
+    b = data.build_data("mnist", tmp_path, batch_size=8, device=CPU, download=False)
     assert (b.num_classes, b.num_train, b.val) == (10, 31, None)
     for loader in (b.train, b.test, b.train_eval):
-        assert isinstance(loader, D.Loader)
+        assert isinstance(loader, data.Loader)
     assert (len(b.train), b.train.num_samples, len(b.test), b.test.num_samples) == (4, 31, 2, 11)
     got = batches(b.train)
     assert [len(y) for _, y in got] == [8, 8, 8, 7]  # nothing dropped, last batch partial
@@ -113,27 +113,27 @@ def test_mnist_shapes_values_and_batches(tmp_path, gz, layout):
 
 
 def test_mnist_validate_set_holds_out_the_last_samples(mnist_root, monkeypatch):
-    monkeypatch.setitem(D._HOLDOUT, "mnist", 10)
-    b = D.build_data("mnist", mnist_root, batch_size=4, device=CPU, validate_set=True,
+    monkeypatch.setitem(data._HOLDOUT, "mnist", 10)
+    b = data.build_data("mnist", mnist_root, batch_size=4, device=CPU, validate_set=True,
                      download=False, eval_batch_size=3)
     assert b.num_train == 21 and b.val.num_samples == 10 and len(b.val) == 4
     assert [i for x, _ in b.val for i in mnist_ids(x)] == list(range(21, 31))
     assert sorted(i for x, _ in b.train for i in mnist_ids(x)) == list(range(21))
     assert [i for x, _ in b.train_eval for i in mnist_ids(x)] == list(range(21))
-    monkeypatch.setitem(D._HOLDOUT, "mnist", 31)
+    monkeypatch.setitem(data._HOLDOUT, "mnist", 31)
     with pytest.raises(DynsparseError, match="has 31 training .* holds out the last 31"):
-        D.build_data("mnist", mnist_root, batch_size=4, device=CPU, validate_set=True,
+        data.build_data("mnist", mnist_root, batch_size=4, device=CPU, validate_set=True,
                      download=False)
 
 
 def test_set_epoch_is_deterministic_and_resumable(mnist_root):
     def order(seed: int, epoch: int | None) -> list[int]:
-        b = D.build_data("mnist", mnist_root, batch_size=5, device=CPU, download=False, seed=seed)
+        b = data.build_data("mnist", mnist_root, batch_size=5, device=CPU, download=False, seed=seed)
         if epoch is not None:
             b.train.set_epoch(epoch)
         return [i for x, _ in b.train for i in mnist_ids(x)]
 
-    b = D.build_data("mnist", mnist_root, batch_size=5, device=CPU, download=False, seed=3)
+    b = data.build_data("mnist", mnist_root, batch_size=5, device=CPU, download=False, seed=3)
     b.train.set_epoch(2)
     first, again = batches(b.train), batches(b.train)
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -145,13 +145,13 @@ def test_set_epoch_is_deterministic_and_resumable(mnist_root):
 
 def test_generator_mixes_seed_and_epoch():
     def draw(seed, epoch):
-        return torch.randperm(10, generator=D.epoch_generator(seed, epoch)).tolist()
+        return torch.randperm(10, generator=data.epoch_generator(seed, epoch)).tolist()
     assert draw(0, 1) != draw(1, 0) and draw(5, 5) == draw(5, 5)
 
 
 def test_sharding_eval_covers_every_sample_once_and_train_is_padded(mnist_root, monkeypatch):
-    monkeypatch.setitem(D._HOLDOUT, "mnist", 6)
-    ranks = [D.build_data("mnist", mnist_root, batch_size=4, device=CPU, download=False,
+    monkeypatch.setitem(data._HOLDOUT, "mnist", 6)
+    ranks = [data.build_data("mnist", mnist_root, batch_size=4, device=CPU, download=False,
                           validate_set=True, rank=r, world_size=2, seed=7) for r in range(2)]
     for name, expected in [("test", range(100, 111)), ("val", range(25, 31)),
                            ("train_eval", range(25))]:
@@ -165,7 +165,7 @@ def test_sharding_eval_covers_every_sample_once_and_train_is_padded(mnist_root, 
     assert len(train[0]) == len(train[1]) == 13 == ranks[0].train.num_samples  # ceil(25 / 2)
     assert len(ranks[0].train) == len(ranks[1].train) == 4
     assert set(train[0] + train[1]) == set(range(25))  # 26 slots: one sample wrapped around
-    single = D.build_data("mnist", mnist_root, batch_size=4, device=CPU, download=False,
+    single = data.build_data("mnist", mnist_root, batch_size=4, device=CPU, download=False,
                           validate_set=True, seed=7)
     single.train.set_epoch(4)
     whole = [i for x, _ in single.train for i in mnist_ids(x)]
@@ -180,7 +180,7 @@ def test_random_crop_flip_matches_reflect_pad_crop_flip():
     offsets = torch.randint(0, 7, (16, 2), generator=g)
     offsets[0], offsets[1] = torch.tensor([0, 0]), torch.tensor([6, 6])  # both extremes
     flips = torch.arange(16) % 2 == 0
-    got = D.random_crop_flip(images, offsets, flips, padding=3)
+    got = data.random_crop_flip(images, offsets, flips, padding=3)
     padded = F.pad(images.float(), [3, 3, 3, 3], mode="reflect")
     for k in range(16):
         r, c = offsets[k].tolist()
@@ -188,14 +188,14 @@ def test_random_crop_flip_matches_reflect_pad_crop_flip():
         expected = window.flip(-1) if flips[k] else window
         assert torch.equal(got[k].float(), expected), k
     centred = torch.full((16, 2), 3)
-    no_aug = D.random_crop_flip(images, centred, torch.zeros(16, dtype=torch.bool), padding=3)
+    no_aug = data.random_crop_flip(images, centred, torch.zeros(16, dtype=torch.bool), padding=3)
     assert torch.equal(no_aug, images)
 
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
 def test_cifar_train_is_augmented_and_eval_is_not(tmp_path, bytes_keys):
     train, test = write_cifar(tmp_path, bytes_keys=bytes_keys)
-    b = D.build_data("cifar10", tmp_path, batch_size=32, device=CPU, download=False, seed=1)
+    b = data.build_data("cifar10", tmp_path, batch_size=32, device=CPU, download=False, seed=1)
     assert (b.num_train, b.num_classes, len(b.train), len(b.test)) == (100, 10, 4, 1)
     x, y = next(iter(b.test))
     assert x.shape == (10, 3, 32, 32) and x.dtype == torch.float32 and y.tolist() == list(range(10))
@@ -220,8 +220,8 @@ def test_cifar_train_is_augmented_and_eval_is_not(tmp_path, bytes_keys):
 
 def test_cifar_augment_false_and_validate_set(tmp_path, monkeypatch):
     train, _ = write_cifar(tmp_path)
-    monkeypatch.setitem(D._HOLDOUT, "cifar10", 30)
-    b = D.build_data("cifar10", tmp_path, batch_size=16, device=CPU, download=False,
+    monkeypatch.setitem(data._HOLDOUT, "cifar10", 30)
+    b = data.build_data("cifar10", tmp_path, batch_size=16, device=CPU, download=False,
                      augment=False, validate_set=True)
     assert b.num_train == 70 and b.val.num_samples == 30
     for x, _ in b.train:
@@ -231,51 +231,51 @@ def test_cifar_augment_false_and_validate_set(tmp_path, monkeypatch):
 
 def test_cifar_accepts_batches_directly_in_root(tmp_path):
     write_cifar(tmp_path)
-    for f in (tmp_path / DS.CIFAR10_DIR).iterdir():
+    for f in (tmp_path / datasets.CIFAR10_DIR).iterdir():
         f.rename(tmp_path / f.name)
-    b = D.build_data("cifar10", tmp_path, batch_size=50, device=CPU, download=False)
+    b = data.build_data("cifar10", tmp_path, batch_size=50, device=CPU, download=False)
     assert b.num_train == 100
 
 
 def test_corrupt_cifar_batch(tmp_path):
     write_cifar(tmp_path)
-    (tmp_path / DS.CIFAR10_DIR / "data_batch_3").write_bytes(b"\x80\x02garbage")
+    (tmp_path / datasets.CIFAR10_DIR / "data_batch_3").write_bytes(b"\x80\x02garbage")
     with pytest.raises(DynsparseError, match="data_batch_3"):
-        D.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
-    (tmp_path / DS.CIFAR10_DIR / "data_batch_3").write_bytes(pickle.dumps({b"data": [1, 2]}))
+        data.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
+    (tmp_path / datasets.CIFAR10_DIR / "data_batch_3").write_bytes(pickle.dumps({b"data": [1, 2]}))
     with pytest.raises(DynsparseError, match="data_batch_3 is not a CIFAR-10 batch"):
-        D.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
+        data.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
 
 
 # --------------------------------------------------------------------------- errors, downloads
 
 def test_missing_files_without_download(tmp_path):
     with pytest.raises(DynsparseError) as e:
-        D.build_data("mnist", tmp_path, batch_size=8, device=CPU, download=False)
+        data.build_data("mnist", tmp_path, batch_size=8, device=CPU, download=False)
     msg = str(e.value)
     assert all(stem in msg for stem in MNIST_STEMS)
-    assert str(tmp_path / "MNIST" / "raw") in msg and "--data DIR" in msg and D.DATA_ENV in msg
+    assert str(tmp_path / "MNIST" / "raw") in msg and "--data DIR" in msg and data.DATA_ENV in msg
     with pytest.raises(DynsparseError) as e:
-        D.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
+        data.build_data("cifar10", tmp_path, batch_size=8, device=CPU, download=False)
     msg = str(e.value)
     assert "data_batch_1" in msg and "test_batch" in msg and str(tmp_path) in msg
-    assert "--data DIR" in msg and D.DATA_ENV in msg
+    assert "--data DIR" in msg and data.DATA_ENV in msg
 
 
 def test_missing_files_name_only_what_is_missing(tmp_path):
     write_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DynsparseError) as e:
-        D.load_mnist(tmp_path, download=False)
+        data.load_mnist(tmp_path, download=False)
     assert "missing t10k-labels-idx1-ubyte[.gz] in" in str(e.value)
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
 def test_failed_download_is_a_clear_error(tmp_path, dataset):
     with pytest.raises(DynsparseError) as e:  # _fetch raises URLError (the autouse fixture)
-        D.build_data(dataset, tmp_path, batch_size=8, device=CPU)
+        data.build_data(dataset, tmp_path, batch_size=8, device=CPU)
     msg = str(e.value)
-    assert "download" in msg and "unreachable" in msg and "--data DIR" in msg and D.DATA_ENV in msg
+    assert "download" in msg and "unreachable" in msg and "--data DIR" in msg and data.DATA_ENV in msg
     assert ("train-images-idx3-ubyte" if dataset == "mnist" else "data_batch_1") in msg
     assert not list(tmp_path.rglob("*.part"))  # no temporary file left behind
 
@@ -285,38 +285,38 @@ def test_mnist_download_checks_md5_and_renames_into_place(tmp_path, monkeypatch)
     write_mnist(source)
     for stem in MNIST_STEMS:
         md5 = hashlib.md5((source / f"{stem}.gz").read_bytes()).hexdigest()
-        monkeypatch.setitem(DS.MNIST_FILES, stem, md5)
+        monkeypatch.setitem(datasets.MNIST_FILES, stem, md5)
     fetched = []
 
     def fake_fetch(url: str, dest: Path) -> None:
         fetched.append(url)
         shutil.copy(source / url.rsplit("/", 1)[-1], dest)
 
-    monkeypatch.setattr(DS, "_fetch", fake_fetch)
+    monkeypatch.setattr(datasets, "_fetch", fake_fetch)
     root = tmp_path / "root"
-    b = D.build_data("mnist", root, batch_size=8, device=CPU)
-    assert b.num_train == 31 and len(fetched) == 4 and fetched[0].startswith(DS.MNIST_URL)
+    b = data.build_data("mnist", root, batch_size=8, device=CPU)
+    assert b.num_train == 31 and len(fetched) == 4 and fetched[0].startswith(datasets.MNIST_URL)
     assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == \
         sorted(f"{s}.gz" for s in MNIST_STEMS)
-    monkeypatch.setitem(DS.MNIST_FILES, MNIST_STEMS[0], "0" * 32)
+    monkeypatch.setitem(datasets.MNIST_FILES, MNIST_STEMS[0], "0" * 32)
     (root / "MNIST" / "raw" / f"{MNIST_STEMS[0]}.gz").unlink()
     with pytest.raises(DynsparseError, match="checksum mismatch"):
-        D.build_data("mnist", root, batch_size=8, device=CPU)
+        data.build_data("mnist", root, batch_size=8, device=CPU)
     assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == \
         sorted(f"{s}.gz" for s in MNIST_STEMS[1:])  # the bad file was not kept
-    assert fetched[4:] == [DS.MNIST_URL + MNIST_STEMS[0] + ".gz"]  # only the missing one
+    assert fetched[4:] == [datasets.MNIST_URL + MNIST_STEMS[0] + ".gz"]  # only the missing one
 
 
 def test_cifar_download_extracts_the_archive(tmp_path, monkeypatch):
     write_cifar(tmp_path / "src")
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        tar.add(tmp_path / "src" / DS.CIFAR10_DIR, arcname=DS.CIFAR10_DIR)
-    monkeypatch.setattr(DS, "CIFAR10_MD5", hashlib.md5(archive.getvalue()).hexdigest())
-    monkeypatch.setattr(DS, "_fetch", lambda url, dest: Path(dest).write_bytes(archive.getvalue()))
+        tar.add(tmp_path / "src" / datasets.CIFAR10_DIR, arcname=datasets.CIFAR10_DIR)
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", hashlib.md5(archive.getvalue()).hexdigest())
+    monkeypatch.setattr(datasets, "_fetch", lambda url, dest: Path(dest).write_bytes(archive.getvalue()))
     root = tmp_path / "root"
-    b = D.build_data("cifar10", root, batch_size=8, device=CPU)
-    assert b.num_train == 100 and (root / DS.CIFAR10_DIR / "test_batch").is_file()
+    b = data.build_data("cifar10", root, batch_size=8, device=CPU)
+    assert b.num_train == 100 and (root / datasets.CIFAR10_DIR / "test_batch").is_file()
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -332,13 +332,13 @@ def test_corrupt_idx_files(tmp_path):
     for path, pattern in [(bad_magic, "not an IDX file"), (truncated, "truncated"),
                           (truncated_gz, "corrupt")]:
         with pytest.raises(DynsparseError, match=pattern) as e:
-            DS.read_idx(path)
+            datasets.read_idx(path)
         assert str(path) in str(e.value)
-    assert np.array_equal(DS.read_idx(_write(tmp_path / "ok", good)), images)
+    assert np.array_equal(datasets.read_idx(_write(tmp_path / "ok", good)), images)
     write_mnist(tmp_path / "m")
     _write(tmp_path / "m" / "train-labels-idx1-ubyte.gz", gzip.compress(idx_bytes(np.zeros(5))))
     with pytest.raises(DynsparseError, match="train-labels-idx1-ubyte.gz: expected 31 labels"):
-        D.build_data("mnist", tmp_path / "m", batch_size=8, device=CPU, download=False)
+        data.build_data("mnist", tmp_path / "m", batch_size=8, device=CPU, download=False)
 
 
 def _write(path: Path, raw: bytes) -> Path:
@@ -348,11 +348,11 @@ def _write(path: Path, raw: bytes) -> Path:
 
 def test_bad_arguments(mnist_root):
     with pytest.raises(DynsparseError, match="valid choices: cifar10, imagenet, mnist"):
-        D.build_data("svhn", mnist_root, batch_size=8, device=CPU)
+        data.build_data("svhn", mnist_root, batch_size=8, device=CPU)
     with pytest.raises(DynsparseError, match="rank"):
-        D.build_data("mnist", mnist_root, batch_size=8, device=CPU, rank=2, world_size=2)
+        data.build_data("mnist", mnist_root, batch_size=8, device=CPU, rank=2, world_size=2)
     with pytest.raises(DynsparseError, match="batch size"):
-        D.build_data("mnist", mnist_root, batch_size=0, device=CPU)
+        data.build_data("mnist", mnist_root, batch_size=0, device=CPU)
 
 
 # --------------------------------------------------------------------------- ImageNet
@@ -376,15 +376,15 @@ def test_imagenet_folders(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "val", {"a": 2, "b": 1})
     monkeypatch.setattr(imagenet, "CROP_SIZE", 8)  # keep the decoded images tiny
     monkeypatch.setattr(imagenet, "RESIZE_SIZE", 9)
-    monkeypatch.setitem(D._HOLDOUT, "imagenet", 2)
-    b = D.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0,
+    monkeypatch.setitem(data._HOLDOUT, "imagenet", 2)
+    b = data.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0,
                      validate_set=True, seed=5)
     assert (b.num_classes, b.num_train, len(b.train), len(b.test), len(b.val)) == (2, 5, 3, 2, 1)
     b.train.set_epoch(1)
     first, again = batches(b.train), batches(b.train)
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, again, strict=True))
     # a fresh run resumed at epoch 1, decoding in a worker process, sees the same batches
-    resumed = D.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=1,
+    resumed = data.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=1,
                            validate_set=True, seed=5).train
     resumed.set_epoch(1)
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, resumed, strict=True))
@@ -397,7 +397,7 @@ def test_imagenet_folders(tmp_path, monkeypatch):
     assert y.tolist() == [0, 0]
     # blue is 255 everywhere: (1 - 0.406) / 0.225 after the evaluation resize and crop
     torch.testing.assert_close(x[:, 2], torch.full((2, 8, 8), (1 - 0.406) / 0.225))
-    shards = [D.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0, rank=r,
+    shards = [data.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0, rank=r,
                            world_size=2).test for r in range(2)]
     assert [s.num_samples for s in shards] == [2, 1]
     assert sorted(v for s in shards for _, y in s for v in y.tolist()) == [0, 0, 1]
@@ -434,26 +434,26 @@ def test_imagenet_errors(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
     write_image_folder(tmp_path / "train", {"a": 1, "b": 1})
     with pytest.raises(DynsparseError, match=r"missing val/ in .*--data DIR"):
-        D.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0)
+        data.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0)
     write_image_folder(tmp_path / "val", {"a": 1, "c": 1})
     with pytest.raises(DynsparseError, match="same class folders"):
-        D.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0)
+        data.build_data("imagenet", tmp_path, batch_size=2, device=CPU, workers=0)
     shutil.rmtree(tmp_path / "val" / "c")
     write_image_folder(tmp_path / "val", {"b": 1})
     with pytest.raises(DynsparseError, match="holds out the last 10000"):
-        D.build_data("imagenet", tmp_path, batch_size=2, device=CPU, validate_set=True)
+        data.build_data("imagenet", tmp_path, batch_size=2, device=CPU, validate_set=True)
 
 
 def test_imagenet_without_torchvision(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
     with pytest.raises(DynsparseError, match=r"pip install 'dynsparse\[imagenet\]'"):
-        D.build_data("imagenet", tmp_path, batch_size=2, device=CPU)
+        data.build_data("imagenet", tmp_path, batch_size=2, device=CPU)
 
 
 # --------------------------------------------------------------------------- real data
 
 def test_real_mnist(data_root):
-    b = D.build_data("mnist", data_root, batch_size=1000, device=CPU, download=False)
+    b = data.build_data("mnist", data_root, batch_size=1000, device=CPU, download=False)
     assert (b.num_train, b.test.num_samples, len(b.train), b.num_classes) == (60000, 10000, 60, 10)
     x, y = next(iter(b.train_eval))
     assert y[0].item() == 5 and x.shape == (1000, 1, 28, 28)
@@ -467,7 +467,7 @@ def test_real_tiny_imagenet(data_root):
     root = data_root / "tiny-imagenet-200-subset10"
     if not root.is_dir():
         pytest.skip(f"{root} not found")
-    b = D.build_data("imagenet", root, batch_size=8, device=CPU, workers=0)
+    b = data.build_data("imagenet", root, batch_size=8, device=CPU, workers=0)
     assert (b.num_classes, b.num_train, b.test.num_samples) == (10, 5000, 500)
     x, y = next(iter(b.train))
     assert x.shape == (8, 3, 224, 224) and x.dtype == torch.float32
@@ -481,8 +481,8 @@ def cifar_root(tmp_path_factory) -> str:
     root = os.environ.get("DYNSPARSE_TEST_CIFAR_ROOT")
     if root:
         return root
-    data = os.environ.get("DYNSPARSE_TEST_DATA")
-    maker = Path(data) / "cifar10" / "make_cifar10_batches.py" if data else None
+    data_root = os.environ.get("DYNSPARSE_TEST_DATA")
+    maker = Path(data_root) / "cifar10" / "make_cifar10_batches.py" if data_root else None
     if maker is None or not maker.is_file():
         pytest.skip("set DYNSPARSE_TEST_CIFAR_ROOT to a folder holding cifar-10-batches-py, or "
                     "DYNSPARSE_TEST_DATA to a data root with cifar10/make_cifar10_batches.py")
@@ -494,7 +494,7 @@ def cifar_root(tmp_path_factory) -> str:
 
 def test_real_cifar10(cifar_root):
     root = cifar_root
-    b = D.build_data("cifar10", Path(root), batch_size=500, device=CPU, download=False,
+    b = data.build_data("cifar10", Path(root), batch_size=500, device=CPU, download=False,
                      validate_set=True)
     assert (b.num_train, b.val.num_samples, b.test.num_samples) == (45000, 5000, 10000)
     assert len(b.train) == math.ceil(45000 / 500)

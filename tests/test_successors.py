@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse import SNFS, RigL, Sparsifier, erk_densities, make_densities
-from dynsparse.sparse.successors import cosine_fraction
+from dynsparse.sparse import SNFS, Periodic, RigL, Sparsifier, cosine_fraction, erk_densities, make_densities
 
 
 def two_by_four(n=1):
@@ -17,8 +16,7 @@ def two_by_four(n=1):
 
 
 def setup(model, policy, masks, weights):
-    s = Sparsifier(model, None, policy=policy, densities={f"{i}.weight": 0.5 for i in range(len(masks))},
-                   period=lambda e: 1)
+    s = Sparsifier(model, None, policy=policy, densities={f"{i}.weight": 0.5 for i in range(len(masks))})
     with torch.no_grad():
         for i, (m, w) in enumerate(zip(masks, weights)):
             sp = s.params[f"{i}.weight"]
@@ -40,7 +38,7 @@ def test_cosine_fraction():
 
 def test_rigl_drops_smallest_and_grows_largest_gradient():
     model = two_by_four()
-    s = setup(model, RigL(fraction=0.6, end_step=10**6), [[1, 1, 1, 1, 0, 0, 0, 0]],
+    s = setup(model, RigL(fraction=0.6, when=Periodic(1, end_step=10**6)), [[1, 1, 1, 1, 0, 0, 0, 0]],
               [[0.5, -0.1, 0.3, 0.05, 0, 0, 0, 0]])
     model[0].weight.grad = torch.tensor([0.0, 2.0, 0, 0, 0.1, -0.9, 0.5, 0.2]).view(2, 4)
     s.before_optimizer_step()  # the next step (1) is an update step: the dense gradient is read here
@@ -53,13 +51,13 @@ def test_rigl_drops_smallest_and_grows_largest_gradient():
 
 def test_rigl_reads_gradients_only_before_update_steps_and_stops_at_end_step():
     model = two_by_four()
-    s = Sparsifier(model, None, policy=RigL(0.5, end_step=3), densities={"0.weight": 0.5}, period=lambda e: 2)
+    s = Sparsifier(model, None, policy=RigL(0.5, when=Periodic(2, end_step=3)), densities={"0.weight": 0.5})
     model[0].weight.grad = torch.ones(2, 4)
     s.before_optimizer_step()  # step 1 is not an update step
-    assert s.policy.grad_scores == {}
+    assert s.policy.grow_signal == {}
     s.step()
     s.before_optimizer_step()  # step 2 is
-    assert set(s.policy.grad_scores) == {"0.weight"}
+    assert set(s.policy.grow_signal) == {"0.weight"}
     s.step()
     for _ in range(4):  # steps 3..6 are at or after end_step: no update
         s.before_optimizer_step()
@@ -70,7 +68,7 @@ def test_rigl_reads_gradients_only_before_update_steps_and_stops_at_end_step():
 def snfs_update(layer1_momentum: list[float]):
     """Two 2x4 layers, 4 active entries each; layer 0's momentum is fixed, layer 1's given."""
     model = two_by_four(2)
-    pol = SNFS(fraction=0.5, end_step=10**6)
+    pol = SNFS(fraction=0.5, when=Periodic(1, end_step=10**6))
     s = setup(model, pol, [[1, 1, 1, 1, 0, 0, 0, 0]] * 2,
               [[0.5, 0.1, 0.4, 0.3, 0, 0, 0, 0], [0.5, 0.6, 0.7, 0.05, 0, 0, 0, 0]])
     pol.momentum = {"0.weight": torch.tensor([1.0, 1, 1, 1, 0, 0.2, 0.8, 0.1]).view(2, 4),
@@ -107,7 +105,7 @@ def test_snfs_keeps_a_dense_momentum_of_the_gradient():
 
 def test_update_period_overrides_the_schedule_and_snfs_defaults_to_one_epoch(tiny_mnist, tmp_path):
     model = two_by_four()
-    s = Sparsifier(model, None, policy=SNFS(0.5, period=3), densities={"0.weight": 0.5}, period=lambda e: 1)
+    s = Sparsifier(model, None, policy=SNFS(0.5, when=Periodic(3)), densities={"0.weight": 0.5})
     due = []
     for _ in range(7):
         model[0].weight.grad = torch.ones(2, 4)
@@ -115,23 +113,22 @@ def test_update_period_overrides_the_schedule_and_snfs_defaults_to_one_epoch(tin
         s.step()
         due.append(len(s.drain_events()))
     assert due == [0, 0, 1, 0, 0, 1, 0]  # steps 3 and 6, not every step as the schedule says
-    assert SNFS(0.5, period=3).state_dict()["period"] == 3
 
     from dynsparse.cli import parse_train_args
-    from dynsparse.methods import build_sparsifier
+    from dynsparse.legacy import build_sparsifier
     from dynsparse.models import create_model
     from dynsparse.schedule import load_schedules
     base = ["--data", str(tiny_mnist), "--initial-sparsity-fc", "0.9"]
-    for extra, rigl_period, snfs_period in (([], None, 37), (["--update-period", "5"], 5, 5)):
+    for extra, rigl_period, snfs_period in (([], 100, 37), (["--update-period", "5"], 5, 5)):
         got = []
         for method in ("--rigl", "--sparse-momentum"):
             cfg, _ = parse_train_args([*base, method, *extra])
             sp = build_sparsifier(cfg, create_model("mnist_mlp"), None, load_schedules(None), steps_per_epoch=37)
-            got.append(sp.policy.update_period)
+            got.append(sp.policy.when.period_at(0))
         assert got == [rigl_period, snfs_period]
-    with pytest.raises(DynsparseError, match="--update-period is for --rigl and --sparse-momentum"):
+    with pytest.raises(DynsparseError, match="--update-period is for mest, rigl, snfs; set takes its period"):
         parse_train_args([*base, "--rewire", "--update-period", "5"])
-    with pytest.raises(DynsparseError, match="--update-period must be >= 1"):
+    with pytest.raises(DynsparseError, match="the update period must be >= 1 step"):
         parse_train_args([*base, "--rigl", "--update-period", "0"])
 
 
@@ -196,3 +193,20 @@ def test_training_flops_follow_the_rigl_paper():
     assert training_multiplier("rigl", f, d, period=100, update_end=1.0) == pytest.approx((3 * 0.1 * 100 + 2 * 0.1 + 1) / 101 / 3)
     wrn = model_layer_flops({"model": "cifar10_WideResNet", "layers": 28, "widen_factor": 2})
     assert wrn["conv1.weight"] == 2 * 27 * 16 * 32 * 32 and len(wrn) == 24 + 1 + 3 + 1
+
+
+def test_erk_against_a_hand_computed_case():
+    # raw scores sum(dims)/prod(dims): (4, 4) -> 8/16, (2, 8) -> 10/16; budget 0.25 * 32 = 8 weights;
+    # eps = 8 / (8/16 * 16 + 10/16 * 16) = 4/9, so the densities are 2/9 and 5/18 (no cap)
+    d = erk_densities({"a": (4, 4), "b": (2, 8)}, 0.25)
+    assert d["a"] == pytest.approx(2 / 9) and d["b"] == pytest.approx(5 / 18)
+    # a (1, 1) layer scores 2 > 1: it is made dense and the rest share what is left
+    d = erk_densities({"a": (4, 4), "tiny": (1, 1)}, 0.5)
+    assert d["tiny"] == 1.0 and d["a"] == pytest.approx((0.5 * 17 - 1) / 16)
+
+
+def test_layer_flops_against_a_hand_count():
+    from dynsparse.flops import layer_flops
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(48, 5))
+    # conv: 3x4x4 outputs, each 2*3*3 multiply-adds (2 FLOPs each); linear: 48*5 multiply-adds
+    assert layer_flops(model, (2, 4, 4)) == {"0.weight": 2 * 18 * 48, "2.weight": 2 * 48 * 5}

@@ -1,17 +1,36 @@
 """The sparse reparameterization engine: masks, budgets, policies and the sparsifier that binds them.
 
-Registered policies (``create_policy(name, **kwargs)``): static, dsr, set, deepr, rigl, snfs, prune.
+Layers: ``masks`` (the mask set and its primitives), ``when`` (when the topology changes),
+``dropgrow`` (the drop-allocate-grow base), ``policies/`` (one small file per method),
+``budget`` (how density is spread over layers), ``sparsifier`` (binds model, optimizer and
+policy). Nothing here imports the models, the configuration, the command line or the loop.
+
+``POLICIES`` is the registry of the library's policies by name (``create_policy(name, ...)``);
+the command line's table of methods (``dynsparse.legacy``) builds on it.
 """
 from dynsparse.errors import unknown_choice
 from dynsparse.sparse.budget import BUDGETS, erk_densities, make_densities
-from dynsparse.sparse.masks import SparseParam
-from dynsparse.sparse.policies import DSR, SET, DeepR, Static, allocate
-from dynsparse.sparse.pruning import GradualPruning
+from dynsparse.sparse.dropgrow import DropGrow, allocate, cosine_fraction
+from dynsparse.sparse.masks import SparseParam, conv_and_linear_weights, count_for_density, keep_one
+from dynsparse.sparse.policies.deepr import DeepR
+from dynsparse.sparse.policies.dsr import DSR
+from dynsparse.sparse.policies.mest import MEST
+from dynsparse.sparse.policies.pruning import GradualPruning
+from dynsparse.sparse.policies.rigl import RigL
+from dynsparse.sparse.policies.set import SET
+from dynsparse.sparse.policies.snfs import SNFS
+from dynsparse.sparse.policies.static import Static
 from dynsparse.sparse.sparsifier import Policy, RewireEvent, Sparsifier
-from dynsparse.sparse.successors import SNFS, RigL
+from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 
 POLICIES: dict[str, type[Policy]] = {"static": Static, "dsr": DSR, "set": SET, "deepr": DeepR, "rigl": RigL,
-                                     "snfs": SNFS, "prune": GradualPruning}
+                                     "snfs": SNFS, "prune": GradualPruning, "mest": MEST}
+
+
+def register_policy(name: str, cls: type[Policy]) -> type[Policy]:
+    """Add a policy to the registry (``create_policy`` and ``dynsparse train --method NAME``)."""
+    POLICIES[name] = cls
+    return cls
 
 
 def create_policy(name: str, **kwargs) -> Policy:
@@ -21,5 +40,7 @@ def create_policy(name: str, **kwargs) -> Policy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["BUDGETS", "DSR", "POLICIES", "SET", "SNFS", "DeepR", "GradualPruning", "Policy", "RewireEvent", "RigL",
-           "SparseParam", "Sparsifier", "Static", "allocate", "create_policy", "erk_densities", "make_densities"]
+__all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never", "POLICIES",
+           "Periodic", "Policy", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam", "Sparsifier", "Static", "When",
+           "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
+           "erk_densities", "keep_one", "make_densities", "register_policy"]

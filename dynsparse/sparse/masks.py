@@ -1,4 +1,5 @@
-"""Masks kept outside the model: one boolean mask per sparse parameter, keyed by its name.
+"""The mask set: one boolean mask per sparse parameter, kept outside the model, and the primitives
+every policy is built from.
 
 A mask covers the first ``granularity`` dimensions of its parameter (the original's
 ``--sub-kernel-granularity``): for a conv weight ``[out, in, kh, kw]``, 4 means one entry per
@@ -6,12 +7,21 @@ weight, 2 one entry per ``kh x kw`` kernel slice, 1 one entry per output filter.
 weights are always masked per weight, as in the original. The *magnitude* of an entry is
 ``|w|`` at full granularity and the mean ``|w|`` over the slice otherwise.
 
-The model keeps ordinary dense parameters (so DDP, ``torch.compile`` and ``state_dict`` loading
-see a normal model); sparsity is enforced by zeroing weights, gradients and optimizer state off
-the mask. All counts here are in mask entries; ``slice_size`` converts them to weights.
+Written once here, used by every policy:
+
+* :func:`count_for_density` - the one density-to-count rule, ``int(density * n + 0.1)``;
+* :meth:`SparseParam.scores` - an entry score (``|t|``, mean over a slice);
+* :meth:`SparseParam.drop` / :meth:`SparseParam.lowest_active` / :meth:`SparseParam.active_below`;
+* :meth:`SparseParam.grow_random` and :meth:`SparseParam.grow_top` (never at excluded positions);
+* :func:`keep_one` - the one "never empty a tensor" rule.
+
+Policies call only these (scores in, flat entry indices out), never the mask itself, so the
+storage behind a parameter can change without touching a policy. All counts are in mask
+entries; ``slice_size`` converts them to weights.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +29,28 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
+
+log = logging.getLogger(__name__)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def count_for_density(entries: int, density: float) -> int:
+    """Entries kept at ``density``: ``int(density * n + 0.1)``, the original's count (the 0.1
+    absorbs float error such as ``0.3 * 10 = 2.9999...``)."""
+    return int(density * entries + 0.1)
+
+
+def keep_one(active: int, count: int) -> int:
+    """``count`` capped so that a tensor keeps at least one active entry."""
+    return max(min(count, active - 1), 0)
+
+
+def conv_and_linear_weights(model: nn.Module) -> list[str]:
+    """Names of the ``weight`` of every conv and linear module, in ``named_parameters()`` order
+    (a shared weight once, under its first name): the engine's default selection."""
+    keep = {f"{name}.weight" if name else "weight"
+            for name, m in model.named_modules() if isinstance(m, (*_CONV_TYPES, nn.Linear))}
+    return [name for name, _ in model.named_parameters() if name in keep]
 
 
 @dataclass
@@ -37,6 +69,10 @@ class SparseParam:
     @property
     def num_entries(self) -> int:
         return self.mask.numel()
+
+    @property
+    def num_free(self) -> int:
+        return self.num_entries - self.num_active
 
     @property
     def density(self) -> float:
@@ -60,12 +96,74 @@ class SparseParam:
         """Flat indices of the active entries (cached)."""
         return self._derived("active", lambda: torch.nonzero_static(self.mask.view(-1), size=self.num_active).view(-1))
 
+    # ---- scores -------------------------------------------------------------------------
+    def scores(self, t: torch.Tensor) -> torch.Tensor:
+        """``|t|`` per mask entry (mean over a kernel slice at coarse granularity) for a tensor
+        shaped like the parameter (the weight, its gradient, a momentum)."""
+        t = t.detach().abs()
+        return t.reshape(-1) if self.granularity == t.dim() else t.flatten(self.granularity).mean(-1).reshape(-1)
+
     def magnitude(self) -> torch.Tensor:
-        """Flat magnitude of every mask entry (mean |w| over a slice at coarse granularity)."""
-        w = self.param.detach()
-        if self.granularity == w.dim():
-            return w.abs().reshape(-1)
-        return w.abs().flatten(self.granularity).mean(-1).reshape(-1)
+        return self.scores(self.param)
+
+    def active_mean(self, scores: torch.Tensor) -> torch.Tensor:
+        """Mean of ``scores`` over the active entries (a 0-dim tensor: no host sync)."""
+        return (scores * self.mask.view(-1)).sum() / max(self.num_active, 1)
+
+    # ---- drop ---------------------------------------------------------------------------
+    def drop(self, flat_idx: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Deactivate the entries ``flat_idx`` (all active); returns them."""
+        self.mask.view(-1)[flat_idx] = False
+        self.num_active -= flat_idx.numel() if count is None else count
+        return flat_idx
+
+    def lowest_active(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        """Flat indices of the ``count`` active entries with the smallest ``scores``."""
+        if count <= 0:
+            return torch.empty(0, dtype=torch.long, device=self.mask.device)
+        masked = scores.masked_fill(~self.mask.view(-1), math.inf)
+        return torch.topk(masked, count, largest=False, sorted=False).indices
+
+    def active_below(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Bool (flat) of the active entries whose score is below ``threshold``."""
+        return (scores < threshold) & self.mask.view(-1)
+
+    def largest_active(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(scores.masked_fill(~self.mask.view(-1), -1.0))
+
+    # ---- grow ---------------------------------------------------------------------------
+    def _free(self, exclude: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        free = ~self.mask.view(-1)
+        excluded = 0 if exclude is None else exclude.numel()
+        if excluded:
+            free[exclude] = False  # ``~mask`` is a new tensor: safe to edit
+        return free, self.num_free - excluded
+
+    def grow_random(self, count: int, exclude: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """``count`` uniformly random inactive entries, never those in ``exclude`` (flat indices
+        just dropped); fewer when space runs out. Returns their flat indices (not yet active)."""
+        free, capacity = self._free(exclude)
+        if count > capacity:
+            log.warning("%s: no room to grow %d entries, growing %d", self.name, count, capacity)
+            count = capacity
+        return choose_random(free, count, generator, num_candidates=capacity)
+
+    def grow_top(self, scores: torch.Tensor, count: int, exclude: torch.Tensor | None) -> torch.Tensor:
+        """The ``count`` inactive entries (not in ``exclude``) with the largest ``scores``."""
+        free, capacity = self._free(exclude)
+        count = min(count, capacity)
+        if count <= 0:
+            return torch.empty(0, dtype=torch.long, device=self.mask.device)
+        return torch.topk(scores.masked_fill(~free, -math.inf), count, sorted=False).indices
+
+    def activate(self, flat_idx: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Turn entries on; their weights are zero (inactive weights are kept at zero) unless
+        ``values`` (``[count, slice_size]``) are given."""
+        self.mask.view(-1)[flat_idx] = True
+        self.num_active += flat_idx.numel()
+        if values is not None and flat_idx.numel():
+            w = self.param.detach().view(self.num_entries, self.slice_size)
+            w[flat_idx] = values.to(w)
 
     def apply_(self) -> None:
         """Zero the weights off the mask."""
@@ -91,9 +189,9 @@ def effective_granularity(param: torch.Tensor, granularity: int) -> int:
 
 
 def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Exactly ``int(density * n + 0.1)`` ones at uniformly random positions (the original's count)."""
+    """Exactly ``count_for_density(n, density)`` ones at uniformly random positions."""
     n = math.prod(shape)
-    k = int(density * n + 0.1)
+    k = count_for_density(n, density)
     order = torch.randperm(n, generator=generator, device=generator.device).to(device)
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[order[:k]] = True

@@ -7,8 +7,9 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError
 from dynsparse.regularizers import sparsity_penalty
-from dynsparse.sparse import Sparsifier
-from dynsparse.sparse.pruning import GradualPruning, keep_count, mnist_output_layer_targets, scheduled_sparsity
+from dynsparse.legacy import mnist_output_layer_targets
+from dynsparse.sparse import AtEpochEnds, Sparsifier
+from dynsparse.sparse.policies.pruning import GradualPruning, keep_count, scheduled_sparsity
 from dynsparse.tied import TiedModel, uniform_coverage
 
 
@@ -24,7 +25,7 @@ def pruner(targets, n_entries=(1000,), **kw):
     (True, [560, 294, 157, 107, 100]),    # keep int((1 - 0.9 (1 - (1 - i/5)^3)) * 1000 + 0.1)
 ])
 def test_pruning_counts_are_exact_at_every_prune(cubic, expected):
-    model, s = pruner([0.9], iterations=5, start_epoch=0, frequency=1, cubic=cubic)
+    model, s = pruner([0.9], when=AtEpochEnds(start=0, every=1, count=5), cubic=cubic)
     counts = []
     for epoch in range(8):
         s.set_epoch(epoch)
@@ -45,7 +46,7 @@ def test_schedules_match_the_original_per_prune_fractions():
 
 
 def test_pruning_removes_the_smallest_and_happens_on_schedule():
-    model, s = pruner([0.5], n_entries=(8,), iterations=2, start_epoch=1, frequency=2)
+    model, s = pruner([0.5], n_entries=(8,), when=AtEpochEnds(start=1, every=2, count=2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[0.8, -0.1, 0.5, 0.05, -0.7, 0.3, -0.2, 0.9]]))
     actives = []
@@ -58,7 +59,7 @@ def test_pruning_removes_the_smallest_and_happens_on_schedule():
 
 
 def test_global_threshold_prunes_the_globally_smallest():
-    model, s = pruner([0.5, 0.5], n_entries=(4, 4), iterations=1, start_epoch=0, frequency=1, global_threshold=True)
+    model, s = pruner([0.5, 0.5], n_entries=(4, 4), when=AtEpochEnds(start=0, every=1, count=1), global_threshold=True)
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[0.01, 0.02, 0.03, 0.9]]))
         model[1].weight.copy_(torch.tensor([[0.5, 0.6, 0.7, 0.8]]))
@@ -73,7 +74,7 @@ def test_sparsity_never_decreases_under_pruning_with_training():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    pol = GradualPruning({"0.weight": 0.9, "2.weight": 0.8}, iterations=4, start_epoch=0, frequency=1, cubic=True)
+    pol = GradualPruning({"0.weight": 0.9, "2.weight": 0.8}, when=AtEpochEnds(start=0, every=1, count=4), cubic=True)
     s = Sparsifier(model, opt, policy=pol, densities={"0.weight": 1.0, "2.weight": 1.0})
     g = torch.Generator().manual_seed(0)
     last = s.num_active_weights()

@@ -1,0 +1,164 @@
+"""The flags of ``dynsparse train``: every flag of the original ``main.py`` with the same names,
+meanings and defaults, plus dynsparse's own and one per method added to the method table.
+
+``config_from_args`` is the one table-driven translation from parsed flags to a
+:class:`~dynsparse.config.TrainConfig`; nothing else reads argparse attributes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from dynsparse.config import TrainConfig
+from dynsparse.errors import DynsparseError
+from dynsparse.legacy import METHODS, check
+
+DEFAULTS = TrainConfig()
+
+
+def str2bool(text: str) -> bool:
+    """``--nesterov False`` means false (the original's ``type=bool`` made every string true)."""
+    low = text.strip().lower()
+    if low in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if low in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
+
+
+# (flags, keyword arguments) for every flag of the original, in its order, then our own.
+ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--epochs",), dict(type=int, help="number of total epochs to run")),
+    (("--start-epoch",), dict(type=int, help="manual epoch number (useful on restarts)")),
+    (("--model",), dict(help="network name: mnist_mlp, cifar10_WideResNet or imagenet_resnet50")),
+    (("-b", "--batch-size"), dict(type=int, help="mini-batch size")),
+    (("--lr", "--learning-rate"), dict(type=float, help="learning rate when no --schedule-file gives lr_schedule")),
+    (("--momentum",), dict(type=float, help="SGD momentum")),
+    (("--nesterov",), dict(type=str2bool, help="Nesterov momentum (True/False)")),
+    (("--weight-decay", "--wd"), dict(type=float, help="weight decay on all parameters")),
+    (("--L1-loss-coeff",), dict(type=float, help="Lasso coefficient on the sparse weights")),
+    (("--print-freq", "-p"), dict(type=int, help="kept for compatibility; progress is a bar")),
+    (("--layers",), dict(type=int, help="total number of layers of the wide resnet")),
+    (("--start-pruning-after-epoch",), dict(type=int, help="prune mode: epoch after which to start pruning")),
+    (("--prune-epoch-frequency",), dict(type=int, help="prune mode: epochs between prunes")),
+    (("--prune-target-sparsity-fc",), dict(type=float, help="prune mode: target sparsity of fc layers")),
+    (("--prune-target-sparsity-conv",), dict(type=float, help="prune mode: target sparsity of conv layers")),
+    (("--prune-iterations",), dict(type=int, help="prune mode: number of prunes")),
+    (("--post-prune-epochs",), dict(type=int, help="prune mode: epochs to train after the last prune")),
+    (("--n-prune-params",), dict(type=int, help="DSR: entries to reallocate per reallocation (Np)")),
+    (("--threshold-prune",), dict(action="store_true", help="DSR: prune below a global adaptive threshold")),
+    (("--prune",), dict(action="store_true", help="gradual magnitude pruning of a (trained) model")),
+    (("--validate-set",), dict(action="store_true", help="hold out a validation split to select the best epoch")),
+    (("--rewire-scaling",), dict(action="store_true", help="DSR: move parameters between layers")),
+    (("--tied",), dict(action="store_true", help="tied weights (HashedNet-like) instead of sparse ones")),
+    (("--rescale-tied-gradient",), dict(action="store_true", help="divide tied gradients by their repetitions")),
+    (("--rewire",), dict(action="store_true", help="run parameter reallocation (DSR, or SET without --threshold-prune)")),
+    (("--no-validate-train",), dict(action="store_true", help="skip the accuracy pass over the training set")),
+    (("--DeepR",), dict(action="store_true", help="train with DeepR")),
+    (("--DeepR_eta",), dict(type=float, help="DeepR eta (noise std = sqrt(2 eta T))")),
+    (("--stop-rewire-epoch",), dict(type=int, help="no reallocation from this epoch on")),
+    (("--no-batch-norm",), dict(action="store_true", help="mnist_mlp without batch norm (biases instead)")),
+    (("--rewire-fraction",), dict(type=float, help="SET: fraction of each layer to rewire")),
+    (("--sub-kernel-granularity",), dict(type=int, help="mask granularity: leading dims of a conv weight a mask entry covers (4 = per weight)")),
+    (("--cubic-prune-schedule",), dict(action="store_true", help="prune mode: Zhu & Gupta cubic schedule")),
+    (("--sparse-resnet-downsample",), dict(action="store_true", help="ResNet-50: sparse downsample convs")),
+    (("--conv-group-lasso",), dict(action="store_true", help="group lasso over conv kernels instead of L1")),
+    (("--big-new-weights",), dict(action="store_true", help="new connections drawn from the initial distribution instead of zero")),
+    (("--widen-factor",), dict(type=float, help="width of the wide resnet (also the ResNet-50 width multiplier)")),
+    (("--initial-sparsity-conv",), dict(type=float, help="initial sparsity of the sparse conv layers")),
+    (("--initial-sparsity-fc",), dict(type=float, help="initial sparsity of the sparse fc layers")),
+    (("--job-idx",), dict(type=int, help="job index: the run is saved as RUNS_DIR/{model}_{job_idx}")),
+    (("--no-augment",), dict(action="store_true", help="no CIFAR-10 data augmentation")),
+    (("--data",), dict(metavar="DIR", help="data root (default: $DYNSPARSE_DATA, else ./data)")),
+    (("-j", "--workers"), dict(type=int, metavar="N", help="ImageNet loader worker processes")),
+    (("--copy-mask-from",), dict(help="run or checkpoint whose masks to copy")),
+    (("--resume",), dict(help="run directory or checkpoint to resume from")),
+    (("--schedule-file",), dict(help="YAML with lr_schedule, rewire_period_schedule, DeepR_temperature_schedule")),
+    (("--name",), dict(help="run name (default: {model}_{job_idx})")),
+]
+OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
+    (("--method",), dict(metavar="NAME", help="a method of the registry by name (dynsparse.legacy.METHODS); the "
+                                              "original flags (--rewire, --DeepR, ...) select the paper's methods")),
+    (("--rigl",), dict(action="store_true", help="RigL (Evci et al. 2020): drop by magnitude, grow by gradient")),
+    (("--sparse-momentum",), dict(action="store_true", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)")),
+    (("--drop-fraction",), dict(type=float, help="RigL/SNFS initial drop fraction, cosine-decayed (RigL 0.3, SNFS 0.5)")),
+    (("--update-end",), dict(type=float, help="RigL/SNFS: fraction of training after which the topology is fixed")),
+    (("--update-period",), dict(type=int, help="RigL/SNFS: training steps between topology updates "
+                                               "(default: RigL rewire_period_schedule, SNFS one epoch, as in the papers)")),
+    (("--budget",), dict(help="how density is spread over layers: type (the original's conv/fc sparsities), uniform, er, erk")),
+    (("--keep-optimizer-state",), dict(action="store_true", help="do not zero optimizer state off the mask (the original's behaviour)")),
+    (("--dense-layers",), dict(help="comma-separated parameter names or glob patterns to keep dense")),
+    (("--amp",), dict(help="mixed precision for the forward pass: off or bf16 (autocast; weights stay float32)")),
+    (("--channels-last",), dict(action="store_true", help="channels_last memory format for conv nets (faster on GPUs)")),
+    (("--compile",), dict(action="store_true", help="torch.compile the model for training")),
+    (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
+    (("--device",), dict(help="cpu, cuda, cuda:N or auto (default)")),
+    (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
+    (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
+    (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),
+    (("--logger",), dict(help="scalar logs beside metrics.jsonl, comma-separated: csv, tensorboard, wandb "
+                               "(pip install 'dynsparse[tensorboard]' or 'dynsparse[wandb]')")),
+    (("--no-progress",), dict(action="store_false", dest="progress", help="no progress bar (default: a bar when stderr is a terminal)")),
+    (("--global-prune",), dict(action="store_true", help="with --prune: remove the globally smallest weights of all layers (default: per layer, as the original)")),
+    (("--tied-per-kernel",), dict(action="store_true", help="with --tied: share whole 3x3 kernels below --sub-kernel-granularity 4 (default: per weight, as the original)")),
+    (("--prune-from-scratch",), dict(action="store_true", help="with --prune: prune while training from random initialization instead of from --resume DENSE_RUN")),
+]
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    for flags, kwargs in ORIGINAL_FLAGS + OWN_FLAGS:
+        long_flag = next(f for f in flags if f.startswith("--"))
+        dest = kwargs.get("dest") or long_flag[2:].replace("-", "_")
+        kwargs = {"dest": dest, **kwargs}
+        default = getattr(DEFAULTS, dest)
+        helptext = kwargs.pop("help")
+        if kwargs.get("action") not in ("store_true", "store_false"):
+            helptext += f" (default: {default})"
+        parser.add_argument(*flags, default=default, help=helptext, **kwargs)
+    for m in METHODS.values():  # methods added to the registry bring their own flag
+        if m.flag:
+            parser.add_argument(m.flag, dest="method", action="store_const", const=m.name, help=f"train with {m.name}")
+    parser.add_argument("--dry-run", action="store_true", help="resolve and print the configuration, train nothing")
+    parser.add_argument("--debug-distributed", action="store_true",
+                        help="under torchrun: check after every topology update that all ranks hold the same masks and weights")
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    check(cfg)
+    return cfg
+
+
+def _repair_split_path(argv: list[str]) -> list[str]:
+    """The original WRN list has ``--schedule-file ./learning_schedules/ wrnet_schedule.yaml``
+    (job 68): a path split by a stray space. Join a directory argument and a following bare
+    ``*.yaml`` word, which no valid command line contains."""
+    out = list(argv)
+    for i in range(len(out) - 2):
+        if out[i] == "--schedule-file" and out[i + 1].endswith("/") and out[i + 2].endswith(".yaml") \
+                and not out[i + 2].startswith("-"):
+            logging.getLogger(__name__).warning("joining split schedule path %r %r", out[i + 1], out[i + 2])
+            out[i + 1: i + 3] = [out[i + 1] + out[i + 2]]
+            break
+    return out
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Raises the problem as a DynsparseError instead of printing the usage and exiting."""
+
+    def error(self, message: str):
+        raise DynsparseError(message)
+
+
+def parse_train_args(argv: Sequence[str], *, with_options: bool = False, one_line_errors: bool = False):
+    """Parse ``dynsparse train`` flags (or an original ``main.py`` line) into a config; returns
+    ``(config, dry_run)``, or ``(config, namespace)`` with ``with_options``. ``one_line_errors``:
+    a bad flag raises DynsparseError (for experiment lists) instead of argparse's usage and exit."""
+    parser = (_OneLineParser if one_line_errors else argparse.ArgumentParser)(prog="dynsparse train")
+    add_train_flags(parser)
+    ns = parser.parse_args(_repair_split_path(list(argv)))
+    return config_from_args(ns), (ns if with_options else ns.dry_run)

@@ -1,0 +1,232 @@
+"""The original command line's methods, in one table: which flags select a method, the policy
+they build, and what a training step of the method costs (for FLOPs).
+
+``METHODS`` is the one registry the command line, the run, the FLOPs counter and the report
+read. A new method is one policy class (``dynsparse/sparse/policies/``) plus one line here, as
+``mest`` below, whose ``flag`` also gives ``dynsparse train --mest`` (and ``--method mest``). The original's own quirks
+that the engine must not know about (the MNIST output-layer pruning rule) live here too.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dynsparse.config import TrainConfig
+from dynsparse.errors import DynsparseError, unknown_choice
+from dynsparse.hooks import NoSparsity
+from dynsparse.models import layer_type, sparse_parameter_names
+from dynsparse.regularizers import sparsity_penalty
+from dynsparse.schedule import Schedules
+from dynsparse.sparse import (DSR, MEST, SET, SNFS, AtEpochEnds, DeepR, EveryStep, GradualPruning, Periodic, Policy,
+                              RigL, Sparsifier, Static, make_densities)
+from dynsparse.tied import TiedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method's policy may need beyond the flags."""
+
+    cfg: TrainConfig
+    schedules: Schedules
+    steps_per_epoch: int
+    targets: dict[str, float]  # final sparsity per tensor (prune mode)
+
+    @property
+    def end_step(self) -> int:
+        return max(int(self.cfg.update_end * self.cfg.total_epochs * self.steps_per_epoch), 1)
+
+    def periodic(self, period: int | None = None, *, end: bool = False) -> Periodic:
+        """Every ``period`` steps (default ``--update-period``, else ``rewire_period_schedule``),
+        until ``--update-end`` of training if ``end``, never from ``--stop-rewire-epoch`` on."""
+        if period is None:
+            period = self.cfg.update_period if self.cfg.update_period is not None else self.schedules.rewire_period_at
+        return Periodic(period, end_step=self.end_step if end else None, stop_epoch=self.cfg.stop_rewire_epoch)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    policy: Callable[[TrainConfig, Context], Policy] | None  # None: dense training or tied weights
+    selected: Callable[[TrainConfig], bool] = lambda cfg: False  # the original flags that mean it
+    cost: str = "sparse"  # FLOPs per step: dense | sparse | dense-grad-at-updates | dense-grad-every-step
+    flag: str | None = None  # its own `dynsparse train` flag, for methods added to the registry
+    options: tuple[str, ...] = ()  # method-specific flags it accepts (config field names)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("prune", lambda cfg, ctx: GradualPruning(
+        ctx.targets, cubic=cfg.cubic_prune_schedule, global_threshold=cfg.global_prune,
+        when=AtEpochEnds(start=cfg.start_pruning_after_epoch, every=cfg.prune_epoch_frequency,
+                         count=cfg.prune_iterations)), selected=lambda cfg: cfg.prune),
+    Method("tied", None, selected=lambda cfg: cfg.tied, cost="dense"),
+    Method("deepr", lambda cfg, ctx: DeepR(cfg.DeepR_eta, temperature=ctx.schedules.deepr_temperature,
+                                           when=EveryStep(stop_epoch=cfg.stop_rewire_epoch)),
+           selected=lambda cfg: cfg.DeepR),
+    Method("rigl", lambda cfg, ctx: RigL(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)),
+           selected=lambda cfg: cfg.rigl, cost="dense-grad-at-updates", options=("update_period",)),
+    # Dettmers & Zettlemoyer update once per epoch (their prune rate 0.5 is per epoch)
+    Method("snfs", lambda cfg, ctx: SNFS(0.5 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(
+        ctx.steps_per_epoch if cfg.update_period is None else cfg.update_period, end=True)),
+           selected=lambda cfg: cfg.sparse_momentum, cost="dense-grad-every-step", options=("update_period",)),
+    Method("dsr", lambda cfg, ctx: DSR(cfg.n_prune_params, scaling=cfg.rewire_scaling, when=ctx.periodic()),
+           selected=lambda cfg: cfg.rewire and cfg.threshold_prune),
+    Method("set", lambda cfg, ctx: SET(cfg.rewire_fraction, scaling=cfg.rewire_scaling, when=ctx.periodic()),
+           selected=lambda cfg: cfg.rewire),
+    Method("mest", lambda cfg, ctx: MEST(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)), flag="--mest",
+           options=("update_period",)),
+    Method("static", lambda cfg, ctx: Static()),
+    Method("dense", None, cost="dense"),
+]}
+
+
+def register_method(method: Method) -> Method:
+    """Add a method to the table (before the command line is parsed, for its flag to exist)."""
+    METHODS[method.name] = method
+    return method
+
+
+def _sparsities_all_zero(cfg: TrainConfig) -> bool:
+    from dynsparse.models import SPARSE_LAYER_TYPES
+    used = SPARSE_LAYER_TYPES.get(cfg.model, ("conv", "fc"))
+    sparsities = {"conv": cfg.initial_sparsity_conv, "fc": cfg.initial_sparsity_fc}
+    return all(sparsities[t] == 0 for t in used)
+
+
+def method_of(cfg: TrainConfig) -> str:
+    """The method a configuration selects: ``--method`` (or a registered method's own flag),
+    else the first original flag in the table's order, else dense or static by the sparsities."""
+    if cfg.method:
+        if cfg.method not in METHODS:
+            raise unknown_choice("method", cfg.method, METHODS)
+        return cfg.method
+    for m in METHODS.values():
+        if m.selected(cfg):
+            return m.name
+    return "dense" if _sparsities_all_zero(cfg) else "static"
+
+
+def method_label(cfg: TrainConfig) -> str:
+    """``method_of``, with dense runs narrower than the paper's baseline width called thin dense."""
+    full_width = {"cifar10_WideResNet": 2.0, "imagenet_resnet50": 1.0}.get(cfg.model)
+    method = method_of(cfg)
+    if method == "dense" and full_width is not None and cfg.widen_factor < full_width:
+        return "thin dense"
+    return method
+
+
+def check(cfg: TrainConfig) -> None:
+    """Method-specific checks at parse time: one method, its options, and its policy's own
+    validation of every value (built once on a stand-in context)."""
+    chosen = [f for f, on in (("--DeepR", cfg.DeepR), ("--rewire", cfg.rewire), ("--prune", cfg.prune),
+                               ("--tied", cfg.tied), ("--rigl", cfg.rigl), ("--sparse-momentum", cfg.sparse_momentum),
+                               (f"--method {cfg.method}", bool(cfg.method))) if on]
+    if len(chosen) > 1:
+        raise DynsparseError(f"{' and '.join(chosen)} are different methods: pass one of them")
+    method = METHODS[method_of(cfg)]
+    if cfg.update_period is not None and "update_period" not in method.options:
+        takes = sorted(m.name for m in METHODS.values() if "update_period" in m.options)
+        raise DynsparseError(f"--update-period is for {', '.join(takes)}; {method.name} takes its period from "
+                             "rewire_period_schedule in --schedule-file")
+    if method.policy is not None:
+        from dynsparse.schedule import load_schedules
+        method.policy(cfg, Context(cfg, load_schedules(None), 1, {}))
+
+
+def prune_targets(cfg: TrainConfig, model: nn.Module, names: list[str]) -> dict[str, float]:
+    """Final sparsity per tensor in prune mode, with the original's mnist_mlp output-layer case."""
+    fc, special = cfg.prune_target_sparsity_fc, None
+    if cfg.model == "mnist_mlp" and fc > 0.9:
+        fc, special = mnist_output_layer_targets(fc)
+    params = dict(model.named_parameters())
+    targets = {}
+    for n in names:
+        if layer_type(model, n) == "conv":
+            targets[n] = cfg.prune_target_sparsity_conv
+        else:
+            targets[n] = special if special is not None and tuple(params[n].shape) == (10, 100) else fc
+    return targets
+
+
+def mnist_output_layer_targets(target_fc: float) -> tuple[float, float]:
+    """The original's special case for ``mnist_mlp`` above 0.9 sparsity: the 10x100 output layer
+    is pruned to 0.9 (keeping 100 weights) and the other two layers take up the difference, so
+    the total budget is that of ``target_fc`` over all three. Returns (hidden, output) targets."""
+    total = 784 * 300 + 300 * 100 + 100 * 10
+    available = (1.0 - target_fc) * total - 100
+    return 1.0 - available / (784 * 300 + 300 * 100), 0.9
+
+
+def densities(cfg: TrainConfig, model: nn.Module) -> dict[str, float]:
+    """Density per sparse tensor: the model's sparse layers minus ``--dense-layers``, spread by
+    ``--budget`` (the original's per-type sparsities by default)."""
+    names = sparse_parameter_names(model, sparse_resnet_downsample=cfg.sparse_resnet_downsample)
+    patterns = [p.strip() for p in cfg.dense_layers.split(",") if p.strip()]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise DynsparseError(f"--dense-layers {pat!r} matches no sparse layer; sparse layers: {', '.join(names)}")
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    per_type = {n: 1.0 - (cfg.initial_sparsity_conv if layer_type(model, n) == "conv" else cfg.initial_sparsity_fc)
+                for n in names}
+    if cfg.budget == "type":
+        return per_type
+    params = dict(model.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in names}
+    return make_densities(cfg.budget, shapes, 1.0 - cfg.nominal_sparsity())
+
+
+def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     schedules: Schedules, steps_per_epoch: int = 1):
+    """The object the loop calls at every step, as the original flags ask: a Sparsifier with the
+    method's policy, a TiedModel (``--tied``; call before building the optimizer, it replaces
+    weights by banks), or ``NoSparsity`` for plain dense training."""
+    dens = densities(cfg, model)
+    method = METHODS[method_of(cfg)]
+    if method.name == "tied":
+        # the original passed the granularity where a bool was meant, so it always tied per weight
+        granularity = cfg.sub_kernel_granularity if cfg.tied_per_kernel else 4
+        return TiedModel(model, dens, granularity=granularity, seed=cfg.seed + 1,
+                         rescale_gradient=cfg.rescale_tied_gradient)
+    all_dense = all(d == 1.0 for d in dens.values())
+    if method.name not in ("dense", "static", "prune") and all_dense:
+        raise DynsparseError(f"{method.name} needs a sparse layer, but every sparse-eligible layer of {cfg.model} "
+                             f"is at sparsity 0: raise --initial-sparsity-conv/--initial-sparsity-fc")
+    if method.name in ("dense", "static") and all_dense and not cfg.L1_loss_coeff:
+        return NoSparsity()
+    if method.name == "prune" and cfg.threshold_prune:
+        log.warning("--threshold-prune has no effect with --prune (as in the original): pruning is per layer; "
+                    "--global-prune prunes by a global magnitude")
+    ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune" else {})
+    policy = method.policy(cfg, ctx) if method.policy is not None else Static()
+    return Sparsifier(model, optimizer, policy=policy, densities=dens, granularity=cfg.sub_kernel_granularity,
+                      new_weights="initial" if cfg.big_new_weights else "zero", seed=cfg.seed + 1,
+                      mask_optimizer_state=not cfg.keep_optimizer_state)
+
+
+def build_penalty(cfg: TrainConfig, sparsifier) -> Callable[[], torch.Tensor | float] | None:
+    """``--L1-loss-coeff`` (or ``--conv-group-lasso``) over the sparse weights, or tied banks."""
+    if not cfg.L1_loss_coeff:
+        return None
+    if isinstance(sparsifier, TiedModel):
+        return lambda: sparsifier.penalty(cfg.L1_loss_coeff, cfg.conv_group_lasso)
+    tensors = [sp.param for sp in getattr(sparsifier, "params", {}).values()]
+    return lambda: sparsity_penalty(tensors, cfg.L1_loss_coeff, cfg.conv_group_lasso)
+
+
+def param_counts(model: nn.Module, sparsifier) -> dict[str, int]:
+    """The original's model-size report: sparse (active entries of sparse tensors, in weights),
+    tied (bank entries), fixed (every other parameter, dense) and learnable (their sum), plus the
+    total size of the model and ``params_nonzero`` (= learnable, counted from masks, not values)."""
+    total = sum(p.numel() for p in model.parameters())
+    c = sparsifier.param_counts()
+    fixed = total - c["sparse_total"]
+    learnable = fixed + c["sparse"] + c["tied"]
+    return {"params_total": total, "params_sparse_total": c["sparse_total"], "params_sparse": c["sparse"],
+            "params_tied": c["tied"], "params_fixed": fixed, "params_learnable": learnable,
+            "params_nonzero": learnable}

@@ -1,0 +1,70 @@
+"""DeepR (Bellec et al. 2018) as the original implements it."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.dropgrow import DropGrow
+from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.sparsifier import Sparsifier
+from dynsparse.sparse.when import EveryStep, When
+
+
+class DeepR(DropGrow):
+    """Every step: before the optimizer step, add Gaussian noise of std ``sqrt(2 * eta * T)``
+    (``T = temperature(epoch)``) to the gradients of active weights of tensors that are not fully
+    dense; after it, drop active weights whose sign flipped since the last check and regrow as
+    many at random in the same tensor, excluding those just dropped. Pair with an L1 penalty
+    (``--L1-loss-coeff``). Tensors at density 1.0 get neither noise nor drops, as in the original
+    (a dense tensor could not regrow what it dropped, so the total density would drift). The
+    recorded signs are taken after regrowth, so with ``--big-new-weights`` they are the signs of the
+    new values. Deviation: the signs are recorded after initialization, so the first
+    step does not see the original's ~50% spurious sign flips (docs/deviations.md)."""
+
+    record_events = False
+
+    def __init__(self, eta: float = 0.001, temperature: Callable[[int], float] = lambda epoch: 0.0,
+                 when: When | None = None) -> None:
+        super().__init__(when if when is not None else EveryStep())
+        self.eta, self.temperature = eta, temperature
+        self.signs: dict[str, torch.Tensor] = {}
+
+    def attach(self, s: Sparsifier) -> None:
+        if any(sp.granularity != sp.param.dim() for sp in s.params.values()):
+            raise DynsparseError("DeepR needs per-weight masks (--sub-kernel-granularity 4)")
+        self.signs = {n: self._sign(sp) for n, sp in s.params.items()}
+
+    @staticmethod
+    def _sign(sp: SparseParam) -> torch.Tensor:
+        return torch.sign(sp.param.detach()).to(torch.int8)
+
+    def before_optimizer_step(self, s: Sparsifier) -> None:
+        std = math.sqrt(2.0 * self.eta * self.temperature(s.epoch))
+        for sp in s.params.values():
+            if sp.param.grad is None or sp.num_active == sp.num_entries or std == 0.0:
+                continue
+            idx = sp.active_indices()  # noise only where it survives the gradient mask
+            noise = torch.randn(idx.numel(), generator=s.generator, device=s.generator.device)
+            sp.param.grad.view(-1).index_add_(0, idx, noise.to(sp.param.grad) * std)
+
+    def select_drops(self, s: Sparsifier, sps: list[SparseParam]) -> list[torch.Tensor]:
+        flips = [(self._sign(sp) * self.signs[sp.name] < 0).view(-1) & sp.mask.view(-1) for sp in sps]
+        counts = torch.stack([f.sum() for f in flips]).tolist()  # one host sync for all tensors
+        return [torch.nonzero_static(f, size=k if sp.num_free else 0).view(-1) for sp, f, k in zip(sps, flips, counts)]
+
+    def update(self, s: Sparsifier) -> tuple[int, int]:
+        dropped, grown = super().update(s)
+        for sp in s.params.values():
+            sp.apply_()  # dropped weights are zero before their signs are taken
+            self.signs[sp.name] = self._sign(sp)
+        return dropped, grown
+
+    def state_dict(self) -> dict:
+        return {"eta": self.eta, "signs": {n: t.clone() for n, t in self.signs.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.eta = float(state["eta"])
+        self.signs = {n: t.to(self.signs[n].device) for n, t in state["signs"].items()}

@@ -1,0 +1,69 @@
+"""Dynamic sparse reparameterization (Mostafa & Wang 2019, Algorithm 1)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.dropgrow import DropGrow, allocate_proportionally
+from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.sparsifier import Sparsifier
+from dynsparse.sparse.when import When
+
+
+class DSR(DropGrow):
+    """Every rewire period: drop every active entry whose magnitude is below the global threshold
+    H (keeping at least one entry per tensor), then regrow exactly as many entries as were dropped,
+    shared over tensors in proportion to their surviving entries (``scaling=True``, the paper's
+    ``--rewire-scaling``) or per tensor as many as it dropped (``scaling=False``), at uniformly
+    random free positions that exclude the ones just dropped. Then adapt H: halve it when more than
+    ``(1 + tolerance) * n_prune`` entries were dropped, double it when fewer than
+    ``(1 - tolerance) * n_prune``. H starts at 1e-3.
+
+    Deviations: the proportional shares use largest-remainder rounding with capacity caps (exact
+    and deterministic) where the original fixed its rounding error on one random tensor in a loop;
+    when a tensor would lose every entry, the largest-magnitude one is kept (the original kept the
+    one with the lowest index).
+    """
+
+    def __init__(self, n_prune: int = 600, scaling: bool = True, threshold: float = 1e-3,
+                 tolerance: float = 0.1, when: When | None = None) -> None:
+        if n_prune < 1:
+            raise DynsparseError(f"--n-prune-params must be >= 1, got {n_prune}")
+        super().__init__(when)
+        self.n_prune, self.scaling, self.threshold, self.tolerance = n_prune, scaling, threshold, tolerance
+
+    def select_drops(self, s: Sparsifier, sps: list[SparseParam]) -> list[torch.Tensor]:
+        mags = [sp.magnitude() for sp in sps]
+        below = [sp.active_below(m, self.threshold) for sp, m in zip(sps, mags)]
+        counts = torch.stack([b.sum() for b in below]).tolist()  # one host sync for all tensors
+        out = []
+        for sp, m, b, k in zip(sps, mags, below, counts):
+            if k == sp.num_active:  # never empty a tensor: keep its largest entry
+                b[sp.largest_active(m)] = False
+                k -= 1
+            out.append(torch.nonzero_static(b, size=k).view(-1))  # the count is known: no device sync
+        return out
+
+    def allocate(self, s: Sparsifier, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+        if not self.scaling:
+            return list(dropped)
+        return allocate_proportionally(sps, dropped, [sp.num_active for sp in sps])
+
+    def update(self, s: Sparsifier) -> tuple[int, int]:
+        dropped, grown = super().update(s)
+        if dropped > (1 + self.tolerance) * self.n_prune:
+            self.threshold /= 2
+        elif dropped < (1 - self.tolerance) * self.n_prune:
+            self.threshold *= 2
+        return dropped, grown
+
+    def metrics(self) -> dict:
+        return {"threshold": self.threshold}
+
+    def state_dict(self) -> dict:
+        return {"threshold": self.threshold}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.threshold = float(state["threshold"])

@@ -1,0 +1,63 @@
+"""Sparse momentum (Dettmers & Zettlemoyer 2019): RigL with momentum scores and a
+momentum-proportional allocation."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.dropgrow import allocate_proportionally
+from dynsparse.sparse.masks import SparseParam, keep_one
+from dynsparse.sparse.policies.rigl import RigL
+from dynsparse.sparse.sparsifier import Sparsifier
+from dynsparse.sparse.when import When
+
+
+class SNFS(RigL):
+    """At each update (the paper and the command line: once per epoch) until ``end_step``, each
+    layer drops the fraction ``p_t`` (cosine-decayed from ``fraction``) of its active entries with
+    the smallest magnitude; the total dropped is regrown across layers in proportion to each
+    layer's mean momentum magnitude over its active entries (before the drop), and within a layer
+    where the momentum magnitude is largest. Counts are exact (growth capped by free space,
+    surplus passed on), so the sparsity never drifts (sparse_learning issue #22). The momentum is
+    the policy's own dense exponential average of the gradient, ``m = beta m + g``, because the
+    optimizer's momentum is kept zero off the mask here."""
+
+    def __init__(self, fraction: float = 0.5, beta: float = 0.9, when: When | None = None) -> None:
+        super().__init__(fraction, when)
+        if not 0.0 <= beta < 1.0:
+            raise DynsparseError(f"the momentum beta must be in [0, 1), got {beta}")
+        self.beta = beta
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.importance: list[float] = []
+
+    def before_optimizer_step(self, s: Sparsifier) -> None:
+        for name, sp in s.params.items():
+            g = sp.param.grad
+            if g is None:
+                continue
+            m = self.momentum.get(name)
+            self.momentum[name] = g.detach().clone() if m is None else m.mul_(self.beta).add_(g)
+
+    def prepare(self, s: Sparsifier) -> None:
+        super().prepare(s)
+        self.grow_signal = {n: sp.scores(self.momentum[n]) for n, sp in s.params.items()}
+        self.importance = torch.stack([sp.active_mean(self.grow_signal[n]) for n, sp in s.params.items()]).tolist()
+
+    def drop_count(self, s: Sparsifier, sp: SparseParam) -> int:
+        return keep_one(sp.num_active, int(self.frac * sp.num_active))
+
+    def allocate(self, s: Sparsifier, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+        return allocate_proportionally(sps, dropped, self.importance)
+
+    def update(self, s: Sparsifier) -> tuple[int, int]:
+        return super().update(s) if self.momentum else (0, 0)
+
+    def state_dict(self) -> dict:
+        return {"fraction": self.fraction, "beta": self.beta,
+                "momentum": {n: t.clone() for n, t in self.momentum.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.fraction, self.beta = float(state["fraction"]), float(state["beta"])
+        self.momentum = {n: t.clone() for n, t in state["momentum"].items()}

@@ -1,0 +1,86 @@
+"""When a policy changes the topology: one small object per rule, asked by the sparsifier.
+
+* :class:`Never` - static masks;
+* :class:`EveryStep` - after every optimizer step (DeepR);
+* :class:`Periodic` - every ``period`` optimizer steps (an int, or a function of the epoch, e.g.
+  the original's ``rewire_period_schedule``), until ``end_step`` (RigL/SNFS: a fraction of
+  training);
+* :class:`AtEpochEnds` - after the last step of epochs ``start, start + every, ...``, ``count``
+  times (gradual pruning).
+
+``stop_epoch`` (the original's ``--stop-rewire-epoch``) is part of every rule: from that epoch
+on, nothing changes, and the policy's per-step hooks (DeepR noise, gradient reads) stop too.
+Steps count optimizer steps from 1; ``due`` is asked after step ``step``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dynsparse.errors import DynsparseError
+
+
+@dataclass(frozen=True)
+class When:
+    stop_epoch: int | None = field(default=None, kw_only=True)
+
+    def active(self, epoch: int) -> bool:
+        """Whether the policy acts at all in ``epoch`` (its per-step hooks included)."""
+        return self.stop_epoch is None or epoch < self.stop_epoch
+
+    def due(self, step: int, epoch: int) -> bool:
+        return False
+
+    def due_at_epoch_end(self, epoch: int, done: int) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Never(When):
+    def active(self, epoch: int) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class EveryStep(When):
+    def due(self, step: int, epoch: int) -> bool:
+        return self.active(epoch)
+
+
+@dataclass(frozen=True)
+class Periodic(When):
+    """Every ``period`` steps (``period(epoch)`` when callable), strictly before ``end_step``."""
+
+    period: int | Callable[[int], int] = 100
+    end_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.period, int) and self.period < 1:
+            raise DynsparseError(f"the update period must be >= 1 step, got {self.period}")
+        if self.end_step is not None and self.end_step < 1:
+            raise DynsparseError(f"the end step of topology updates must be >= 1, got {self.end_step}")
+
+    def period_at(self, epoch: int) -> int:
+        return self.period(epoch) if callable(self.period) else self.period
+
+    def due(self, step: int, epoch: int) -> bool:
+        return (self.active(epoch) and (self.end_step is None or step < self.end_step)
+                and step % self.period_at(epoch) == 0)
+
+
+@dataclass(frozen=True)
+class AtEpochEnds(When):
+    """After epochs ``start, start + every, ...``, ``count`` times (``done`` counts those made)."""
+
+    start: int = 0
+    every: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.every < 1 or self.start < 0:
+            raise DynsparseError("epoch-end updates need count >= 1, every >= 1 and start >= 0 (prune mode: "
+                                 "--prune-iterations, --prune-epoch-frequency, --start-pruning-after-epoch)")
+
+    def due_at_epoch_end(self, epoch: int, done: int) -> bool:
+        return (self.active(epoch) and epoch >= self.start and (epoch - self.start) % self.every == 0
+                and done < self.count)

@@ -1,0 +1,87 @@
+"""The package's shape: no import cycles, a self-contained engine, modules of readable size."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import dynsparse
+
+PACKAGE = Path(dynsparse.__file__).parent
+# what dynsparse/sparse/ may import from the rest of the package
+ENGINE_ALLOWED = {"dynsparse.errors"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every dynsparse module ``path`` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] == "dynsparse"}
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        # ``from dynsparse import x`` names module dynsparse.x when it exists, else the package
+        edges[name] = {m for m in imports_of(path) if m in modules and m != name}
+    return edges
+
+
+def test_no_import_cycles():
+    edges = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if nxt == "dynsparse" or nxt.endswith(".__init__"):
+                continue  # the package's re-exports sit on top of everything
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_engine_imports_nothing_of_the_cli_config_models_or_loop():
+    for name, deps in graph().items():
+        if name.startswith("dynsparse.sparse"):
+            outside = {d for d in deps if not d.startswith("dynsparse.sparse")} - ENGINE_ALLOWED
+            assert not outside, f"{name} imports {sorted(outside)}"
+
+
+def test_modules_stay_readable():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 320}
+    assert not long, f"modules over ~300 lines: {long}"
+
+
+def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
+    # a fake pair of modules that import each other is reported
+    pkg = tmp_path / "dynsparse"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from dynsparse.b import g\n")
+    (pkg / "b.py").write_text("from dynsparse.a import f\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    try:
+        test_no_import_cycles()
+    except AssertionError as e:
+        assert "dynsparse.a" in str(e)
+    else:
+        raise AssertionError("a cycle went unnoticed")
