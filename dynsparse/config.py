@@ -130,8 +130,8 @@ class TrainConfig:
                             ("--initial-sparsity-fc", self.initial_sparsity_fc)):
             if not 0.0 <= value < 1.0:
                 raise DynsparseError(f"{flag} must be in [0, 1) (the removed fraction), got {value}")
-        if self.sub_kernel_granularity not in (1, 2, 3, 4):
-            raise DynsparseError(f"--sub-kernel-granularity must be 1, 2, 3 or 4, got {self.sub_kernel_granularity}")
+        from dynsparse.sparse.masks import check_granularity
+        check_granularity(self.sub_kernel_granularity)
         if self.epochs < 1 or not 0 <= self.start_epoch <= self.total_epochs:
             raise DynsparseError(f"need --epochs >= 1 and 0 <= --start-epoch <= the number of epochs, got "
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")

@@ -179,10 +179,14 @@ class SparseParam:
         return 1.0 / math.sqrt(shape[1])
 
 
+def check_granularity(granularity: int) -> None:
+    if granularity not in (1, 2, 3, 4):
+        raise DynsparseError(f"--sub-kernel-granularity must be 1, 2, 3 or 4 (the mask granularity), got {granularity}")
+
+
 def effective_granularity(param: torch.Tensor, granularity: int) -> int:
     """Linear (2-D) weights are always per weight; conv weights take ``granularity`` dims."""
-    if not 1 <= granularity <= 4:
-        raise DynsparseError(f"sub-kernel granularity must be 1, 2, 3 or 4, got {granularity}")
+    check_granularity(granularity)
     if param.dim() <= 2:
         return param.dim()
     return min(granularity, param.dim())
