@@ -304,9 +304,11 @@ def test_rigl_ends_at_three_quarters_of_total_steps_without_set_epoch():
 def test_an_end_at_a_fraction_of_unknown_training_is_an_error():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    Sparsifier(model, opt, policy=SNFS(), densities=0.2)
     with pytest.raises(DynsparseError, match="pass total_steps="):
-        plain_loop(model, opt, batches(1))
+        Sparsifier(model, opt, policy=SNFS(), densities=0.2)
+    s = Sparsifier(model, None, policy=RigL(), densities=0.2)  # no optimizer to attach to: at the first step
+    with pytest.raises(DynsparseError, match="pass total_steps="):
+        explicit_loop(model, opt, s, batches(1))
 
 
 # ---- 6. export and honest accounting ---------------------------------------------------------

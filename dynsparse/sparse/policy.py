@@ -3,12 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from dynsparse.sparse.when import Never, When
-
-if TYPE_CHECKING:
-    from dynsparse.sparse.sparsifier import Sparsifier
 
 
 @dataclass(frozen=True)
@@ -33,19 +29,19 @@ class Policy:
     when: When = Never()
     record_events = True  # False for policies that update every step (DeepR): totals only
 
-    def attach(self, s: "Sparsifier") -> None:
+    def attach(self, s: Sparsifier) -> None:
         """Called once the sparsifier's masks are applied (e.g. DeepR records signs)."""
 
-    def wants_dense_grad(self, s: "Sparsifier") -> bool:
+    def wants_dense_grad(self, s: Sparsifier) -> bool:
         """Whether ``before_optimizer_step`` of the coming step reads the gradient *off* the mask
         (RigL before an update, SNFS every step). Gradients are masked as they are accumulated;
         only then is the off-mask part set aside for this policy."""
         return False
 
-    def before_optimizer_step(self, s: "Sparsifier") -> None:
+    def before_optimizer_step(self, s: Sparsifier) -> None:
         """Per-step hook before the gradients are masked (while ``when`` is active)."""
 
-    def update(self, s: "Sparsifier") -> tuple[int, int]:
+    def update(self, s: Sparsifier) -> tuple[int, int]:
         return 0, 0
 
     def metrics(self) -> dict:

@@ -15,21 +15,17 @@ accumulation (:mod:`dynsparse.sparse.attach`), so gradient accumulation, clippin
 harmless repeats; with ``hooks=False`` (or ``optimizer=None``) they are the only way in.
 ``end_epoch()`` (and ``set_epoch`` for schedules by epoch) remains for epoch-driven policies.
 
-Contract after every step: weights, gradients (as the optimizer saw them) and every
-optimizer-state tensor shaped like a sparse weight (SGD momentum, Adam moments) are zero off the
-mask. A regrown connection therefore starts with zero optimizer state; the original code never
-masked momentum (see docs/deviations.md). *When* the topology changes is the policy's ``when``
-(:mod:`dynsparse.sparse.when`); *how* is the policy's ``update``. Each change is recorded as a
-``RewireEvent`` in ``events`` (drained by the caller), with per-layer densities. Weights found
-nonzero off the mask before a topology change (something bypassed the sparsifier: weights loaded
-behind its back, another optimizer) raise a :class:`DynsparseError`.
+Contract after every step: weights, gradients (as the optimizer saw them) and optimizer state
+shaped like a sparse weight (momentum, Adam moments) are zero off the mask, so a regrown
+connection starts with zero state (the original never masked momentum: docs/deviations.md).
+*When* the topology changes is the policy's ``when``; *how* is its ``update``; each change is a
+``RewireEvent`` in ``events``. Weights nonzero off the mask before a change (something bypassed
+the sparsifier: weights loaded behind its back, another optimizer) raise a DynsparseError.
 
-Order rules: checkpoints load before or after the sparsifier is built. Built first, then
-``sparsifier.load_state_dict`` restores the masks and re-applies them to the weights, whenever
-those were loaded. Built on weights that are already sparse (a sparse checkpoint loaded first),
-the default masks keep every nonzero weight (topped up with random zero entries to the requested
-density; a layer denser than that stays so) instead of erasing them; ``init="from_weights"`` takes the masks and densities from the nonzeros
-exactly, ``init="random"`` draws fresh masks regardless.
+Order rules: built first, ``sparsifier.load_state_dict`` restores the masks and re-applies them
+to the weights, whenever those were loaded. Built on weights that are already sparse (loaded
+first), the default masks keep every nonzero weight, topped up with random zero entries to the
+density, instead of erasing them; ``init="from_weights"``: masks = the nonzeros exactly.
 """
 from __future__ import annotations
 
@@ -39,13 +35,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+import dynsparse.sparse.export as _export
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse import export as _export
 from dynsparse.sparse.attach import StepHooks
 from dynsparse.sparse.masks import SparseParam, effective_granularity, keep_nonzeros_mask, nonzero_entries, random_mask
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
-from dynsparse.sparse.when import with_total_steps
+from dynsparse.sparse.when import Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
 __all__ = ["Policy", "RewireEvent", "Sparsifier"]
@@ -121,6 +117,8 @@ class Sparsifier:
         policy.when = with_total_steps(policy.when, total_steps)
         policy.attach(self)
         self._hooks = StepHooks(self) if hooks and optimizer is not None else None
+        if self._hooks is not None and isinstance(policy.when, Periodic):
+            policy.when.check_end()  # attached to a loop: say it now, not at its first backward
 
     def remove_hooks(self) -> None:
         """Detach from the optimizer and the gradients; the loop then calls ``before_optimizer_step()``

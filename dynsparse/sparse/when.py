@@ -69,10 +69,14 @@ class Periodic(When):
     def period_at(self, epoch: int) -> int:
         return self.period(epoch) if callable(self.period) else self.period
 
-    def due(self, step: int, epoch: int) -> bool:
+    def check_end(self) -> None:
+        """Raise if the end is a fraction of a training length nobody gave."""
         if self.end_step is None and self.end_fraction is not None:
             raise DynsparseError(f"topology updates end at {self.end_fraction:.0%} of training, which is unknown: pass "
                                  "total_steps= (optimizer steps) to the Sparsifier, or when=Periodic(period, end_step=N)")
+
+    def due(self, step: int, epoch: int) -> bool:
+        self.check_end()
         return (self.active(epoch) and (self.end_step is None or step < self.end_step)
                 and step % self.period_at(epoch) == 0)
 
