@@ -36,6 +36,7 @@ def test_plain_loop_example():
     assert "attn.in_proj_weight" in s.params and "embed.weight" in s.params  # attention and the tied head
 
 
+@pytest.mark.slow  # 300 steps
 def test_custom_model_example():
     acc, s = load("custom_model").main()
     assert_sparse(s)
