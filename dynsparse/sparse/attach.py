@@ -9,7 +9,10 @@ gradient-accumulation hooks, so a loop that only calls ``optimizer.step()`` is s
   micro-batches (a fresh accumulation is told apart by the gradient's identity and version),
   and handed back for the policy's ``before_optimizer_step``. If the masked gradient was scaled
   in place meanwhile (``GradScaler.unscale_``, ``clip_grad_norm_``) the set-aside part gets the
-  same factor; under ``torch.distributed`` it is averaged over ranks as DDP averages gradients.
+  same factor; under ``torch.distributed`` it is averaged over ranks as DDP averages gradients
+  (one more all-reduce at the steps that need it; with DDP *and* ``GradScaler`` it is not
+  rescaled: RigL, which ranks within a tensor, is unaffected; SNFS's off-mask momentum is then in
+  scaled units).
 * ``optimizer.step()`` runs the sparsifier's before-step work in a pre-hook (or, when the
   optimizer is given a closure that computes the gradients, as Lightning does, right after
   the closure) and its after-step work in a post-hook. A step that never runs (``GradScaler``
@@ -68,12 +71,12 @@ class StepHooks:
         world = _world_size()
         for name, off in self.captured.items():
             g = self.s.params[name].param.grad
-            if g is None:
-                continue
-            if world > 1:  # the masked part was all-reduced by DDP; this part was not
+            if world > 1:  # the masked part was all-reduced by DDP; this part was not (every rank, same order)
                 off.div_(world)
                 dist.all_reduce(off)
-            else:
+            if g is None:
+                continue
+            if world == 1:
                 ref, version, total = self.seen.get(name, (lambda: None, 0, None))
                 if ref() is g and g._version != version and total is not None:  # scaled in place since
                     off.mul_(torch.where(total > 0, g.abs().sum() / total, torch.ones_like(total)))
