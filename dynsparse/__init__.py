@@ -1,15 +1,10 @@
 """dynsparse: parameter-efficient training by dynamic sparse reparameterization.
 
-A few lines turn any model and optimizer into DSR (or SET, DeepR, RigL, SNFS, static sparse,
-gradual pruning) training::
+One line turns any model and optimizer into DSR (or SET, DeepR, RigL, SNFS, MEST, static
+sparse, gradual pruning) training; the loop that calls ``optimizer.step()`` stays as it is::
 
-    from dynsparse import DSR, Sparsifier
-    sparsifier = Sparsifier(model, optimizer, policy=DSR(n_prune=600), densities=0.1)
-    ...
-    loss.backward()
-    sparsifier.before_optimizer_step()
-    optimizer.step()
-    sparsifier.step()
+    from dynsparse import RigL, Sparsifier
+    sparsifier = Sparsifier(model, optimizer, policy=RigL(), densities=0.1, total_steps=steps)
 """
 from __future__ import annotations
 
@@ -19,9 +14,9 @@ from dynsparse.errors import DynsparseError
 from dynsparse.models import create_model, sparse_parameter_names
 from dynsparse.sparse import (BUDGETS, DSR, POLICIES, SET, SNFS, AtEpochEnds, DeepR, DropGrow, EveryStep,
                               GradualPruning, MEST, Never, Periodic, Policy, RigL, Sparsifier, Static, When, create_policy,
-                              erk_densities, make_densities, register_policy)
+                              erk_densities, make_densities, register_policy, select_weights)
 
 __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "DynsparseError", "EveryStep", "GradualPruning",
            "MEST", "Never", "POLICIES", "Periodic", "Policy", "RigL", "SET", "SNFS", "Sparsifier", "Static", "When",
            "__version__", "create_model", "create_policy", "erk_densities", "make_densities", "register_policy",
-           "sparse_parameter_names"]
+           "select_weights", "sparse_parameter_names"]

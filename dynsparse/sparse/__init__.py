@@ -1,9 +1,10 @@
 """The sparse reparameterization engine: masks, budgets, policies and the sparsifier that binds them.
 
 Layers: ``masks`` (the mask set and its primitives), ``when`` (when the topology changes),
-``dropgrow`` (the drop-allocate-grow base), ``policies/`` (one small file per method),
-``budget`` (how density is spread over layers), ``sparsifier`` (binds model, optimizer and
-policy). Nothing here imports the models, the configuration, the command line or the loop.
+``policy`` and ``dropgrow`` (the protocol and the drop-allocate-grow base), ``policies/`` (one
+small file per method), ``budget`` and ``select`` (which tensors, at which density),
+``sparsifier`` (binds model, optimizer and policy), ``attach`` (its optimizer and gradient
+hooks), ``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models, the configuration, the command line or the loop.
 
 ``POLICIES`` is the registry of the library's policies by name (``create_policy(name, ...)``);
 the command line's table of methods (``dynsparse.legacy``) builds on it.
@@ -20,7 +21,9 @@ from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policies.snfs import SNFS
 from dynsparse.sparse.policies.static import Static
-from dynsparse.sparse.sparsifier import Policy, RewireEvent, Sparsifier
+from dynsparse.sparse.policy import Policy, RewireEvent
+from dynsparse.sparse.select import aliases, select_weights
+from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 
 POLICIES: dict[str, type[Policy]] = {"static": Static, "dsr": DSR, "set": SET, "deepr": DeepR, "rigl": RigL,
@@ -42,5 +45,5 @@ def create_policy(name: str, **kwargs) -> Policy:
 
 __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never", "POLICIES",
            "Periodic", "Policy", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam", "Sparsifier", "Static", "When",
-           "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
-           "erk_densities", "keep_one", "make_densities", "register_policy"]
+           "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
+           "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]

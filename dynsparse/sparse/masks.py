@@ -92,6 +92,10 @@ class SparseParam:
         shape = self.mask.shape + (1,) * (self.param.dim() - self.granularity)
         return self._derived("float", lambda: self.mask.view(shape).to(self.param.dtype))
 
+    def inverse_mask_view(self) -> torch.Tensor:
+        """``1 - mask_view()``: picks out the entries off the mask (cached)."""
+        return self._derived("inverse", lambda: 1 - self.mask_view())
+
     def active_indices(self) -> torch.Tensor:
         """Flat indices of the active entries (cached)."""
         return self._derived("active", lambda: torch.nonzero_static(self.mask.view(-1), size=self.num_active).view(-1))
@@ -200,6 +204,27 @@ def random_mask(shape: torch.Size, density: float, generator: torch.Generator, d
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[order[:k]] = True
     return mask.view(shape), k
+
+
+def nonzero_entries(param: torch.Tensor, granularity: int) -> torch.Tensor:
+    """Bool mask of the entries (weights, or slices at coarse granularity) holding a nonzero."""
+    nz = param.detach().ne(0)
+    return nz if granularity == param.dim() else nz.flatten(granularity).any(-1)
+
+
+def keep_nonzeros_mask(nonzero: torch.Tensor, density: float, generator: torch.Generator) -> tuple[torch.Tensor, int] | None:
+    """For weights that are already sparse (at least half as many zero entries as ``density``
+    drops: never a fresh initialization, still a layer that a reallocating method made denser):
+    every nonzero entry, topped up with random zero entries to the count. None otherwise."""
+    n = nonzero.numel()
+    k = count_for_density(n, density)
+    have = int(nonzero.sum())
+    if not (k < n and have > 0 and 2 * (n - have) >= n - k):
+        return None
+    flat = nonzero.reshape(-1).clone()
+    if have < k:
+        flat[choose_random(~flat, k - have, generator, num_candidates=n - have)] = True
+    return flat.view(nonzero.shape), max(k, have)
 
 
 def _first_unique(idx: torch.Tensor) -> torch.Tensor:

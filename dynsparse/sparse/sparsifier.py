@@ -1,99 +1,80 @@
 """The sparsifier: binds a model, its optimizer and a policy, and owns the one step counter.
 
-Use it in any training loop, with any ``nn.Module`` and any ``torch.optim`` optimizer::
+One line attaches it to any ``nn.Module`` and ``torch.optim`` optimizer; the loop stays as it was::
 
-    sparsifier = Sparsifier(model, optimizer, policy=DSR(n_prune=600), densities=0.02)
-    for epoch in range(epochs):
-        sparsifier.set_epoch(epoch)
-        for x, y in loader:
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(); loss.backward()
-            sparsifier.before_optimizer_step()   # policy hook (DeepR noise), then grad *= mask
-            optimizer.step()
-            sparsifier.step()                    # weight *= mask, optimizer state *= mask, maybe rewire
-        sparsifier.end_epoch()
+    sparsifier = Sparsifier(model, optimizer, policy=RigL(), densities=0.1, total_steps=steps)
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(); loss.backward()
+        optimizer.step()          # gradients were masked as accumulated; weights stay sparse; RigL updates
 
-Contract after every ``step()``: weights, gradients (as the optimizer saw them) and every
-optimizer-state tensor shaped like a sparse weight (SGD momentum, Adam moments) are zero off the
-mask. A regrown connection therefore starts with zero optimizer state; the original code never
-masked momentum (see docs/deviations.md). *When* the topology changes is the policy's ``when``
-(:mod:`dynsparse.sparse.when`); *how* is the policy's ``update``. Each change is recorded as a
-``RewireEvent`` in ``events`` (drained by the caller), with per-layer densities.
+It registers itself on the optimizer's step hooks and on each sparse parameter's gradient
+accumulation (:mod:`dynsparse.sparse.attach`), so gradient accumulation, clipping, AMP's
+``GradScaler``, Lightning and the HuggingFace ``Trainer`` need nothing else. The explicit calls
+``before_optimizer_step()`` / ``step()`` of earlier versions stay valid: with hooks they are
+harmless repeats; with ``hooks=False`` (or ``optimizer=None``) they are the only way in.
+``end_epoch()`` (and ``set_epoch`` for schedules by epoch) remains for epoch-driven policies.
+
+Contract after every step: weights, gradients (as the optimizer saw them) and optimizer state
+shaped like a sparse weight (momentum, Adam moments) are zero off the mask, so a regrown
+connection starts with zero state (the original never masked momentum: docs/deviations.md).
+*When* the topology changes is the policy's ``when``; *how* is its ``update``; each change is a
+``RewireEvent`` in ``events``. Weights nonzero off the mask before a change (something bypassed
+the sparsifier: weights loaded behind its back, another optimizer) raise a DynsparseError.
+
+Order rules: built first, ``sparsifier.load_state_dict`` restores the masks and re-applies them
+to the weights, whenever those were loaded. Built on weights that are already sparse (loaded
+first), the default masks keep every nonzero weight, topped up with random zero entries to the
+density, instead of erasing them; ``init="from_weights"``: masks = the nonzeros exactly.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+import dynsparse.sparse.export as _export
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.masks import SparseParam, conv_and_linear_weights, effective_granularity, random_mask
-from dynsparse.sparse.when import Never, When
+from dynsparse.sparse.attach import StepHooks
+from dynsparse.sparse.masks import SparseParam, effective_granularity, keep_nonzeros_mask, nonzero_entries, random_mask
+from dynsparse.sparse.policy import Policy, RewireEvent
+from dynsparse.sparse.select import resolve_densities, select_weights
+from dynsparse.sparse.when import Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
+__all__ = ["Policy", "RewireEvent", "Sparsifier"]
 
 ZERO_PRESERVING_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad,
                               torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
 
 
-@dataclass(frozen=True)
-class RewireEvent:
-    step: int
-    epoch: int
-    pruned: int
-    grown: int
-    threshold: float | None
-    densities: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "pruned": self.pruned, "grown": self.grown,
-                "threshold": self.threshold, "densities": self.densities}
-
-
-class Policy:
-    """Which connections to drop and grow, and ``when`` (a :class:`~dynsparse.sparse.when.When`).
-    ``update`` returns (dropped, grown). Most policies derive from
-    :class:`~dynsparse.sparse.dropgrow.DropGrow` and override one or two of its steps."""
-
-    when: When = Never()
-    record_events = True  # False for policies that update every step (DeepR): totals only
-
-    def attach(self, s: "Sparsifier") -> None:
-        """Called once the sparsifier's masks are applied (e.g. DeepR records signs)."""
-
-    def before_optimizer_step(self, s: "Sparsifier") -> None:
-        """Per-step hook before the gradients are masked (while ``when`` is active)."""
-
-    def update(self, s: "Sparsifier") -> tuple[int, int]:
-        return 0, 0
-
-    def metrics(self) -> dict:
-        """Scalars worth logging (e.g. DSR's threshold)."""
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        pass
-
-
 class Sparsifier:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, policy: Policy,
-                 densities: float | Mapping[str, float], granularity: int = 4, new_weights: str = "zero",
-                 seed: int = 0, mask_optimizer_state: bool = True) -> None:
-        """``densities``: one density for every conv/linear weight, or ``{param name: density}``
-        (the kept fraction, in (0, 1]). ``new_weights``: ``"zero"`` (the paper) or ``"initial"``
-        (the original's ``--big-new-weights``: drawn from the initial distribution).
-        ``mask_optimizer_state=False`` leaves optimizer state off the mask alone, as the original
-        did (a regrown weight then inherits whatever momentum its position had)."""
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, policy: Policy,
+                 densities: float | str | Mapping[str, float] | None = None, density: float | None = None,
+                 include=None, exclude=None, init: str | None = None, total_steps: int | None = None,
+                 granularity: int = 4, new_weights: str = "zero", seed: int = 0, mask_optimizer_state: bool = True,
+                 hooks: bool = True) -> None:
+        """``densities``: the kept fraction (in (0, 1]) of every selected weight, ``{param name:
+        density}``, or a budget name (``"uniform"``, ``"er"``, ``"erk"``) spreading a total
+        ``density`` by the model's own shapes. ``include``/``exclude``: name patterns and module
+        types (:mod:`dynsparse.sparse.select`). ``init``: ``None`` (random masks, but weights
+        that are already sparse keep their nonzeros), ``"random"``, or ``"from_weights"`` (masks =
+        the weights' nonzeros; no densities). ``total_steps``: the optimizer steps of training, given once:
+        policies ending at a fraction of training (RigL, SNFS: 75%) end there, and no topology
+        change happens at the last step. ``new_weights``: ``"zero"`` (the paper) or
+        ``"initial"`` (the original's ``--big-new-weights``). ``mask_optimizer_state=False``
+        leaves optimizer state off the mask alone, as the original did. ``hooks=False``: attach
+        nothing; the loop calls ``before_optimizer_step()`` and ``step()``."""
         if new_weights not in ("zero", "initial"):
             raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
+        if init not in (None, "random", "from_weights"):
+            raise DynsparseError(f"init must be 'random' or 'from_weights', got {init!r}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise DynsparseError(f"total_steps must be a whole number of optimizer steps >= 1, got {total_steps!r}")
         self.model, self.optimizer, self.policy = model, optimizer, policy
-        self.new_weights, self.mask_optimizer_state = new_weights, mask_optimizer_state
+        self.new_weights, self.mask_optimizer_state, self.total_steps = new_weights, mask_optimizer_state, total_steps
         self.after_update = None  # e.g. the distributed consistency check
         # With a masked gradient and zero state off the mask, these optimizers leave zero weights
         # at zero (weight decay of 0 is 0), so the weights need no re-masking every step; any
@@ -102,14 +83,15 @@ class Sparsifier:
         self.step_count, self.epoch, self.epoch_end_updates = 0, 0, 0
         self.events: list[RewireEvent] = []
         self.total_pruned = self.total_grown = 0
+        self._before_done, self._verify = False, True
+        if init == "from_weights":
+            if densities is not None or density is not None:
+                raise DynsparseError("init='from_weights' takes each density from the weights' nonzeros: "
+                                     "pass no densities (include/exclude choose the tensors)")
+            densities = dict.fromkeys(select_weights(model, include, exclude), 1.0)
+        else:
+            densities = resolve_densities(model, densities, density, include, exclude)
         named = dict(model.named_parameters())
-        if not isinstance(densities, Mapping):
-            densities = {n: float(densities) for n in conv_and_linear_weights(model)}
-        if not densities:
-            raise DynsparseError("no sparse parameters: the model has no conv or linear weights selected")
-        unknown = sorted(set(densities) - set(named))
-        if unknown:
-            raise DynsparseError(f"unknown parameter names {unknown}; the model's parameters: {sorted(named)}")
         first = named[next(iter(densities))]
         self.generator = torch.Generator(device=first.device)
         self.generator.manual_seed(seed)
@@ -119,40 +101,84 @@ class Sparsifier:
                 raise DynsparseError(f"density of {name} must be in (0, 1] (sparsity in [0, 1)), got {density}")
             p = named[name]
             g = effective_granularity(p, granularity)
-            mask, active = random_mask(p.shape[:g], density, self.generator, p.device)
+            kept = None
+            if init == "from_weights":
+                mask = nonzero_entries(p, g)
+                kept = mask, int(mask.sum())
+            elif init is None:  # weights loaded before the sparsifier keep their nonzeros
+                kept = keep_nonzeros_mask(nonzero_entries(p, g), density, self.generator)
+                if kept is not None:
+                    log.info("%s is already sparse: its nonzero weights are kept on the mask", name)
+            mask, active = kept if kept is not None else random_mask(p.shape[:g], density, self.generator, p.device)
             if active == 0:
                 raise DynsparseError(f"{name} would keep no entry at density {density} ({mask.numel()} entries)")
             self.params[name] = SparseParam(name, p, g, mask, active)
         self.apply_masks()
+        policy.when = with_total_steps(policy.when, total_steps)
         policy.attach(self)
+        self._hooks = StepHooks(self) if hooks and optimizer is not None else None
+        if self._hooks is not None and isinstance(policy.when, Periodic):
+            policy.when.check_end()  # attached to a loop: say it now, not at its first backward
+
+    def remove_hooks(self) -> None:
+        """Detach from the optimizer and the gradients; the loop then calls ``before_optimizer_step()``
+        and ``step()`` itself (or nothing, to train densely from here on)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
 
     # ---- the loop's hooks -------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
+        """Needed only for schedules by epoch (a period or temperature as a function of the epoch,
+        ``stop_epoch``, gradual pruning at epoch ends)."""
         self.epoch = epoch
 
-    @torch.no_grad()
     def before_optimizer_step(self) -> None:
+        """Policy hook (DeepR noise, RigL's gradient read), then gradients masked. Done by the
+        optimizer's pre-step hook when attached: an explicit call then is a harmless repeat."""
+        self._before()
+
+    @torch.no_grad()
+    def _before(self) -> None:
+        if self._hooks is not None:
+            if self._before_done:
+                return
+            self._before_done = True
+            self._hooks.restore_dense()
+            if self._verify or self.policy.when.due(self.step_count + 1, self.epoch):
+                _export.check_off_mask_zero(self)
         if self.policy.when.active(self.epoch):
             self.policy.before_optimizer_step(self)
         for sp in self.params.values():
             if sp.param.grad is not None:
                 sp.param.grad.mul_(sp.mask_view())
 
-    @torch.no_grad()
     def step(self) -> None:
+        """After ``optimizer.step()``: weights masked, maybe a topology change. Done by the
+        optimizer's post-step hook when attached: an explicit call then does nothing."""
+        if self._hooks is not None and not self._hooks.explicit_step():
+            return
+        self._after()
+
+    @torch.no_grad()
+    def _after(self) -> None:
         self.step_count += 1
+        self._before_done, self._verify = False, False
         # Gradients were masked, and optimizer state is zero off the mask since the last topology
         # change, so zero-preserving optimizers keep weights and state zero there; _record()
         # re-masks everything after a topology change.
         if self.remask_weights:
             self.apply_masks(optimizer_state=False)
-        if self.policy.when.due(self.step_count, self.epoch):
+        last = self.total_steps is not None and self.step_count >= self.total_steps
+        if not last and self.policy.when.due(self.step_count, self.epoch):
             self._record(*self.policy.update(self))
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """Called after the last step of an epoch: epoch-driven policies (gradual pruning) act here."""
         if self.policy.when.due_at_epoch_end(self.epoch, self.epoch_end_updates):
+            if self._hooks is not None:
+                _export.check_off_mask_zero(self)
             self.epoch_end_updates += 1
             self._record(*self.policy.update(self))
 
@@ -199,10 +225,32 @@ class Sparsifier:
     def num_sparse_weights(self) -> int:
         return sum(sp.param.numel() for sp in self.params.values())
 
+    def num_nonzero_weights(self) -> int:
+        """Weights of the sparse tensors that are really nonzero: fewer than the mask entries
+        (``num_active_weights``) when entries were regrown at zero and not trained since."""
+        return _export.nonzero_weights(self)
+
     def param_counts(self) -> dict[str, int]:
-        """Active weights of the sparse tensors and the size of those tensors (the run's
-        parameter accounting adds the dense rest)."""
-        return {"sparse": self.num_active_weights(), "sparse_total": self.num_sparse_weights(), "tied": 0}
+        """Active weights of the sparse tensors (mask entries), those really nonzero, and the size
+        of those tensors (the run's parameter accounting adds the dense rest)."""
+        return {"sparse": self.num_active_weights(), "sparse_nonzero": self.num_nonzero_weights(),
+                "sparse_total": self.num_sparse_weights(), "tied": 0}
+
+    def summary(self) -> str:
+        """A printable table: each sparse tensor (with its other names), shape, density, mask
+        entries and true nonzeros, and the totals."""
+        return _export.summary(self)
+
+    # ---- export -------------------------------------------------------------------------------
+    def export(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict`` with the masks applied, as plain tensors (no dynsparse
+        object): ``model.load_state_dict(sparsifier.export())`` works without dynsparse."""
+        return _export.export(self)
+
+    def sparse_tensors(self, layout: torch.layout = torch.sparse_coo) -> dict[str, torch.Tensor]:
+        """Each sparse weight as a torch sparse tensor (``torch.sparse_coo``, or
+        ``torch.sparse_csr`` for 2-D weights) holding its true nonzeros."""
+        return _export.sparse_tensors(self, layout)
 
     def metrics(self) -> dict:
         """The policy's scalars (``threshold``: DSR's H, None for others) and per-layer densities."""
@@ -231,6 +279,7 @@ class Sparsifier:
         self.generator.set_state(state["generator"])
         self.policy.load_state_dict(state["policy"])
         self.apply_masks()
+        self._verify = True
 
     def restore(self, state: Mapping | None, *, exact: bool) -> None:
         """After the model (and optimizer) were loaded from a checkpoint: ``exact`` continues the

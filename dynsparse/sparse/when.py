@@ -3,11 +3,13 @@
 * :class:`Never` - static masks;
 * :class:`EveryStep` - after every optimizer step (DeepR);
 * :class:`Periodic` - every ``period`` optimizer steps (an int, or a function of the epoch, e.g.
-  the original's ``rewire_period_schedule``), until ``end_step`` (RigL/SNFS: a fraction of
-  training);
+  the original's ``rewire_period_schedule``), until ``end_step``, or until ``end_fraction`` of
+  the ``total_steps`` given to the sparsifier (RigL and SNFS default to 0.75, their papers');
 * :class:`AtEpochEnds` - after the last step of epochs ``start, start + every, ...``, ``count``
   times (gradual pruning).
 
+Every period and end point is in optimizer steps; only a callable period, ``stop_epoch`` and
+:class:`AtEpochEnds` are by epoch (and need the sparsifier's ``set_epoch``/``end_epoch``).
 ``stop_epoch`` (the original's ``--stop-rewire-epoch``) is part of every rule: from that epoch
 on, nothing changes, and the policy's per-step hooks (DeepR noise, gradient reads) stop too.
 Steps count optimizer steps from 1; ``due`` is asked after step ``step``.
@@ -15,7 +17,7 @@ Steps count optimizer steps from 1; ``due`` is asked after step ``step``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dynsparse.errors import DynsparseError
 
@@ -49,21 +51,32 @@ class EveryStep(When):
 
 @dataclass(frozen=True)
 class Periodic(When):
-    """Every ``period`` steps (``period(epoch)`` when callable), strictly before ``end_step``."""
+    """Every ``period`` steps (``period(epoch)`` when callable), strictly before ``end_step``
+    (or ``end_fraction`` of the sparsifier's ``total_steps``)."""
 
     period: int | Callable[[int], int] = 100
     end_step: int | None = None
+    end_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.period, int) and self.period < 1:
             raise DynsparseError(f"the update period must be >= 1 step, got {self.period}")
         if self.end_step is not None and self.end_step < 1:
             raise DynsparseError(f"the end step of topology updates must be >= 1, got {self.end_step}")
+        if self.end_fraction is not None and not 0.0 < self.end_fraction <= 1.0:
+            raise DynsparseError(f"end_fraction is a fraction of training in (0, 1], got {self.end_fraction}")
 
     def period_at(self, epoch: int) -> int:
         return self.period(epoch) if callable(self.period) else self.period
 
+    def check_end(self) -> None:
+        """Raise if the end is a fraction of a training length nobody gave."""
+        if self.end_step is None and self.end_fraction is not None:
+            raise DynsparseError(f"topology updates end at {self.end_fraction:.0%} of training, which is unknown: pass "
+                                 "total_steps= (optimizer steps) to the Sparsifier, or when=Periodic(period, end_step=N)")
+
     def due(self, step: int, epoch: int) -> bool:
+        self.check_end()
         return (self.active(epoch) and (self.end_step is None or step < self.end_step)
                 and step % self.period_at(epoch) == 0)
 
@@ -84,3 +97,10 @@ class AtEpochEnds(When):
     def due_at_epoch_end(self, epoch: int, done: int) -> bool:
         return (self.active(epoch) and epoch >= self.start and (epoch - self.start) % self.every == 0
                 and done < self.count)
+
+
+def with_total_steps(when: When, total_steps: int | None) -> When:
+    """``when`` with an ``end_fraction`` turned into an ``end_step`` of ``total_steps``."""
+    if total_steps is None or not isinstance(when, Periodic) or when.end_fraction is None or when.end_step is not None:
+        return when
+    return replace(when, end_step=max(int(when.end_fraction * total_steps), 1), end_fraction=None)

@@ -22,7 +22,8 @@ class RigL(DropGrow):
     def __init__(self, fraction: float = 0.3, when: When | None = None) -> None:
         if not 0.0 < fraction < 1.0:
             raise DynsparseError(f"the drop fraction must be in (0, 1), got {fraction}")
-        super().__init__(when if when is not None else Periodic(100, end_step=10**9))
+        # the paper: every 100 steps until 75% of training (the sparsifier's total_steps)
+        super().__init__(when if when is not None else Periodic(100, end_fraction=0.75))
         self.fraction = fraction
         self.frac = fraction
         self.grow_signal: dict[str, torch.Tensor] = {}  # grow scores per tensor, read for the next update
@@ -30,6 +31,9 @@ class RigL(DropGrow):
     @property
     def end_step(self) -> int:
         return getattr(self.when, "end_step", None) or 10**9
+
+    def wants_dense_grad(self, s: Sparsifier) -> bool:
+        return self.when.due(s.step_count + 1, s.epoch)
 
     def before_optimizer_step(self, s: Sparsifier) -> None:
         if self.when.due(s.step_count + 1, s.epoch):

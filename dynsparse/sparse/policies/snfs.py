@@ -32,6 +32,9 @@ class SNFS(RigL):
         self.momentum: dict[str, torch.Tensor] = {}
         self.importance: list[float] = []
 
+    def wants_dense_grad(self, s: Sparsifier) -> bool:
+        return True  # the momentum is dense, every step
+
     def before_optimizer_step(self, s: Sparsifier) -> None:
         for name, sp in s.params.items():
             g = sp.param.grad

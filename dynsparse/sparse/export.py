@@ -1,0 +1,84 @@
+"""What a sparsifier shows and hands out: the summary table, true nonzero counts, the plain
+masked ``state_dict``, per-layer torch sparse tensors, and the checks that weights obey the masks.
+
+Mask entries and nonzeros differ: an entry regrown at zero (DSR, SET, RigL grow new weights at
+zero) is on the mask but not yet nonzero, so both are reported.
+"""
+from __future__ import annotations
+
+import torch
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.select import aliases
+
+
+def _off_mask_nonzero(s) -> list[int]:
+    """Nonzero weights off the mask, per sparse tensor (one host sync for all)."""
+    counts = [(sp.param.detach() * sp.inverse_mask_view()).ne(0).sum() for sp in s.params.values()]
+    return torch.stack(counts).tolist() if counts else []
+
+
+def check_off_mask_zero(s) -> None:
+    """Raise if a weight off the mask is nonzero: something changed the weights behind the
+    sparsifier's back (weights loaded after it was built, an optimizer it is not attached to)."""
+    bad = {n: k for n, k in zip(s.params, _off_mask_nonzero(s)) if k}
+    if bad:
+        name, k = next(iter(bad.items()))
+        raise DynsparseError(
+            f"{sum(bad.values())} weights are nonzero off the mask before step {s.step_count + 1} (e.g. {k} in {name!r}): "
+            "something changed them behind the sparsifier (weights loaded after it was built: call "
+            "sparsifier.load_state_dict(...) or apply_masks(); a second optimizer: build the Sparsifier with it)")
+
+
+def nonzero_weights(s) -> int:
+    counts = [sp.param.detach().ne(0).sum() for sp in s.params.values()]
+    return int(torch.stack(counts).sum()) if counts else 0
+
+
+def summary(s) -> str:
+    names = aliases(s.model)
+    rows = [("parameter", "shape", "density", "entries", "active", "nonzero")]
+    nonzero = [int(sp.param.detach().ne(0).sum()) for sp in s.params.values()]
+    for (name, sp), nz in zip(s.params.items(), nonzero):
+        shown = " = ".join(names.get(name, [name]))
+        rows.append((shown, "x".join(map(str, sp.param.shape)), f"{sp.density:.4f}", str(sp.num_entries),
+                     str(sp.num_active * sp.slice_size), str(nz)))
+    sparse_total = s.num_sparse_weights()
+    dense = sum(p.numel() for p in s.model.parameters()) - sparse_total
+    active = s.num_active_weights()
+    rows.append(("sparse tensors", "", f"{active / sparse_total:.4f}", str(sparse_total), str(active), str(sum(nonzero))))
+    rows.append(("dense rest", "", "1.0000", str(dense), str(dense), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 2, "-" * len(lines[0]))
+    head = f"{type(s.policy).__name__}, step {s.step_count}: weights = active entries x slice size; nonzero <= active"
+    return "\n".join([head, *lines])
+
+
+@torch.no_grad()
+def export(s) -> dict[str, torch.Tensor]:
+    """The model's ``state_dict`` (every name of a shared tensor included) with masks applied."""
+    masked = {id(sp.param): sp.param.detach() * sp.mask_view() for sp in s.params.values()}
+    params = dict(s.model.named_parameters(remove_duplicate=False))
+    out = {}
+    for key, value in s.model.state_dict(keep_vars=True).items():
+        p = params.get(key)
+        out[key] = masked[id(p)].clone() if p is not None and id(p) in masked else value.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def sparse_tensors(s, layout: torch.layout = torch.sparse_coo) -> dict[str, torch.Tensor]:
+    if layout not in (torch.sparse_coo, torch.sparse_csr):
+        raise DynsparseError(f"layout must be torch.sparse_coo or torch.sparse_csr, got {layout}")
+    out = {}
+    for name, sp in s.params.items():
+        w = sp.param.detach() * sp.mask_view()
+        if layout == torch.sparse_csr:
+            if w.dim() != 2:
+                raise DynsparseError(f"torch.sparse_csr holds 2-D tensors; {name} has shape {tuple(w.shape)}: use sparse_coo")
+            out[name] = w.to_sparse_csr()
+        else:
+            out[name] = w.to_sparse().coalesce()
+    return out
