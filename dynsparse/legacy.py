@@ -221,12 +221,14 @@ def build_penalty(cfg: TrainConfig, sparsifier) -> Callable[[], torch.Tensor | f
 
 def param_counts(model: nn.Module, sparsifier) -> dict[str, int]:
     """The original's model-size report: sparse (active entries of sparse tensors, in weights),
-    tied (bank entries), fixed (every other parameter, dense) and learnable (their sum), plus the
-    total size of the model and ``params_nonzero`` (= learnable, counted from masks, not values)."""
+    tied (bank entries), fixed (every other parameter, dense) and learnable (their sum, counted
+    from masks), plus the total size of the model and ``params_nonzero``: the same with the
+    sparse tensors' weights that are really nonzero (a connection regrown at zero by the last
+    topology update is learnable but not yet nonzero); dense parameters count in full."""
     total = sum(p.numel() for p in model.parameters())
     c = sparsifier.param_counts()
     fixed = total - c["sparse_total"]
     learnable = fixed + c["sparse"] + c["tied"]
     return {"params_total": total, "params_sparse_total": c["sparse_total"], "params_sparse": c["sparse"],
             "params_tied": c["tied"], "params_fixed": fixed, "params_learnable": learnable,
-            "params_nonzero": learnable}
+            "params_nonzero": fixed + c.get("sparse_nonzero", c["sparse"]) + c["tied"]}

@@ -202,7 +202,7 @@ def _evaluate(run: _Run, loader) -> dict[str, float]:
 def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     cfg, echo, data = run.cfg, run.echo, run.data
     counts = param_counts(run.model, run.sparsifier)
-    echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_nonzero']:,} of "
+    echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_learnable']:,} of "
          f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
          + (f" x {run.dist.world_size} processes" if run.dist.enabled else ""))
     echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} {'rewires':>7} {'time':>6}")

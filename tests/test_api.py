@@ -350,3 +350,19 @@ def test_no_topology_change_on_the_last_step():
     s = Sparsifier(model, opt, policy=DSR(n_prune=40, when=Periodic(5)), densities=0.2, total_steps=10)
     plain_loop(model, opt, batches(10))
     assert [e.step for e in s.drain_events()] == [5]  # not 10: what it grew would never train
+
+
+def test_run_summary_counts_true_nonzeros_beside_mask_entries(tiny_mnist, tmp_path):
+    # issue 15 item 6: params_nonzero counted mask entries; DSR regrows at zero, so after an update
+    # on the last step some learnable entries are still exactly zero
+    from dynsparse.flags import parse_train_args
+    from dynsparse.run import run_training
+    schedule = tmp_path / "every4.yaml"
+    schedule.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 4\n")
+    cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
+                               "--initial-sparsity-fc", "0.9", "--rewire", "--threshold-prune", "--rewire-scaling",
+                               "--schedule-file", str(schedule), "--no-progress"])
+    s = run_training(cfg)
+    assert s["reallocations"] == 1 and s["total_grown"] > 0
+    assert s["params_learnable"] == s["params_fixed"] + s["params_sparse"]
+    assert s["params_nonzero"] < s["params_learnable"]  # DSR's update at step 4 (the last) grew zeros
