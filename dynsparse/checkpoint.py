@@ -17,7 +17,7 @@ CHECKPOINT_FORMAT = "dynsparse-checkpoint-v1"
 
 RESUME_MAY_CHANGE = frozenset({
     "epochs", "start_epoch", "resume", "overwrite", "progress", "print_freq", "data", "runs_dir", "workers",
-    "name", "job_idx", "device", "compile", "channels_last", "logger",
+    "name", "job_idx", "device", "compile", "channels_last", "logger", "threads",
 })
 
 

@@ -11,29 +11,40 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from dynsparse.config import TrainConfig
+from dynsparse import __version__
 from dynsparse.errors import DynsparseError
-from dynsparse.flags import add_train_flags, parse_train_args
+from dynsparse.flags import SuggestingParser, parse_train_args
 
 __all__ = ["build_parser", "main", "original_main", "parse_train_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynsparse", description="Dynamic sparse reparameterization training.")
+    parser = SuggestingParser(prog="dynsparse", description="Dynamic sparse reparameterization training.")
+    parser.add_argument("--version", action="version", version=f"dynsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train one model (takes the original main.py flags)")
-    add_train_flags(train)
+    sub.add_parser("train", help="train one model (takes the original main.py flags; train --help lists them)",
+                           add_help=False)  # `dynsparse train` is parsed by flags.train_parser, never here
     sweep = sub.add_parser("sweep", help="run an experiment list (YAML 'jobs:' of command lines)",
-                           description="Run an experiment list. Flags after '--' are appended to every job.")
-    sweep.add_argument("file", help="experiment list, e.g. experiments/mnist.yaml or an original list")
+                           description="Run an experiment list. Flags after '--' are appended to every job (they win).",
+                           epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("file", help="experiment list, e.g. experiments/mnist_lenet300.yaml or an original list "
+                                    "(experiments/original/*.yaml)")
     sweep.add_argument("--job-idx", type=int, help="run only the job with this index (default: $SLURM_ARRAY_TASK_ID, else all)")
     sweep.add_argument("--range", dest="index_range", metavar="A:B", help="run the jobs with A <= index < B")
-    sweep.add_argument("--dry-run", action="store_true", help="show what would run, train nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print each job's command line and status (new, finished, interrupted, differs), train nothing")
     report = sub.add_parser("report", help="tables and plots comparing finished runs")
     report.add_argument("runs", nargs="+", help="run directories, or directories that contain them")
     report.add_argument("--out", default="report", help="output directory (default: report)")
     report.add_argument("--title", default="dynsparse report", help="title of the markdown report")
     return parser
+
+
+SWEEP_EXAMPLES = """examples:
+  dynsparse sweep experiments/mnist_lenet300.yaml --dry-run -- --data ../shared/data
+  dynsparse sweep experiments/mnist_lenet300.yaml --range 0:6 -- --data ../shared/data --epochs 1
+  dynsparse sweep experiments/original/wrnet_experiments.yaml --job-idx 6 -- --data DATA
+"""
 
 
 class Terminated(KeyboardInterrupt):
@@ -77,9 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] == "train":
-            cfg, opts = parse_train_args(argv[1:], with_options=True)
+            cfg, opts = parse_train_args(argv[1:], with_options=True, one_line_errors=True)
             if opts.dry_run:
-                print(TrainConfig.__name__, cfg.to_dict())
+                from dynsparse.dryrun import describe
+                text, problem = describe(cfg)
+                print(text)
+                if problem:
+                    raise DynsparseError(f"{problem}; pass --data DIR or set DYNSPARSE_DATA")
                 return 0
             from dynsparse.run import run_training
             run_training(cfg, argv=["dynsparse", *argv], echo=print, debug_distributed=opts.debug_distributed)
@@ -89,12 +104,11 @@ def _main(argv: list[str]) -> int:
             argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
         ns = build_parser().parse_args(argv)
         if ns.command == "sweep":
-            from dynsparse.sweep import run_sweep
+            from dynsparse.sweep import outcome_summary, run_sweep
             outcome = run_sweep(ns.file, job_idx=ns.job_idx, index_range=ns.index_range, extra=extra,
                                 dry_run=ns.dry_run)
-            failed = {k: v for k, v in outcome.items() if v.startswith("failed")}
-            print(f"sweep: {len(outcome)} jobs, {len(failed)} failed" + "".join(f"\n  job {k}: {v}" for k, v in failed.items()))
-            return 1 if failed else 0
+            print(outcome_summary(outcome, dry_run=ns.dry_run))
+            return 1 if any(v.startswith("failed") for v in outcome.values()) else 0
         if ns.command == "report":
             from dynsparse.report import build_report
             paths = build_report(ns.runs, ns.out, title=ns.title)

@@ -78,6 +78,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # torch.set_num_threads when > 0; may change on resume
     runs_dir: str = "runs"
     overwrite: bool = False
     progress: bool = True
@@ -137,6 +138,8 @@ class TrainConfig:
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")
         if self.batch_size < 1:
             raise DynsparseError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.threads < 0:
+            raise DynsparseError(f"--threads must be >= 0 (0: PyTorch's default), got {self.threads}")
         if not self.hidden_sizes or any(not isinstance(h, int) or h < 1 for h in self.hidden_sizes):
             raise DynsparseError(f"--hidden-sizes must be one or more positive integers, got {self.hidden_sizes}")
         if self.hidden_sizes != (300, 100) and self.model != "mnist_mlp":

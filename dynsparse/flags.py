@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 from collections.abc import Sequence
 
 from dynsparse.config import TrainConfig
+from dynsparse.config_file import peek_config, read_config_file
 from dynsparse.errors import DynsparseError
 from dynsparse.legacy import METHODS, check
+from dynsparse.sparse.budget import BUDGETS
 
 DEFAULTS = TrainConfig()
 
@@ -32,14 +35,15 @@ def str2bool(text: str) -> bool:
 ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--epochs",), dict(type=int, help="number of total epochs to run")),
     (("--start-epoch",), dict(type=int, help="manual epoch number (useful on restarts)")),
-    (("--model",), dict(help="network name: mnist_mlp, cifar10_WideResNet or imagenet_resnet50")),
+    (("--model",), dict(metavar="NAME", help="network: mnist_mlp, cifar10_WideResNet, imagenet_resnet50, torchvision:NAME "
+                                             "or timm:NAME (any torchvision/timm classifier, on ImageFolder data)")),
     (("-b", "--batch-size"), dict(type=int, help="mini-batch size")),
     (("--lr", "--learning-rate"), dict(type=float, help="learning rate when no --schedule-file gives lr_schedule")),
     (("--momentum",), dict(type=float, help="SGD momentum")),
     (("--nesterov",), dict(type=str2bool, help="Nesterov momentum (True/False)")),
     (("--weight-decay", "--wd"), dict(type=float, help="weight decay on all parameters")),
     (("--L1-loss-coeff",), dict(type=float, help="Lasso coefficient on the sparse weights")),
-    (("--print-freq", "-p"), dict(type=int, help="kept for compatibility; progress is a bar")),
+    (("--print-freq", "-p"), dict(type=int, help="kept for compatibility; no effect (progress is a bar, or a line every 10%% of an epoch)")),
     (("--layers",), dict(type=int, help="total number of layers of the wide resnet")),
     (("--start-pruning-after-epoch",), dict(type=int, help="prune mode: epoch after which to start pruning")),
     (("--prune-epoch-frequency",), dict(type=int, help="prune mode: epochs between prunes")),
@@ -87,42 +91,93 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--update-end",), dict(type=float, help="RigL/SNFS: fraction of training after which the topology is fixed")),
     (("--update-period",), dict(type=int, help="RigL/SNFS: training steps between topology updates "
                                                "(default: RigL rewire_period_schedule, SNFS one epoch, as in the papers)")),
-    (("--budget",), dict(help="how density is spread over layers: type (the original's conv/fc sparsities), uniform, er, erk")),
+    (("--budget",), dict(choices=BUDGETS, help="how density is spread over layers: type (the original's conv/fc sparsities), uniform, er, erk")),
     (("--keep-optimizer-state",), dict(action="store_true", help="do not zero optimizer state off the mask (the original's behaviour)")),
     (("--dense-layers",), dict(help="comma-separated parameter names or glob patterns to keep dense")),
-    (("--amp",), dict(help="mixed precision for the forward pass: off or bf16 (autocast; weights stay float32)")),
+    (("--amp",), dict(choices=("off", "bf16"), help="mixed precision for the forward pass (autocast; weights stay float32)")),
     (("--channels-last",), dict(action="store_true", help="channels_last memory format for conv nets (faster on GPUs)")),
     (("--compile",), dict(action="store_true", help="torch.compile the model for training")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
-    (("--device",), dict(help="cpu, cuda, cuda:N or auto (default)")),
+    (("--device",), dict(help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")),
+    (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads; 0: PyTorch's default)")),
     (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
     (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),
     (("--logger",), dict(help="scalar logs beside metrics.jsonl, comma-separated: csv, tensorboard, wandb "
                                "(pip install 'dynsparse[tensorboard]' or 'dynsparse[wandb]')")),
-    (("--no-progress",), dict(action="store_false", dest="progress", help="no progress bar (default: a bar when stderr is a terminal)")),
+    (("--no-progress",), dict(action="store_false", dest="progress", help="no progress within an epoch (default: a bar when stderr is a terminal, a line every 10%% of an epoch when stdout is not)")),
     (("--global-prune",), dict(action="store_true", help="with --prune: remove the globally smallest weights of all layers (default: per layer, as the original)")),
     (("--tied-per-kernel",), dict(action="store_true", help="with --tied: share whole 3x3 kernels below --sub-kernel-granularity 4 (default: per weight, as the original)")),
     (("--prune-from-scratch",), dict(action="store_true", help="with --prune: prune while training from random initialization instead of from --resume DENSE_RUN")),
 ]
 
 
+# The help's sections, in order, and the flags (by dest) each holds.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("data", "workers", "validate_set", "no_augment", "no_validate_train"),
+    "model": ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes", "sparse_resnet_downsample"),
+    "method and its settings": (
+        "method", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers", "sub_kernel_granularity",
+        "rewire", "threshold_prune", "rewire_scaling", "n_prune_params", "rewire_fraction", "DeepR", "DeepR_eta",
+        "rigl", "sparse_momentum", "drop_fraction", "update_end", "update_period", "big_new_weights",
+        "keep_optimizer_state", "L1_loss_coeff", "conv_group_lasso", "prune", "prune_target_sparsity_fc",
+        "prune_target_sparsity_conv", "prune_iterations", "prune_epoch_frequency", "start_pruning_after_epoch",
+        "post_prune_epochs", "cubic_prune_schedule", "global_prune", "prune_from_scratch", "tied",
+        "rescale_tied_gradient", "tied_per_kernel", "copy_mask_from"),
+    "schedule and optimizer": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule_file",
+                               "stop_rewire_epoch", "seed"),
+    "run and outputs": ("name", "job_idx", "runs_dir", "resume", "overwrite", "logger", "progress"),
+    "distributed and speed": ("device", "threads", "amp", "channels_last", "compile"),
+    "the original's compatibility flags": ("start_epoch", "print_freq"),
+}
+GROUP_OF = {dest: group for group, dests in GROUPS.items() for dest in dests}
+
+EXAMPLES = """examples:
+  # DSR at 98% sparsity on the MNIST MLP, 20 epochs
+  dynsparse train --model mnist_mlp --data DATA --initial-sparsity-fc 0.98 --rewire --threshold-prune \\
+      --rewire-scaling --n-prune-params 600 --schedule-file mnist_schedule.yaml -b 50 --epochs 20
+  # RigL at 90% sparsity with an ERK budget, flags from a file (the command line wins)
+  dynsparse train --config my_flags.yaml --rigl --budget erk --initial-sparsity-fc 0.9
+  # a torchvision ResNet-18 on ImageFolder data (DATA/train, DATA/val), SET at 80% sparsity
+  dynsparse train --model torchvision:resnet18 --data DATA --rewire --initial-sparsity-conv 0.8 --initial-sparsity-fc 0.8
+  # look before training: method, device, run directory, per-layer densities, data present?
+  dynsparse train --model cifar10_WideResNet --widen-factor 2 --rigl --dry-run
+"""
+
+
+def _dest(flags: tuple[str, ...], kwargs: dict) -> str:
+    return kwargs.get("dest") or next(f for f in flags if f.startswith("--"))[2:].replace("-", "_")
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    for flags, kwargs in ORIGINAL_FLAGS + OWN_FLAGS:
-        long_flag = next(f for f in flags if f.startswith("--"))
-        dest = kwargs.get("dest") or long_flag[2:].replace("-", "_")
-        kwargs = {"dest": dest, **kwargs}
-        default = getattr(DEFAULTS, dest)
-        helptext = kwargs.pop("help")
-        if kwargs.get("action") not in ("store_true", "store_false"):
-            helptext += f" (default: {default})"
-        parser.add_argument(*flags, default=default, help=helptext, **kwargs)
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    table = {_dest(flags, kwargs): (flags, kwargs) for flags, kwargs in ORIGINAL_FLAGS + OWN_FLAGS}
+    ungrouped = set(table) - set(GROUP_OF)
+    if ungrouped:  # a flag added to a table must be given a section of the help
+        raise AssertionError(f"flags without a help section in GROUPS: {sorted(ungrouped)}")
+    for group, dests in GROUPS.items():
+        for dest in dests:
+            flags, kwargs = table[dest]
+            kwargs = {"dest": dest, **kwargs}
+            default = getattr(DEFAULTS, dest)
+            helptext = kwargs.pop("help")
+            if kwargs.get("action") not in ("store_true", "store_false") and "default" not in helptext \
+                    and default not in ("", None):
+                shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+                helptext += f" (default: {shown})"
+            groups[group].add_argument(*flags, default=default, help=helptext, **kwargs)
     for m in METHODS.values():  # methods added to the registry bring their own flag
         if m.flag:
-            parser.add_argument(m.flag, dest="method", action="store_const", const=m.name, help=f"train with {m.name}")
-    parser.add_argument("--dry-run", action="store_true", help="resolve and print the configuration, train nothing")
-    parser.add_argument("--debug-distributed", action="store_true",
-                        help="under torchrun: check after every topology update that all ranks hold the same masks and weights")
+            groups["method and its settings"].add_argument(m.flag, dest="method", action="store_const", const=m.name,
+                                                           help=f"train with {m.name}")
+    run = groups["run and outputs"]
+    run.add_argument("--config", metavar="FILE.yaml", help="read flags from a YAML file whose keys are the flags "
+                     "(epochs: 20, initial-sparsity-fc: 0.98, rewire: true); flags on the command line win")
+    run.add_argument("--dry-run", action="store_true", help="print the method, device, run directory, per-layer "
+                     "densities and parameter counts, check that the data is there, train nothing")
+    groups["distributed and speed"].add_argument(
+        "--debug-distributed", action="store_true",
+        help="under torchrun: check after every topology update that all ranks hold the same masks and weights")
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
@@ -147,18 +202,50 @@ def _repair_split_path(argv: list[str]) -> list[str]:
     return out
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Raises the problem as a DynsparseError instead of printing the usage and exiting."""
+class SuggestingParser(argparse.ArgumentParser):
+    """No abbreviations (``--epoch`` is not ``--epochs``) and errors in one line, with a "did you
+    mean" for a misspelled flag. ``raise_errors``: raise DynsparseError (the command line and
+    experiment lists print it as one line) instead of printing and exiting 2 as argparse does."""
+
+    def __init__(self, *args, raise_errors: bool = True, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.raise_errors = raise_errors
 
     def error(self, message: str):
-        raise DynsparseError(message)
+        message = message + suggestion(message, self._option_string_actions)
+        if self.raise_errors:
+            raise DynsparseError(message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def suggestion(message: str, options) -> str:
+    """``; did you mean --epochs?`` for the first unrecognized flag of argparse's ``message``."""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    word = next((w for w in message.split(":", 1)[1].split() if w.startswith("-")), "")
+    close = difflib.get_close_matches(word.split("=")[0], [o for o in options if o.startswith("--")], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def train_parser(*, one_line_errors: bool = True) -> argparse.ArgumentParser:
+    parser = SuggestingParser(prog="dynsparse train", raise_errors=one_line_errors, epilog=EXAMPLES,
+                              usage="dynsparse train [FLAGS]   (python main.py FLAGS is the same command)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Train one model. Takes every flag of the original main.py.")
+    add_train_flags(parser)
+    return parser
 
 
 def parse_train_args(argv: Sequence[str], *, with_options: bool = False, one_line_errors: bool = False):
     """Parse ``dynsparse train`` flags (or an original ``main.py`` line) into a config; returns
     ``(config, dry_run)``, or ``(config, namespace)`` with ``with_options``. ``one_line_errors``:
-    a bad flag raises DynsparseError (for experiment lists) instead of argparse's usage and exit."""
-    parser = (_OneLineParser if one_line_errors else argparse.ArgumentParser)(prog="dynsparse train")
-    add_train_flags(parser)
-    ns = parser.parse_args(_repair_split_path(list(argv)))
+    a bad flag raises DynsparseError (for experiment lists and the command line) instead of
+    printing one line and exiting 2. ``--config FILE`` sets defaults that the flags override."""
+    parser = train_parser(one_line_errors=one_line_errors)
+    argv = _repair_split_path(list(argv))
+    config_file = peek_config(argv)
+    if config_file:
+        parser.set_defaults(**read_config_file(config_file, parser))
+    ns = parser.parse_args(argv)
     return config_from_args(ns), (ns if with_options else ns.dry_run)

@@ -120,10 +120,17 @@ def status(cfg: TrainConfig) -> str:
     return "new"
 
 
+def command_line(job: Job, extra: Sequence[str], resume: str | None = None) -> str:
+    """The job as it runs: its own flags, the sweep's extra flags (which win), and the resume."""
+    return shlex.join(["dynsparse", "train", *job.argv, *extra, *(["--resume", resume] if resume else [])])
+
+
 def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str | None = None,
               extra: Sequence[str] = (), dry_run: bool = False, echo: Callable[[str], None] = print,
               train: Callable[[TrainConfig, list[str]], dict] | None = None) -> dict[int, str]:
-    """Run the selected jobs; returns {job index: finished | skipped | resumed | failed: reason}."""
+    """Run the selected jobs; returns {job index: finished | skipped | resumed | failed: reason}
+    (with ``dry_run``: would run | would resume | skipped | failed: reason, and each job's
+    command line and status is echoed)."""
     if train is None:
         from dynsparse.run import run_training
         train = lambda cfg, argv: run_training(cfg, argv=["dynsparse", "train", *argv], echo=echo)
@@ -137,19 +144,20 @@ def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str 
             echo(f"job {job.index}: {e}")
             continue
         state = status(cfg)
-        echo(f"job {job.index} ({cfg.run_name}): {state}")
+        refused = saved_config_differs(cfg) if state == "interrupted" else None
+        echo(f"job {job.index} ({cfg.run_name}): {'differs' if refused else state}")
         if state == "finished":
             outcome[job.index] = "skipped"
             continue
+        if refused:  # never continue a run under another job's labels; leave it untouched
+            outcome[job.index] = f"failed: {refused}"
+            echo(f"job {job.index} failed: {refused}")
+            continue
         if state == "interrupted":
-            refused = saved_config_differs(cfg)
-            if refused:  # never continue a run under another job's labels; leave it untouched
-                outcome[job.index] = f"failed: {refused}"
-                echo(f"job {job.index} failed: {refused}")
-                continue
             cfg = dataclasses.replace(cfg, resume=str(Path(cfg.runs_dir) / cfg.run_name))
         if dry_run:
-            outcome[job.index] = "would run"
+            echo("  " + command_line(job, extra, cfg.resume if state == "interrupted" else None))
+            outcome[job.index] = "would resume" if state == "interrupted" else "would run"
             continue
         try:
             train(cfg, [*job.argv, *extra])
@@ -158,3 +166,15 @@ def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str 
             outcome[job.index] = f"failed: {e}"
             echo(f"job {job.index} failed: {e}")
     return outcome
+
+
+def outcome_summary(outcome: dict[int, str], dry_run: bool = False) -> str:
+    """``sweep: 5 jobs: 2 ran, 1 resumed, 1 skipped (finished before), 1 failed``, then one line per failure."""
+    kinds = (("would run", "would run"), ("would resume", "would resume")) if dry_run else \
+        (("ran", "finished"), ("resumed", "resumed"))
+    counts = [f"{sum(v == value for v in outcome.values())} {label}" for label, value in kinds]
+    counts.append(f"{sum(v == 'skipped' for v in outcome.values())} skipped (finished before)")
+    failed = {k: v for k, v in outcome.items() if v.startswith("failed")}
+    counts.append(f"{len(failed)} failed")
+    return (f"sweep: {len(outcome)} job{'s' * (len(outcome) != 1)}: " + ", ".join(counts)
+            + "".join(f"\n  job {k}: {v}" for k, v in failed.items()))

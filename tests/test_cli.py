@@ -107,9 +107,10 @@ def test_cli_error_is_one_line_and_exit_2(capsys):
     assert err.startswith("dynsparse: error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_main_py_dry_run_subprocess():
+def test_main_py_dry_run_subprocess(tiny_cifar):
     proc = subprocess.run([sys.executable, "main.py", "--model", "cifar10_WideResNet", "--widen-factor", "2",
-                           "--rewire", "--threshold-prune", "--rewire-scaling", "--dry-run"],
+                           "--rewire", "--threshold-prune", "--rewire-scaling", "--dry-run", "--data", str(tiny_cifar)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "'rewire_scaling': True" in proc.stdout and "'widen_factor': 2.0" in proc.stdout
+    assert "method       dsr" in proc.stdout and "widen_factor=2.0" in proc.stdout
+    assert "rewire_scaling=True" in proc.stdout and "found" in proc.stdout
