@@ -91,10 +91,10 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--update-end",), dict(type=float, help="RigL/SNFS: fraction of training after which the topology is fixed")),
     (("--update-period",), dict(type=int, help="RigL/SNFS: training steps between topology updates "
                                                "(default: RigL rewire_period_schedule, SNFS one epoch, as in the papers)")),
-    (("--budget",), dict(choices=BUDGETS, help="how density is spread over layers: type (the original's conv/fc sparsities), uniform, er, erk")),
+    (("--budget",), dict(metavar="{" + ",".join(BUDGETS) + "}", help="how density is spread over layers (type: the original's conv/fc sparsities)")),
     (("--keep-optimizer-state",), dict(action="store_true", help="do not zero optimizer state off the mask (the original's behaviour)")),
     (("--dense-layers",), dict(help="comma-separated parameter names or glob patterns to keep dense")),
-    (("--amp",), dict(choices=("off", "bf16"), help="mixed precision for the forward pass (autocast; weights stay float32)")),
+    (("--amp",), dict(metavar="{off,bf16}", help="mixed precision for the forward pass (autocast; weights stay float32)")),
     (("--channels-last",), dict(action="store_true", help="channels_last memory format for conv nets (faster on GPUs)")),
     (("--compile",), dict(action="store_true", help="torch.compile the model for training")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
@@ -213,7 +213,11 @@ class SuggestingParser(argparse.ArgumentParser):
         self.raise_errors = raise_errors
 
     def error(self, message: str):
-        message = message + suggestion(message, self._option_string_actions)
+        options = set(self._option_string_actions)
+        for action in self._actions:  # a subcommand's unknown flags are reported by the top parser
+            if isinstance(action, argparse._SubParsersAction):
+                options.update(o for sub in action.choices.values() for o in sub._option_string_actions)
+        message = message + suggestion(message, sorted(options))
         if self.raise_errors:
             raise DynsparseError(message)
         self.exit(2, f"{self.prog}: error: {message}\n")

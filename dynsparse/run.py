@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,8 @@ class _Run:
             raise DynsparseError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                                  f"{self.dist.world_size} processes")
         torch.manual_seed(cfg.seed)  # model initialization; everything later uses its own generators
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)  # before the evidence, which records it
         self.schedules = load_schedules(cfg.schedule_file, default_lr=cfg.lr)
         self.data = build_data(dataset_of(cfg.model), resolve_data_root(cfg.data),
                                batch_size=cfg.batch_size // self.dist.world_size, device=self.device,
@@ -205,7 +208,9 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_learnable']:,} of "
          f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
          + (f" x {run.dist.world_size} processes" if run.dist.enabled else ""))
-    echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} {'rewires':>7} {'time':>6}")
+    echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} "
+         f"{'rewires':>7} {'img/s':>7} {'time':>6}")
+    lines = echo if cfg.progress and not sys.stdout.isatty() else None  # logs get a line every 10%, not a bar
     for epoch in range(run.start_epoch, cfg.total_epochs):
         t0 = time.perf_counter()
         lr = run.schedules.lr(epoch)
@@ -216,11 +221,13 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             sums = train_one_epoch(run.train_model, data.train, run.optimizer, run.sparsifier, penalty=run.penalty,
                                    progress=cfg.progress and run.dist.is_main, desc=f"epoch {epoch}",
                                    autocast=run.autocast, channels_last=cfg.channels_last,
-                                   first_bad=lambda flags: distributed.all_reduce_min(flags, run.dist))
+                                   first_bad=lambda flags: distributed.all_reduce_min(flags, run.dist),
+                                   progress_lines=lines)
         except Diverged as e:
             raise DynsparseError(f"training diverged: non-finite loss at training step {epoch * len(data.train) + e.step} "
                                  f"(step {e.step} of epoch {epoch}, counting from 0); lower the learning rate") from None
-        train = summarize(distributed.all_reduce_sums(sums, run.dist))
+        train_s, sums = time.perf_counter() - t0, distributed.all_reduce_sums(sums, run.dist)
+        train = summarize(sums)
         distributed.broadcast_buffers(run.model, run.dist)
         run.sparsifier.end_epoch()
         if debug_distributed:
@@ -251,11 +258,19 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             run.logger.log_dict(epoch_scalars(row), step=epoch)
         echo(f"{epoch:>5} {lr:>8.4g} {row['train_loss']:>7.4f} {row.get('train_top1', row['train_top1_running']):>7.2f} "
              f"{row['test_top1']:>7.2f} {row['test_top5']:>7.2f} {_cell(row.get('val_top1')):>7} "
-             f"{row['params_nonzero']:>10,} {row.get('rewires', 0):>7} {row['time_s']:>6.1f}")
+             f"{row['params_nonzero']:>10,} {row.get('rewires', 0):>7} {int(sums['count']) / train_s:>7,.0f} "
+             f"{row['time_s']:>6.1f}")
     summary = _summary(run)
     if run.dist.is_main:
         atomic_write_json(run.dir / "summary.json", summary)
-    echo(f"final test top-1 {summary['test_top1']:.2f}%, best {summary['best_test_top1']:.2f}% (epoch {summary['best_epoch']})")
+    sel = summary["selected"]
+    if sel["by"] == "validation":
+        echo(f"selected by validation: epoch {sel['epoch']}, test top-1 {sel['test_top1']:.2f}% "
+             f"(val {summary['best_val_top1']:.2f}%); final test top-1 {summary['test_top1']:.2f}%")
+    else:
+        echo(f"final test top-1 {summary['test_top1']:.2f}% (epoch {sel['epoch']})")
+    echo(f"best test epoch {summary['best_epoch']}: {summary['best_test_top1']:.2f}% (oracle: chosen on the test set, "
+         f"not a result{'' if sel['by'] == 'validation' else '; --validate-set selects on a held-out split'})")
     return summary
 
 
@@ -284,12 +299,14 @@ def _summary(run: _Run) -> dict:
            "label": method_label(run.cfg), "sparsity": run.cfg.nominal_sparsity(),
            "sparsity_conv": run.cfg.initial_sparsity_conv, "sparsity_fc": run.cfg.initial_sparsity_fc,
            "seed": run.cfg.seed, "epochs": len(hist), "test_top1": last["test_top1"], "test_top5": last["test_top5"],
-           "best_test_top1": best["test_top1"], "best_epoch": best["epoch"],
+           "best_test_top1": best["test_top1"], "best_epoch": best["epoch"], "best_test_top1_is_oracle": True,
+           "selected": {"by": "last epoch", "epoch": last["epoch"], "test_top1": last["test_top1"]},
            **param_counts(run.model, run.sparsifier)}
     if "val_top1" in last:
         best_val = max(hist, key=lambda r: r["val_top1"])
         out.update({"best_val_top1": best_val["val_top1"], "best_val_epoch": best_val["epoch"],
-                    "test_top1_at_best_val": best_val["test_top1"]})
+                    "test_top1_at_best_val": best_val["test_top1"],
+                    "selected": {"by": "validation", "epoch": best_val["epoch"], "test_top1": best_val["test_top1"]}})
     totals = run.sparsifier.totals()
     if totals:
         out.update({"reallocations": len(run.events), **totals})

@@ -7,6 +7,8 @@ training) at the two visible points of every step, and adds an optional ``penalt
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -63,16 +65,51 @@ def _prepare(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last and inputs.dim() == 4 else inputs
 
 
+class _Meter:
+    """Loss, accuracy, throughput and ETA within an epoch, for the bar (every second or so) and
+    for ``lines`` (every ``every`` of the epoch). The running sums live on the device: they are
+    read (one host sync) only when something is shown, never every step."""
+
+    def __init__(self, bar, lines: Callable[[str], None] | None, desc: str, total: int | None, every: float):
+        self.bar, self.lines, self.desc, self.total = bar, lines, desc, total
+        self.start = self.last_postfix = time.perf_counter()
+        self.samples = 0  # host-side: batch sizes are known without a sync
+        self.marks = set()
+        if lines is not None and total:
+            self.marks = {math.ceil(total * k * every) for k in range(1, math.ceil(1 / every))} - {0, total}
+
+    def update(self, step: int, batch: int, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        self.samples += batch
+        now = time.perf_counter()
+        at_mark = step + 1 in self.marks
+        show_bar = not self.bar.disable and now - self.last_postfix >= 1.0
+        if not (at_mark or show_bar):
+            return
+        loss, acc = float(loss_sum) / self.samples, 100.0 * float(correct) / self.samples
+        rate = self.samples / max(now - self.start, 1e-9)
+        if show_bar:
+            self.last_postfix = now
+            self.bar.set_postfix_str(f"loss {loss:.4f} acc {acc:.2f}% {rate:,.0f}/s", refresh=False)
+        if at_mark:
+            eta = (now - self.start) / (step + 1) * (self.total - step - 1)
+            self.lines(f"{self.desc}: {100 * (step + 1) / self.total:3.0f}% ({step + 1}/{self.total} steps) "
+                       f"loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier=None,
                     *, penalty: Callable[[], torch.Tensor | float] | None = None, progress: bool = False,
                     desc: str = "train", autocast: torch.dtype | None = None,
-                    channels_last: bool = False, first_bad=None) -> dict[str, torch.Tensor]:
+                    channels_last: bool = False, first_bad=None, progress_lines: Callable[[str], None] | None = None,
+                    lines_every: float = 0.1) -> dict[str, torch.Tensor]:
     """One pass over ``batches``; returns on-device sums (loss, correct top-1, samples) so that
     no step waits on the host and the caller can all-reduce them exactly. ``autocast`` (e.g.
     ``torch.bfloat16``) runs the forward pass in mixed precision; weights stay float32.
     ``penalty()`` (e.g. L1) is added to the loss that is differentiated, not to the one reported.
     Raises :class:`Diverged` within :data:`CHECK_EVERY` steps of a non-finite loss; under
-    several processes ``first_bad`` (a min all-reduce of a tensor) makes all ranks agree."""
+    several processes ``first_bad`` (a min all-reduce of a tensor) makes all ranks agree.
+    ``progress`` shows a bar (on a terminal) with loss, accuracy and throughput;
+    ``progress_lines`` receives a line with those and the ETA every ``lines_every`` of the epoch
+    (for logs, where a bar shows nothing)."""
     sparsifier = sparsifier if sparsifier is not None else NoSparsity()
     model.train()
     device = next(model.parameters()).device
@@ -81,8 +118,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     seen = torch.zeros((), device=device, dtype=torch.long)
     window: list[torch.Tensor] = []
     step = 0
-    for step, (inputs, targets) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True,
-                                                  mininterval=0.5)):
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    bar = tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=0.5, total=total)
+    meter = _Meter(bar, progress_lines, desc, total, lines_every)
+    for step, (inputs, targets) in enumerate(bar):
         if len(window) == CHECK_EVERY:
             _first_nonfinite(window, step - CHECK_EVERY, first_bad)
             window = []
@@ -100,6 +142,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             loss_sum += loss.detach() * targets.shape[0]
             correct += (logits.argmax(1) == targets).sum()
             seen += targets.shape[0]
+        meter.update(step, targets.shape[0], loss_sum, correct)
     if window:
         _first_nonfinite(window, step + 1 - len(window), first_bad)
     return {"loss_sum": loss_sum, "correct1": correct, "count": seen}

@@ -210,7 +210,7 @@ def test_flag_typo_in_one_job_of_a_list_is_one_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "usage:" not in captured.err + captured.out
     failed = [l for l in captured.out.splitlines() if l.startswith("  job 1:")]
-    assert failed == ["  job 1: failed: unrecognized arguments: --lrr 0.1"]
+    assert failed == ["  job 1: failed: unrecognized arguments: --lrr 0.1; did you mean --lr?"]
 
 
 # ---- 4. every interruption resumes -------------------------------------------------------------
