@@ -57,8 +57,8 @@ def _num_classes(dataset: str, root: Path) -> tuple[int, str]:
     if dataset == "imagenet" and (root / "train").is_dir():
         found = sum(1 for d in (root / "train").iterdir() if d.is_dir())
         if found:
-            return found, f"{found} (class folders in {root / 'train'})"
-    return classes, str(classes) + (" (assumed: no class folders found)" if dataset == "imagenet" else "")
+            return found, f"{found} classes (class folders in {root / 'train'})"
+    return classes, f"{classes} classes" + (" (assumed: no class folders found)" if dataset == "imagenet" else "")
 
 
 def describe(cfg: TrainConfig) -> tuple[str, str | None]:
@@ -92,7 +92,7 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
         f"method       {method_of(cfg)}" + (f" ({method_label(cfg)})" if method_label(cfg) != method_of(cfg) else ""),
         f"model        {cfg.model}: {counts['params_total']:,} parameters, {counts['params_learnable']:,} learnable "
         f"({100 * counts['params_learnable'] / max(counts['params_total'], 1):.2f}%)",
-        f"data         {dataset} in {root}: " + ("found" if problem is None else "MISSING") + f"; {classes_text} classes",
+        f"data         {dataset} in {root}: " + ("found" if problem is None else "MISSING") + f"; {classes_text}",
         f"device       {device}" + (f" (from --device {cfg.device})" if cfg.device != device else ""),
         f"run dir      {run_dir} ({state})",
         f"schedule     {cfg.total_epochs} epochs, batch {cfg.batch_size}, lr {schedules.lr(cfg.start_epoch):g} "
