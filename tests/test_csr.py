@@ -273,3 +273,10 @@ def test_hidden_sizes_config():
         TrainConfig(model="cifar10_WideResNet", hidden_sizes=(10,)).validate()
     with pytest.raises(DynsparseError, match="positive"):
         TrainConfig(hidden_sizes="").validate()
+
+
+def test_prefer_csr_follows_the_measured_crossover():
+    from dynsparse.sparse.csr import CROSSOVER_DENSITY, prefer_csr
+    for batch, limit in CROSSOVER_DENSITY.items():
+        assert prefer_csr(limit * 0.9, batch) and not prefer_csr(limit * 1.1, batch)
+    assert prefer_csr(0.001, 10**6) and not prefer_csr(0.9, 1)
