@@ -280,3 +280,14 @@ def test_prefer_csr_follows_the_measured_crossover():
     for batch, limit in CROSSOVER_DENSITY.items():
         assert prefer_csr(limit * 0.9, batch) and not prefer_csr(limit * 1.1, batch)
     assert prefer_csr(0.001, 10**6) and not prefer_csr(0.9, 1)
+
+
+def test_merge_sorted_is_the_sorted_union():
+    from dynsparse.sparse.csr_ops import merge_sorted
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        a = torch.unique(torch.randint(0, 50, (30,), generator=g))
+        b = torch.unique(torch.randint(0, 50, (5,), generator=g))
+        assert torch.equal(merge_sorted(a, b), torch.unique(torch.cat([a, b])))
+    empty = torch.empty(0, dtype=torch.long)
+    assert torch.equal(merge_sorted(empty, torch.tensor([3])), torch.tensor([3]))

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, rows_of,
-                                      sample_flat, sparse_linear, transpose_indices)
+from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, merge_sorted,
+                                      rows_of, sample_flat, sparse_linear, transpose_indices)
 
 __all__ = ["CROSSOVER_DENSITY", "CSRLinear", "CSRWeight", "csr_linear_from_linear", "dense_state_dict",
            "prefer_csr", "sample_flat"]
@@ -135,7 +135,7 @@ class CSRWeight(nn.Module):
         (e.g. the positions just dropped, which the original DSR never regrows at once)."""
         taken = self.active_flat()
         if exclude is not None and exclude.numel():
-            taken = torch.unique(torch.cat([taken, exclude.to(taken)]))
+            taken = merge_sorted(taken, torch.unique(exclude.to(taken)))
         return sample_flat(self.num_entries, count, generator, exclude=taken, device=self.values.device)
 
     @torch.no_grad()
