@@ -291,3 +291,13 @@ def test_merge_sorted_is_the_sorted_union():
         assert torch.equal(merge_sorted(a, b), torch.unique(torch.cat([a, b])))
     empty = torch.empty(0, dtype=torch.long)
     assert torch.equal(merge_sorted(empty, torch.tensor([3])), torch.tensor([3]))
+
+
+def test_sparse_mlp_exports_to_the_dense_models_state_dict():
+    torch.manual_seed(0)
+    sparse = MnistMLP(hidden_sizes=(40, 20), sparse_density=0.3).eval()
+    dense = MnistMLP(hidden_sizes=(40, 20)).eval()
+    dense.load_state_dict(dense_state_dict(sparse))  # strict: same names and shapes
+    x = torch.randn(7, 784)
+    torch.testing.assert_close(dense(x), sparse(x))
+    assert int((dense.fc_int.weight != 0).sum()) == sparse.fc_int.weight.num_active == int(0.3 * 800 + 0.1)
