@@ -230,6 +230,8 @@ def main() -> None:
     ap.add_argument("--skip-layer", action="store_true", help="skip the per-layer sweep")
     ap.add_argument("--widest-only", action="store_true",
                     help="run only the widest-MLP part and add it to the existing results/truly_sparse.json")
+    ap.add_argument("--mlp-only", action="store_true",
+                    help="re-measure only the MLP part into the existing results/truly_sparse.json")
     ap.add_argument("--step-only", action="store_true",
                     help="with --widest-only: CSR widths measured through the training step only, added to the table")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -238,6 +240,17 @@ def main() -> None:
         return child(args.child[0], int(args.child[1]), float(args.child[2]), int(args.child[3]))
     torch.set_num_threads(1)
     load_before = os.getloadavg()
+    if args.mlp_only:  # re-measure the MLP part into the results of an earlier full run
+        payload = json.loads((RESULTS / "truly_sparse.json").read_text())
+        payload["results"]["mlp"] = bench_mlp(args.repeats)
+        ev = evidence()
+        ev["load_average_before"], ev["load_average_after"] = load_before, os.getloadavg()
+        payload["evidence_mlp"] = ev
+        text = markdown(payload["results"], payload["evidence"], payload.get("evidence_widest"),
+                        payload.get("evidence_widest_step_only"), ev)
+        write_results("truly_sparse", payload, text)
+        print(text)
+        return
     if args.widest_only:  # add the widest-MLP part to the results of an earlier full run
         path = RESULTS / "truly_sparse.json"
         payload = json.loads(path.read_text())
@@ -252,7 +265,7 @@ def main() -> None:
         ev["load_average_before"], ev["load_average_after"] = load_before, os.getloadavg()
         payload[ev_key] = ev
         text = markdown(payload["results"], payload["evidence"], payload.get("evidence_widest"),
-                        payload.get("evidence_widest_step_only"))
+                        payload.get("evidence_widest_step_only"), payload.get("evidence_mlp"))
         write_results("truly_sparse", payload, text)
         print(text)
         return
@@ -279,7 +292,8 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | None = None) -> str:
+def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | None = None,
+             ev_mlp: dict | None = None) -> str:
     lines = [f"# Truly sparse (CSR) against masked dense, {ev['device']}, {ev['threads']} thread, float32", ""]
     if r["layer"]:
         lines += ["## 4096x4096 layer, full step (forward, both gradients, SGD-momentum update): masked / CSR", "",
@@ -301,6 +315,10 @@ def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | N
               f"| weights + optimizer state (MiB) | {mb['masked']['weights_and_optimizer_state'] / 2**20:.1f} "
               f"| {mb['csr']['weights_and_optimizer_state'] / 2**20:.1f} | {m['memory_ratio']:.1f}x | >= 20x: {m['memory_ratio'] >= 20} |",
               "", f"One CSR topology change costs {m['topology_change_over_step_csr']:.2f} CSR training steps.", ""]
+    if ev_mlp:
+        lines += [f"MLP part re-measured: commit {ev_mlp['commit']}, load average before "
+                  f"{ev_mlp['load_average_before'][0]:.2f}, after {ev_mlp['load_average_after'][0]:.2f}; "
+                  f"command `{ev_mlp['command']}`.", ""]
     if "widest" in r:
         w = r["widest"]
         lines += [f"## Widest 784-X-X-10 at density {w['density']}, batch {w['batch']} (peak RSS per subprocess)", "",
