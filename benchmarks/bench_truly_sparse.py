@@ -180,7 +180,7 @@ def child(kind: str, width: int, density: float, batch: int) -> None:
     out["after_build_rss"] = peak()
     out["step_seconds"] = timed(lambda: train_step(model, opt, x, y))
     out["after_step_rss"] = peak()
-    if kind == "csr":
+    if kind == "csr":  # "csr-step" stops after the step: the topology change peaks higher
         out["second_step_seconds"] = timed(lambda: train_step(model, opt, x, y))
         out["topology_seconds"] = timed(lambda: topology_change(model, opt, g))
         out["after_topology_rss"] = peak()
@@ -230,21 +230,44 @@ def main() -> None:
     ap.add_argument("--skip-layer", action="store_true", help="skip the per-layer sweep")
     ap.add_argument("--widest-only", action="store_true",
                     help="run only the widest-MLP part and add it to the existing results/truly_sparse.json")
+    ap.add_argument("--mlp-only", action="store_true",
+                    help="re-measure only the MLP part into the existing results/truly_sparse.json")
+    ap.add_argument("--step-only", action="store_true",
+                    help="with --widest-only: CSR widths measured through the training step only, added to the table")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]), float(args.child[2]), int(args.child[3]))
     torch.set_num_threads(1)
     load_before = os.getloadavg()
+    if args.mlp_only:  # re-measure the MLP part into the results of an earlier full run
+        payload = json.loads((RESULTS / "truly_sparse.json").read_text())
+        payload["results"]["mlp"] = bench_mlp(args.repeats)
+        ev = evidence()
+        ev["load_average_before"], ev["load_average_after"] = load_before, os.getloadavg()
+        payload["evidence_mlp"] = ev
+        text = markdown(payload["results"], payload["evidence"], payload.get("evidence_widest"),
+                        payload.get("evidence_widest_step_only"), ev)
+        write_results("truly_sparse", payload, text)
+        print(text)
+        return
     if args.widest_only:  # add the widest-MLP part to the results of an earlier full run
         path = RESULTS / "truly_sparse.json"
         payload = json.loads(path.read_text())
-        payload["results"]["widest"] = bench_widest([int(w) for w in args.widths.split(",")], args.cap_gib)
+        widths = [int(w) for w in args.widths.split(",")]
+        ev_key = "evidence_widest"
+        if args.step_only:  # add step-only CSR widths to an earlier widest run
+            payload["results"]["widest"]["csr"] += [run_child("csr-step", w, 0.01, 128) for w in widths]
+            ev_key = "evidence_widest_step_only"
+        else:
+            payload["results"]["widest"] = bench_widest(widths, args.cap_gib)
         ev = evidence()
         ev["load_average_before"], ev["load_average_after"] = load_before, os.getloadavg()
-        payload["evidence_widest"] = ev
-        write_results("truly_sparse", payload, markdown(payload["results"], payload["evidence"], ev))
-        print(markdown(payload["results"], payload["evidence"], ev))
+        payload[ev_key] = ev
+        text = markdown(payload["results"], payload["evidence"], payload.get("evidence_widest"),
+                        payload.get("evidence_widest_step_only"), payload.get("evidence_mlp"))
+        write_results("truly_sparse", payload, text)
+        print(text)
         return
     results: dict = {"layer": {}, "crossover_density": {}}
     if not args.skip_layer:
@@ -269,7 +292,8 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def markdown(r: dict, ev: dict, ev_widest: dict | None = None) -> str:
+def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | None = None,
+             ev_mlp: dict | None = None) -> str:
     lines = [f"# Truly sparse (CSR) against masked dense, {ev['device']}, {ev['threads']} thread, float32", ""]
     if r["layer"]:
         lines += ["## 4096x4096 layer, full step (forward, both gradients, SGD-momentum update): masked / CSR", "",
@@ -291,6 +315,10 @@ def markdown(r: dict, ev: dict, ev_widest: dict | None = None) -> str:
               f"| weights + optimizer state (MiB) | {mb['masked']['weights_and_optimizer_state'] / 2**20:.1f} "
               f"| {mb['csr']['weights_and_optimizer_state'] / 2**20:.1f} | {m['memory_ratio']:.1f}x | >= 20x: {m['memory_ratio'] >= 20} |",
               "", f"One CSR topology change costs {m['topology_change_over_step_csr']:.2f} CSR training steps.", ""]
+    if ev_mlp:
+        lines += [f"MLP part re-measured: commit {ev_mlp['commit']}, load average before "
+                  f"{ev_mlp['load_average_before'][0]:.2f}, after {ev_mlp['load_average_after'][0]:.2f}; "
+                  f"command `{ev_mlp['command']}`.", ""]
     if "widest" in r:
         w = r["widest"]
         lines += [f"## Widest 784-X-X-10 at density {w['density']}, batch {w['batch']} (peak RSS per subprocess)", "",
@@ -301,13 +329,17 @@ def markdown(r: dict, ev: dict, ev_widest: dict | None = None) -> str:
                 lines.append(f"| {c['kind']} | {c['width']} | {c['after_step_rss'] / GiB:.2f} | "
                              f"{'-' if topo is None else f'{topo / GiB:.2f}'} | {c['step_seconds']:.1f} |")
             else:
-                lines.append(f"| csr | {c['width']} | {c.get('skipped') or 'failed'} | | |")
+                lines.append(f"| csr | {c['width']} | {c.get('skipped') or 'failed: ' + c.get('failed', '')[-80:]} | | |")
         lines += ["", f"Masked widest within 24 GiB: {w['masked_widest_fit_24GiB']:.0f} (fit of the measured peaks), "
                   f"{w['masked_widest_from_tensor_bytes_24GiB']:.0f} (17 bytes per dense weight).", ""]
         if ev_widest:
             lines += [f"Widest part: commit {ev_widest['commit']}, load average before "
                       f"{ev_widest['load_average_before'][0]:.2f}, after {ev_widest['load_average_after'][0]:.2f}; "
                       f"command `{ev_widest['command']}`.", ""]
+        if ev_step:
+            lines += [f"Rows `csr-step` (build and one training step, no topology change): commit {ev_step['commit']}, "
+                      f"load average before {ev_step['load_average_before'][0]:.2f}, after "
+                      f"{ev_step['load_average_after'][0]:.2f}; command `{ev_step['command']}`.", ""]
     lines += [f"Commit {ev['commit']} (uncommitted changes: {ev['uncommitted']}), torch {ev['torch']}, "
               f"load average before {ev['load_average_before'][0]:.2f}, after {ev['load_average_after'][0]:.2f} "
               "(2 cores shared with other agents' jobs).", f"Command: `{ev['command']}`", ""]

@@ -107,7 +107,7 @@ def base_label(s: dict) -> str:
     cfg = s.get("config") or {}
     label = s.get("label", s["method"])
     if label == "thin dense":  # thin dense runs differ by width, not sparsity
-        label = f"thin dense x{cfg['widen_factor']:g}"
+        label = f"thin dense x{cfg.get('widen_factor', 10.0):g}"
     qualifiers = []
     if cfg.get("budget", "type") != "type" and s["method"] not in ("dense", "tied"):
         qualifiers.append(cfg["budget"])

@@ -113,7 +113,8 @@ def _unmasked_init(cfg: dict, num_classes: int, device: torch.device) -> dict[st
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg["seed"]))
         model = create_model(cfg["model"], num_classes=num_classes, layers=cfg["layers"],
-                             widen_factor=cfg["widen_factor"], batch_norm=not cfg["no_batch_norm"])
+                             widen_factor=cfg["widen_factor"], batch_norm=not cfg["no_batch_norm"],
+                             hidden_sizes=tuple(cfg.get("hidden_sizes", (300, 100))))
     return {k: v.to(device) for k, v in model.state_dict().items()}
 
 

@@ -273,3 +273,31 @@ def test_hidden_sizes_config():
         TrainConfig(model="cifar10_WideResNet", hidden_sizes=(10,)).validate()
     with pytest.raises(DynsparseError, match="positive"):
         TrainConfig(hidden_sizes="").validate()
+
+
+def test_prefer_csr_follows_the_measured_crossover():
+    from dynsparse.sparse.csr import CROSSOVER_DENSITY, prefer_csr
+    for batch, limit in CROSSOVER_DENSITY.items():
+        assert prefer_csr(limit * 0.9, batch) and not prefer_csr(limit * 1.1, batch)
+    assert prefer_csr(0.001, 10**6) and not prefer_csr(0.9, 1)
+
+
+def test_merge_sorted_is_the_sorted_union():
+    from dynsparse.sparse.csr_ops import merge_sorted
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        a = torch.unique(torch.randint(0, 50, (30,), generator=g))
+        b = torch.unique(torch.randint(0, 50, (5,), generator=g))
+        assert torch.equal(merge_sorted(a, b), torch.unique(torch.cat([a, b])))
+    empty = torch.empty(0, dtype=torch.long)
+    assert torch.equal(merge_sorted(empty, torch.tensor([3])), torch.tensor([3]))
+
+
+def test_sparse_mlp_exports_to_the_dense_models_state_dict():
+    torch.manual_seed(0)
+    sparse = MnistMLP(hidden_sizes=(40, 20), sparse_density=0.3).eval()
+    dense = MnistMLP(hidden_sizes=(40, 20)).eval()
+    dense.load_state_dict(dense_state_dict(sparse))  # strict: same names and shapes
+    x = torch.randn(7, 784)
+    torch.testing.assert_close(dense(x), sparse(x))
+    assert int((dense.fc_int.weight != 0).sum()) == sparse.fc_int.weight.num_active == int(0.3 * 800 + 0.1)

@@ -24,13 +24,33 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, rows_of,
-                                      sample_flat, sparse_linear, transpose_indices)
+from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, merge_sorted,
+                                      rows_of, sample_flat, sparse_linear, transpose_indices)
 
-__all__ = ["CSRLinear", "CSRWeight", "csr_linear_from_linear", "dense_state_dict", "sample_flat"]
+__all__ = ["CROSSOVER_DENSITY", "CSRLinear", "CSRWeight", "csr_linear_from_linear", "dense_state_dict",
+           "prefer_csr", "sample_flat"]
 
 INITS = ("linear", "zeros")
 
+
+# Density below which a CSR linear layer's full training step beats the masked dense one, per
+# batch size: the "crossover_density" of benchmarks/results/truly_sparse.json (4096x4096 layer,
+# 1 CPU thread, float32, `python benchmarks/bench_truly_sparse.py` at commit 2cb9625 with the
+# kernels of 03d0bd3, load average ~8-10 on 2 cores). ``auto`` reads this table.
+CROSSOVER_DENSITY: dict[int, float] = {32: 0.295, 128: 0.232, 512: 0.171}
+
+
+def prefer_csr(density: float, batch_size: int) -> bool:
+    """Whether a linear layer at ``density`` trains faster as CSR at ``batch_size`` on CPU: below
+    the measured crossover, interpolated in log-log between batch sizes, clamped outside them."""
+    sizes = sorted(CROSSOVER_DENSITY)
+    b = min(max(batch_size, sizes[0]), sizes[-1])
+    for lo, hi in zip(sizes, sizes[1:]):
+        if lo <= b <= hi:
+            t = (math.log(b) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            limit = math.exp((1 - t) * math.log(CROSSOVER_DENSITY[lo]) + t * math.log(CROSSOVER_DENSITY[hi]))
+            return density < limit
+    return density < CROSSOVER_DENSITY[sizes[0]]
 
 class CSRWeight(nn.Module):
     """A sparse ``[out, in]`` weight: ``values`` (parameter) + int32 CSR indices (buffers)."""
@@ -115,7 +135,7 @@ class CSRWeight(nn.Module):
         (e.g. the positions just dropped, which the original DSR never regrows at once)."""
         taken = self.active_flat()
         if exclude is not None and exclude.numel():
-            taken = torch.unique(torch.cat([taken, exclude.to(taken)]))
+            taken = merge_sorted(taken, torch.unique(exclude.to(taken)))
         return sample_flat(self.num_entries, count, generator, exclude=taken, device=self.values.device)
 
     @torch.no_grad()

@@ -91,6 +91,18 @@ def _all_free(n: int, taken: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(keep).view(-1)
 
 
+
+def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sorted union of two sorted, individually distinct int64 tensors, without a full sort
+    (``a`` is large, e.g. the active entries; ``b`` small, e.g. the ones just dropped)."""
+    if a.numel() and b.numel():
+        pos = torch.searchsorted(a, b).clamp_(max=a.numel() - 1)
+        b = b[a[pos] != b]
+    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
+    out[torch.arange(a.numel(), device=a.device) + torch.searchsorted(b, a)] = a
+    out[torch.arange(b.numel(), device=a.device) + torch.searchsorted(a, b)] = b
+    return out
+
 def check_flat(flat: torch.Tensor, n: int, what: str = "flat indices") -> None:
     if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= n or bool((flat[1:] <= flat[:-1]).any())):
         raise DynsparseError(f"{what} must be distinct and in [0, {n})")
