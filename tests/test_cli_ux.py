@@ -56,7 +56,6 @@ def test_train_help_has_sections_choices_examples_and_no_doubled_defaults(capsys
     assert "examples:" in out and "dynsparse train --model torchvision:resnet18" in out
     flat = " ".join(out.split())
     assert "(default: )" not in flat and "./data) (default" not in flat
-    assert flat.count("(default:") == len(re.findall(r"\(default:", flat))  # sanity of the count below
     assert "else ./data)" in flat
     # every flag sits in a section, and only in one
     parser = train_parser()
@@ -160,9 +159,6 @@ def test_progress_lines_every_tenth_of_an_epoch():
     assert len(lines) == 9, lines
     assert lines[0].startswith("epoch 0:  10% (2/20 steps) loss ") and lines[-1].startswith("epoch 0:  90% (18/20")
     assert all(re.search(r"acc \d+\.\d\d% [\d,]+ samples/s ETA \d+:\d\d$", line) for line in lines)
-    quiet: list[str] = []
-    train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1))  # nothing asked, nothing printed
-    assert quiet == []
 
 
 def test_run_outside_a_terminal_prints_progress_aligned_rows_and_names_the_oracle(tiny_mnist, tmp_path):
