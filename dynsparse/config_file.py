@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
 
 from dynsparse.errors import DynsparseError
+from dynsparse.io import read_yaml
 
 # keys that make no sense in a file of flags
 _NOT_IN_FILE = {"help", "config"}
@@ -80,12 +80,7 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     """``{dest: value}`` from a YAML file of flags; one-line errors for a missing file, bad YAML,
     an unknown key (naming the valid keys) or a bad value."""
     p = Path(path)
-    if not p.is_file():
-        raise DynsparseError(f"--config file {path!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise DynsparseError(f"--config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(p, "--config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -79,3 +79,17 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML file ``path`` (``what`` names it in errors): one-line errors for a missing
+    file or invalid YAML."""
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise DynsparseError(f"{what} {str(path)!r} not found")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise DynsparseError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+

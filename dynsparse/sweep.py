@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from dynsparse.checkpoint import ConfigMismatch, check_same_config, load_checkpoint
 from dynsparse.flags import parse_train_args
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
+from dynsparse.io import read_yaml
 
 PREFIXES = (["python", "main.py"], ["python3", "main.py"], ["dynsparse", "train"], ["main.py"])
 
@@ -42,12 +42,7 @@ class Job:
 
 def load_jobs(path: str | Path) -> list[Job]:
     p = Path(path)
-    if not p.is_file():
-        raise DynsparseError(f"experiment list {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise DynsparseError(f"experiment list {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(p, "experiment list")
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
         raise DynsparseError(f"experiment list {p} must have a 'jobs:' list of command lines")
     jobs, seen = [], set()
