@@ -65,6 +65,11 @@ class StepHooks:
         g.mul_(sp.mask_view())
         self.seen[name] = (weakref.ref(g), g._version, g.abs().sum() if capture else None)
 
+    def still_masked(self, name: str, g: torch.Tensor) -> bool:
+        """Whether ``g`` is the gradient the accumulation hook masked, unchanged since."""
+        seen = self.seen.get(name)
+        return seen is not None and seen[0]() is g and g._version == seen[1]
+
     @torch.no_grad()
     def restore_dense(self) -> None:
         """Add the set-aside off-mask gradient back, for a policy's ``before_optimizer_step``."""

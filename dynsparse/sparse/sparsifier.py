@@ -149,9 +149,11 @@ class Sparsifier:
                 _export.check_off_mask_zero(self)
         if self.policy.when.active(self.epoch):
             self.policy.before_optimizer_step(self)
-        for sp in self.params.values():
-            if sp.param.grad is not None:
-                sp.param.grad.mul_(sp.mask_view())
+        for name, sp in self.params.items():
+            g = sp.param.grad
+            # the accumulation hook masked it and nothing has touched it since: no second pass
+            if g is not None and not (self._hooks is not None and self._hooks.still_masked(name, g)):
+                g.mul_(sp.mask_view())
 
     def step(self) -> None:
         """After ``optimizer.step()``: weights masked, maybe a topology change. Done by the
