@@ -204,9 +204,10 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
                     "--global-prune prunes by a global magnitude")
     ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune" else {})
     policy = method.policy(cfg, ctx) if method.policy is not None else Static()
+    # the training loop calls the sparsifier at its two visible points: no optimizer hooks needed
     return Sparsifier(model, optimizer, policy=policy, densities=dens, granularity=cfg.sub_kernel_granularity,
                       new_weights="initial" if cfg.big_new_weights else "zero", seed=cfg.seed + 1,
-                      mask_optimizer_state=not cfg.keep_optimizer_state)
+                      mask_optimizer_state=not cfg.keep_optimizer_state, hooks=False)
 
 
 def build_penalty(cfg: TrainConfig, sparsifier) -> Callable[[], torch.Tensor | float] | None:
