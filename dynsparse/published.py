@@ -19,10 +19,11 @@ class Source:
 
 SOURCES = {s.key: s for s in (
     Source("SL-MNIST", "sparse_learning results/MNIST_sparse_summary.csv (RESULTS.md 2.3)",
-           "another implementation: Dettmers & Zettlemoyer's sparse_learning code (their DSR, SET, DeepR "
-           "and sparse momentum), trained with that code's own MNIST protocol, not ours (its LeNet-300-100 "
-           "has no batch norm and its epochs, batch size and schedule differ from a dynsparse run; "
-           "`experiments/make_lists.py` writes a list that follows it). One number per sparsity, no spread given."),
+           "a results table in Dettmers & Zettlemoyer's sparse_learning repository, not dynsparse: its sparse "
+           "momentum (SNFS) column comes from that code's own MNIST protocol (LeNet-300-100 without batch "
+           "norm, batch 100, 100 epochs; experiments/mnist_sparse_learning_protocol.yaml follows it); how its "
+           "DSR, SET and DeepR columns were made is not documented (no code or log in that repository "
+           "produces them). One number per sparsity, no spread given."),
     Source("SL-WRN", "sparse_learning results/WRN-28-2_results_summary.csv (RESULTS.md 2.2)",
            "another implementation: Dettmers & Zettlemoyer's sparse_learning code, WRN-28-2 on CIFAR-10 "
            "with that code's own protocol. The DSR paper's own WRN numbers exist only as plotted points."),
