@@ -70,7 +70,7 @@ def test_report_tables_and_plots(tmp_path):
     assert "| dsr | 0.98 | 3 | 3 | 98.10 +- 0.10 | 98.20 | 6,144 | 0.020 | 98.14 [SL-MNIST] | -0.04 |" in md
     # the published column says in words which implementation and protocol a number comes from
     assert "[SL-MNIST] a results table in Dettmers & Zettlemoyer's sparse_learning repository, not dynsparse" in md
-    assert "own MNIST protocol, not ours" in md and "MNIST_sparse_summary" in md
+    assert "own MNIST protocol (LeNet-300-100 without batch norm" in md and "MNIST_sparse_summary" in md
     # no validation split: the best-epoch number is named an oracle and explained
     assert "best test (oracle)" in md and "chosen by looking at the test set" in md
     assert "Excluded runs" not in md
