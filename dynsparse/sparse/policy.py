@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dynsparse.sparse.when import Never, When
+
+if TYPE_CHECKING:  # annotations only: the sparsifier imports this module
+    from dynsparse.sparse.sparsifier import Sparsifier
 
 
 @dataclass(frozen=True)
