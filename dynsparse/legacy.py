@@ -58,31 +58,32 @@ class Method:
     cost: str = "sparse"  # FLOPs per step: dense | sparse | dense-grad-at-updates | dense-grad-every-step
     flag: str | None = None  # its own `dynsparse train` flag, for methods added to the registry
     options: tuple[str, ...] = ()  # method-specific flags it accepts (config field names)
+    by_name: bool = True  # selectable with --method NAME (dense, tied and prune need their own flags)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("prune", lambda cfg, ctx: GradualPruning(
         ctx.targets, cubic=cfg.cubic_prune_schedule, global_threshold=cfg.global_prune,
         when=AtEpochEnds(start=cfg.start_pruning_after_epoch, every=cfg.prune_epoch_frequency,
-                         count=cfg.prune_iterations)), selected=lambda cfg: cfg.prune),
-    Method("tied", None, selected=lambda cfg: cfg.tied, cost="dense"),
+                         count=cfg.prune_iterations)), selected=lambda cfg: cfg.prune, by_name=False),
+    Method("tied", None, selected=lambda cfg: cfg.tied, cost="dense", by_name=False),
     Method("deepr", lambda cfg, ctx: DeepR(cfg.DeepR_eta, temperature=ctx.schedules.deepr_temperature,
                                            when=EveryStep(stop_epoch=cfg.stop_rewire_epoch)),
            selected=lambda cfg: cfg.DeepR),
     Method("rigl", lambda cfg, ctx: RigL(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)),
-           selected=lambda cfg: cfg.rigl, cost="dense-grad-at-updates", options=("update_period",)),
+           selected=lambda cfg: cfg.rigl, cost="dense-grad-at-updates", options=("update_period", "drop_fraction")),
     # Dettmers & Zettlemoyer update once per epoch (their prune rate 0.5 is per epoch)
     Method("snfs", lambda cfg, ctx: SNFS(0.5 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(
         ctx.steps_per_epoch if cfg.update_period is None else cfg.update_period, end=True)),
-           selected=lambda cfg: cfg.sparse_momentum, cost="dense-grad-every-step", options=("update_period",)),
+           selected=lambda cfg: cfg.sparse_momentum, cost="dense-grad-every-step", options=("update_period", "drop_fraction")),
     Method("dsr", lambda cfg, ctx: DSR(cfg.n_prune_params, scaling=cfg.rewire_scaling, when=ctx.periodic()),
            selected=lambda cfg: cfg.rewire and cfg.threshold_prune),
     Method("set", lambda cfg, ctx: SET(cfg.rewire_fraction, scaling=cfg.rewire_scaling, when=ctx.periodic()),
            selected=lambda cfg: cfg.rewire),
     Method("mest", lambda cfg, ctx: MEST(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)), flag="--mest",
-           options=("update_period",)),
+           options=("update_period", "drop_fraction")),
     Method("static", lambda cfg, ctx: Static()),
-    Method("dense", None, cost="dense"),
+    Method("dense", None, cost="dense", by_name=False),
 ]}
 
 
@@ -103,8 +104,8 @@ def method_of(cfg: TrainConfig) -> str:
     """The method a configuration selects: ``--method`` (or a registered method's own flag),
     else the first original flag in the table's order, else dense or static by the sparsities."""
     if cfg.method:
-        if cfg.method not in METHODS:
-            raise unknown_choice("method", cfg.method, METHODS)
+        if cfg.method not in METHODS or not METHODS[cfg.method].by_name:
+            raise unknown_choice("method", cfg.method, [m.name for m in METHODS.values() if m.by_name])
         return cfg.method
     for m in METHODS.values():
         if m.selected(cfg):
@@ -134,6 +135,10 @@ def check(cfg: TrainConfig) -> None:
         takes = sorted(m.name for m in METHODS.values() if "update_period" in m.options)
         raise DynsparseError(f"--update-period is for {', '.join(takes)}; {method.name} takes its period from "
                              "rewire_period_schedule in --schedule-file")
+    if cfg.drop_fraction is not None and "drop_fraction" not in method.options:
+        takes = sorted(m.name for m in METHODS.values() if "drop_fraction" in m.options)
+        raise DynsparseError(f"--drop-fraction is for {', '.join(takes)}, not {method.name}"
+                             + (" (SET's fraction is --rewire-fraction)" if method.name == "set" else ""))
     if method.policy is not None:
         from dynsparse.schedule import load_schedules
         method.policy(cfg, Context(cfg, load_schedules(None), 1, {}))

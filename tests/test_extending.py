@@ -65,3 +65,14 @@ def test_a_user_method_registered_at_run_time(tiny_mnist, tmp_path):
         assert summary["method"] == "droplargest" and summary["total_pruned"] == 3 * 3 * summary["reallocations"]
     finally:
         METHODS.pop("droplargest", None)
+
+
+def test_method_by_name_only_where_it_means_one_thing():
+    from dynsparse.cli import parse_train_args
+    # dense, tied and prune need their own flags (a --method dense run would have been static sparse)
+    for name in ("dense", "tied", "prune"):
+        with pytest.raises(DynsparseError, match=f"unknown method '{name}'; valid choices: deepr, dsr, mest"):
+            parse_train_args(["--method", name])
+    with pytest.raises(DynsparseError, match="--drop-fraction is for mest, rigl, snfs, not set"):
+        parse_train_args(["--rewire", "--drop-fraction", "0.2"])
+    assert method_of(parse_train_args(["--method", "static"])[0]) == "static"
