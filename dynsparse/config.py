@@ -12,6 +12,19 @@ from dataclasses import dataclass
 
 from dynsparse.errors import DynsparseError
 
+# The data sets a model may train on besides its own (--dataset), by the model's own data set:
+# Fashion-MNIST has MNIST's shapes and classes, so the MNIST models read it unchanged.
+DATASET_CHOICES: dict[str, tuple[str, ...]] = {"mnist": ("mnist", "fashion_mnist")}
+
+
+def model_dataset(model: str) -> str | None:
+    """The model's own data set, None for a name that is not a model."""
+    from dynsparse.models import dataset_of
+    try:
+        return dataset_of(model)
+    except DynsparseError:  # validate() reports the unknown model
+        return None
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -87,6 +100,7 @@ class TrainConfig:
     tied_per_kernel: bool = False  # issue 11: --tied shares per 3x3 kernel (the original always shares per weight)
     prune_from_scratch: bool = False
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
+    dataset: str = ""  # "": the model's own; fashion_mnist for the MNIST models (DATASET_CHOICES)
 
     def __post_init__(self) -> None:
         # configs come back from JSON as lists, from the command line as "300,100"
@@ -97,6 +111,9 @@ class TrainConfig:
             except ValueError:
                 raise DynsparseError(f"--hidden-sizes must be comma-separated integers, got {self.hidden_sizes!r}") from None
         object.__setattr__(self, "hidden_sizes", tuple(sizes))
+        # --dataset naming the model's own data set is the default: the same run, name and config
+        if self.dataset and self.dataset == model_dataset(self.model):
+            object.__setattr__(self, "dataset", "")
 
     def nominal_sparsity(self) -> float:
         """The sparsity a run is labelled with: of the fc layers for mnist_mlp, of the conv layers
@@ -115,8 +132,16 @@ class TrainConfig:
         return self.epochs
 
     @property
+    def dataset_name(self) -> str:
+        """The data set trained on: ``--dataset``, else the model's own."""
+        return self.dataset or model_dataset(self.model) or ""
+
+    @property
     def run_name(self) -> str:
-        return self.name or f"{self.model}_{self.job_idx}"
+        # another data set is in the default name, so it never lands in the MNIST run's directory
+        if self.name:
+            return self.name
+        return f"{self.model}_{self.dataset}_{self.job_idx}" if self.dataset else f"{self.model}_{self.job_idx}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,7 +149,12 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject impossible values and incompatible flags with one clear message."""
         from dynsparse.models import dataset_of
-        dataset_of(self.model)  # unknown model -> error listing the valid names
+        own = dataset_of(self.model)  # unknown model -> error listing the valid names
+        choices = DATASET_CHOICES.get(own, (own,))
+        if self.dataset and self.dataset not in choices:
+            other = "" if own in DATASET_CHOICES else " (fashion_mnist is for the MNIST models: mnist_mlp)"
+            raise DynsparseError(f"--dataset {self.dataset} is not available for {self.model}; valid choices: "
+                                 f"{', '.join(choices)}{other}")
         from dynsparse.loggers import parse_names
         parse_names(self.logger)
         for flag, value in (("--initial-sparsity-conv", self.initial_sparsity_conv),

@@ -1,9 +1,10 @@
-"""On-disk formats and downloads of MNIST and CIFAR-10.
+"""On-disk formats and downloads of MNIST, Fashion-MNIST and CIFAR-10.
 
-Contract: :func:`load_mnist` and :func:`load_cifar10` return ``(train_x, train_y, test_x,
-test_y)`` as CPU uint8 images (N, C, H, W) and int64 labels, read from the standard files
-(MNIST IDX, gzipped or not, in ``ROOT/MNIST/raw/`` or ``ROOT/``; CIFAR-10 python batches in
-``ROOT/cifar-10-batches-py/`` or ``ROOT/``). Missing files are downloaded with a progress bar
+Contract: :func:`load_mnist`, :func:`load_fashion_mnist` and :func:`load_cifar10` return
+``(train_x, train_y, test_x, test_y)`` as CPU uint8 images (N, C, H, W) and int64 labels, read
+from the standard files (MNIST IDX, gzipped or not, in ``ROOT/MNIST/raw/`` or ``ROOT/``;
+Fashion-MNIST, the same IDX format and file names, in ``ROOT/FashionMNIST/raw/`` or ``ROOT/``;
+CIFAR-10 python batches in ``ROOT/cifar-10-batches-py/`` or ``ROOT/``). Missing files are downloaded with a progress bar
 and an md5 check unless ``download=False``; every problem the user can fix raises
 :class:`~dynsparse.errors.DynsparseError` naming the files expected and where.
 :mod:`dynsparse.data` turns these tensors into loaders.
@@ -41,6 +42,16 @@ MNIST_FILES = {  # stem -> md5 of stem.gz
     "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
     "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+# Zalando's canonical location and the md5s of its .gz files (as torchvision has them). Copies
+# re-compressed elsewhere (Debian's dataset-fashion-mnist) differ in md5 but are read all the
+# same: only downloads are checksummed.
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = {  # same stems as MNIST_FILES, md5 of stem.gz
+    "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -171,34 +182,48 @@ def _read_mnist_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Ten
             torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_mnist(root: Path, *, download: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MNIST as CPU tensors ``(train_images, train_labels, test_images, test_labels)``, images
-    uint8 (N, 1, 28, 28), labels int64. Looks in ``root/MNIST/raw`` then ``root``; when files are
-    missing and ``download``, fetches them into ``root/MNIST/raw``."""
-    raw_dir, dirs = root / "MNIST" / "raw", (root / "MNIST" / "raw", root)
-    files = next((f for f in map(_mnist_files, dirs) if len(f) == len(MNIST_FILES)), None)
+def _load_idx_set(root: Path, download: bool, name: str, subdir: str, url: str,
+                  md5s: dict[str, str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """An MNIST-format data set (four IDX files named as MNIST's) from ``root/subdir/raw`` or
+    ``root``, downloaded from ``url`` into ``root/subdir/raw`` when missing and ``download``."""
+    raw_dir, dirs = root / subdir / "raw", (root / subdir / "raw", root)
+    files = next((f for f in map(_mnist_files, dirs) if len(f) == len(md5s)), None)
     if files is None:
         found = {**_mnist_files(root), **_mnist_files(raw_dir)}
-        missing = [f"{s}[.gz]" for s in MNIST_FILES if s not in found]
+        missing = [f"{s}[.gz]" for s in md5s if s not in found]
         if not download:
-            raise _not_found("MNIST", missing, dirs, "downloading is off")
+            raise _not_found(name, missing, dirs, "downloading is off")
         created = _missing_dirs(raw_dir)
         try:
-            for stem, md5 in MNIST_FILES.items():
+            for stem, md5 in md5s.items():
                 if stem not in _mnist_files(raw_dir):
-                    _download(MNIST_URL + stem + ".gz", raw_dir / f"{stem}.gz", md5)
+                    _download(url + stem + ".gz", raw_dir / f"{stem}.gz", md5)
         except _DOWNLOAD_ERRORS as e:
             _remove_empty(created)
-            why = f"download from {MNIST_URL} failed: {e}"
-            raise _not_found("MNIST", missing, dirs, why) from e
+            raise _not_found(name, missing, dirs, f"download from {url} failed: {e}") from e
         except BaseException:
             _remove_empty(created)
             raise
         files = _mnist_files(raw_dir)
-    log.info("reading MNIST from %s", files["train-images-idx3-ubyte"].parent)
+    log.info("reading %s from %s", name, files["train-images-idx3-ubyte"].parent)
     train = _read_mnist_split(files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"])
     test = _read_mnist_split(files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"])
     return (*train, *test)
+
+
+def load_mnist(root: Path, *, download: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST as CPU tensors ``(train_images, train_labels, test_images, test_labels)``, images
+    uint8 (N, 1, 28, 28), labels int64. Looks in ``root/MNIST/raw`` then ``root``; when files are
+    missing and ``download``, fetches them into ``root/MNIST/raw``."""
+    return _load_idx_set(root, download, "MNIST", "MNIST", MNIST_URL, MNIST_FILES)
+
+
+def load_fashion_mnist(root: Path, *, download: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fashion-MNIST (Xiao et al. 2017), as :func:`load_mnist` returns MNIST. Looks in
+    ``root/FashionMNIST/raw`` (torchvision's layout) then ``root``; when files are missing and
+    ``download``, fetches them from Zalando into ``root/FashionMNIST/raw``."""
+    return _load_idx_set(root, download, "Fashion-MNIST", "FashionMNIST", FASHION_MNIST_URL,
+                         FASHION_MNIST_FILES)
 
 
 # --------------------------------------------------------------------------- CIFAR-10

@@ -17,12 +17,12 @@ from dynsparse.data import resolve_data_root
 from dynsparse.datasets import CIFAR10_DIR, CIFAR10_FILES, MNIST_FILES
 from dynsparse.errors import DynsparseError
 from dynsparse.legacy import build_sparsifier, method_label, method_of, param_counts
-from dynsparse.models import create_model, dataset_of
+from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules
 
 # classes and training samples of each data set, as the loaders will find them
-KNOWN = {"mnist": (10, 60_000), "cifar10": (10, 50_000), "imagenet": (1000, 1_281_167)}
-_HOLDOUT = {"mnist": 10_000, "cifar10": 5_000, "imagenet": 10_000}
+KNOWN = {"mnist": (10, 60_000), "fashion_mnist": (10, 60_000), "cifar10": (10, 50_000), "imagenet": (1000, 1_281_167)}
+_HOLDOUT = {"mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 5_000, "imagenet": 10_000}
 
 
 def _resolve_device(name: str) -> str:
@@ -37,11 +37,12 @@ def _resolve_device(name: str) -> str:
 
 def data_problem(dataset: str, root: Path) -> str | None:
     """Why a run would not find ``dataset`` under ``root`` (None: the files are there)."""
-    if dataset == "mnist":
-        dirs = (root / "MNIST" / "raw", root)
+    if dataset in ("mnist", "fashion_mnist"):
+        name, sub = ("MNIST", "MNIST") if dataset == "mnist" else ("Fashion-MNIST", "FashionMNIST")
+        dirs = (root / sub / "raw", root)
         if any(all((d / f"{s}.gz").is_file() or (d / s).is_file() for s in MNIST_FILES) for d in dirs):
             return None
-        return (f"MNIST not found in {dirs[0]} or {root} (a run would try to download it: needs a network)")
+        return (f"{name} not found in {dirs[0]} or {root} (a run would try to download it: needs a network)")
     if dataset == "cifar10":
         if any(all((d / n).is_file() for n in CIFAR10_FILES) for d in (root / CIFAR10_DIR, root)):
             return None
@@ -63,7 +64,7 @@ def _num_classes(dataset: str, root: Path) -> tuple[int, str]:
 
 def describe(cfg: TrainConfig) -> tuple[str, str | None]:
     """The dry-run summary of ``cfg`` and the data problem (None when the data is there)."""
-    dataset = dataset_of(cfg.model)
+    dataset = cfg.dataset_name
     root = resolve_data_root(cfg.data)
     device = _resolve_device(cfg.device)
     classes, classes_text = _num_classes(dataset, root)
@@ -103,8 +104,8 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
         lines.append(f"{'sparse layer':<40} {'shape':>18} {'density':>8} {'active':>11} {'of':>11}")
         for name, sp in layers.items():
             active = sp.num_active * sp.slice_size
-            lines.append(f"{name:<40} {'x'.join(map(str, shapes[name])):>18} {active / sp.param.numel():>8.4f} "
-                         f"{active:>11,} {sp.param.numel():>11,}")
+            lines.append(f"{name:<40} {'x'.join(map(str, shapes[name])):>18} {active / math.prod(sp.shape):>8.4f} "
+                         f"{active:>11,} {math.prod(sp.shape):>11,}")
     else:
         lines.append("sparse layers: none (dense training)" if tied is None else
                      f"tied layers: {counts['params_tied']:,} shared values")

@@ -73,14 +73,15 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--widen-factor",), dict(type=float, help="width of the wide resnet (also the ResNet-50 width multiplier)")),
     (("--initial-sparsity-conv",), dict(type=float, help="initial sparsity of the sparse conv layers")),
     (("--initial-sparsity-fc",), dict(type=float, help="initial sparsity of the sparse fc layers")),
-    (("--job-idx",), dict(type=int, help="job index: the run is saved as RUNS_DIR/{model}_{job_idx}")),
+    (("--job-idx",), dict(type=int, help="job index: the run is saved as RUNS_DIR/{model}_{job_idx} "
+                                         "({model}_{dataset}_{job_idx} with another --dataset)")),
     (("--no-augment",), dict(action="store_true", help="no CIFAR-10 data augmentation")),
     (("--data",), dict(metavar="DIR", help="data root (default: $DYNSPARSE_DATA, else ./data)")),
     (("-j", "--workers"), dict(type=int, metavar="N", help="ImageNet loader worker processes")),
     (("--copy-mask-from",), dict(help="run or checkpoint whose masks to copy")),
     (("--resume",), dict(help="run directory or checkpoint to resume from")),
     (("--schedule-file",), dict(help="YAML with lr_schedule, rewire_period_schedule, DeepR_temperature_schedule")),
-    (("--name",), dict(help="run name (default: {model}_{job_idx})")),
+    (("--name",), dict(help="run name (default: {model}_{job_idx}, see --job-idx)")),
 ]
 OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--method",), dict(metavar="NAME", help="a method of the registry by name (dynsparse.legacy.METHODS); the "
@@ -103,6 +104,9 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
     (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),
+    (("--dataset",), dict(metavar="{mnist,fashion_mnist}", help="data set of the MNIST models (mnist_mlp): mnist or "
+                                                             "fashion_mnist, read from DIR/FashionMNIST/raw/ or DIR/ "
+                                                             "(default: the model's own data set)")),
     (("--logger",), dict(help="scalar logs beside metrics.jsonl, comma-separated: csv, tensorboard, wandb "
                                "(pip install 'dynsparse[tensorboard]' or 'dynsparse[wandb]')")),
     (("--no-progress",), dict(action="store_false", dest="progress", help="no progress within an epoch (default: a bar when stderr is a terminal, a line every 10%% of an epoch when stdout is not)")),
@@ -114,7 +118,7 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
 
 # The help's sections, in order, and the flags (by dest) each holds.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("data", "workers", "validate_set", "no_augment", "no_validate_train"),
+    "data": ("data", "dataset", "workers", "validate_set", "no_augment", "no_validate_train"),
     "model": ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes", "sparse_resnet_downsample"),
     "method and its settings": (
         "method", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers", "sub_kernel_granularity",

@@ -6,8 +6,10 @@ rate, budget, batch norm, widths, the method's own settings, ...); only the seed
 that cannot change the numbers (paths, names, workers, device, progress) may differ inside a
 group. When groups of one method and sparsity differ in some setting, their labels name it
 (``dsr (epochs 1)``); a budget other than the per-type default and an MLP without batch norm are
-always named (``rigl (erk)``, ``snfs (no BN)``). Two runs of one group with the same seed are
-one measurement: the most recent is kept and the other listed as excluded, with the reason.
+always named (``rigl (erk)``, ``snfs (no BN)``), and so is a data set other than the model's
+own (``dsr (fashion_mnist)``, never compared with a published number). Two runs of one group
+with the same seed are one measurement: the most recent is kept and the other listed as
+excluded, with the reason.
 
 The table gives the final test top-1 as mean +- std over seeds (sample std, n-1), the
 best-epoch number (chosen on the validation split when the runs have one, else on the test set
@@ -28,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from dynsparse.config import model_dataset
 from dynsparse.errors import DynsparseError
 from dynsparse.flops import model_layer_flops, training_multiplier
 from dynsparse.io import atomic_write_text
@@ -113,6 +116,8 @@ def base_label(s: dict) -> str:
         qualifiers.append(cfg["budget"])
     if cfg.get("no_batch_norm") and s["model"] == "mnist_mlp":
         qualifiers.append("no BN")
+    if cfg.get("dataset"):  # another data set than the model's own (--dataset fashion_mnist)
+        qualifiers.insert(0, cfg["dataset"])
     return f"{label} ({', '.join(qualifiers)})" if qualifiers else label
 
 
@@ -203,9 +208,11 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
         val_m = statistics.fmean(with_val) if len(with_val) == len(runs) else None
         oracle_m = statistics.fmean(r["best_test_top1"] for r in runs)
         params = statistics.fmean(r.get("params_learnable", r["params_nonzero"]) for r in runs)
-        pub = published(model, runs[0]["_base_label"], sparsity)
+        dataset = (runs[0].get("config") or {}).get("dataset") or ""
+        # published numbers are for each model's own data set, never for a --dataset run
+        pub = None if dataset else published(model, runs[0]["_base_label"], sparsity)
         mults = [m for m in map(flops_multiplier, runs) if m is not None]
-        rows.append({"model": model, "method": label, "sparsity": sparsity, "seeds": len(runs),
+        rows.append({"model": model, "dataset": dataset or model_dataset(model) or "", "method": label, "sparsity": sparsity, "seeds": len(runs),
                      "epochs": runs[0]["_settings"]["trained_epochs"],
                      "test_top1_mean": round(acc_m, 3), "test_top1_std": round(acc_s, 3),
                      "test_top1_at_best_val_mean": _round(val_m), "oracle_best_test_top1_mean": round(oracle_m, 3),

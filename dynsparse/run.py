@@ -37,7 +37,7 @@ from dynsparse.evidence import evidence
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from dynsparse.legacy import build_penalty, build_sparsifier, method_label, method_of, param_counts
 from dynsparse.loggers import create_logger, epoch_scalars
-from dynsparse.models import create_model, dataset_of
+from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules
 from dynsparse.train import Diverged, evaluate, set_lr, summarize, train_one_epoch
 
@@ -57,7 +57,7 @@ class _Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)  # before the evidence, which records it
         self.schedules = load_schedules(cfg.schedule_file, default_lr=cfg.lr)
-        self.data = build_data(dataset_of(cfg.model), resolve_data_root(cfg.data),
+        self.data = build_data(cfg.dataset_name, resolve_data_root(cfg.data),
                                batch_size=cfg.batch_size // self.dist.world_size, device=self.device,
                                validate_set=cfg.validate_set, augment=not cfg.no_augment, workers=cfg.workers,
                                seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
