@@ -126,7 +126,7 @@ def check_consistency(model: torch.nn.Module, sparsifier, info: DistInfo, where:
     """Raise if any rank's masks or weights differ from the others' (compares checksums)."""
     if not info.enabled:
         return
-    masks = [sp.mask for sp in getattr(sparsifier, "params", {}).values()]
+    masks = [sp.topology() for sp in getattr(sparsifier, "params", {}).values()]
     local = torch.stack([_checksum(masks), _checksum(p for p in model.parameters())])
     lo, hi = local.clone(), local.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)

@@ -231,8 +231,9 @@ def param_counts(model: nn.Module, sparsifier) -> dict[str, int]:
     from masks), plus the total size of the model and ``params_nonzero``: the same with the
     sparse tensors' weights that are really nonzero (a connection regrown at zero by the last
     topology update is learnable but not yet nonzero); dense parameters count in full."""
-    total = sum(p.numel() for p in model.parameters())
     c = sparsifier.param_counts()
+    # a CSR weight stores only its active values: count the dense tensor it stands for
+    total = sum(p.numel() for p in model.parameters()) - c.get("stored", c["sparse_total"]) + c["sparse_total"]
     fixed = total - c["sparse_total"]
     learnable = fixed + c["sparse"] + c["tied"]
     return {"params_total": total, "params_sparse_total": c["sparse_total"], "params_sparse": c["sparse"],

@@ -40,7 +40,9 @@ class StepHooks:
         self.entered = False  # optimizer.step() began since the last step
         self.handles = [s.optimizer.register_step_pre_hook(self._pre), s.optimizer.register_step_post_hook(self._post)]
         for name, sp in s.params.items():
-            if sp.param.requires_grad:
+            # CSR storage has no gradient off the active entries to mask or set aside (its
+            # dense gradient, when a policy wants it, is captured from the products instead)
+            if sp.param.requires_grad and sp.storage == "masked":
                 self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_grad, name)))
 
     def remove(self) -> None:

@@ -186,7 +186,13 @@ class CSRWeight(nn.Module):
                         state[key] = remap(t, None)
         grad = None if p.grad is None else remap(p.grad, None)
         p.grad = None  # a gradient of the old size may not stay on a resized parameter
-        p.data = remap(p.data, add_values)
+        data = remap(p.data, add_values)
+        if data.shape != p.shape:
+            # Autograd keeps the parameter's gradient accumulator, with the old size, while any
+            # graph that used it is alive (a loop's previous ``loss``); setting data of another
+            # dtype is what makes it drop that accumulator, so pass through one first.
+            p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
+        p.data = data
         p.grad = grad
         self.crow_indices, self.col_indices = csr_from_flat(flat, self.shape)
         self._refresh_transpose()
@@ -196,7 +202,8 @@ class CSRWeight(nn.Module):
 
     # gradients ---------------------------------------------------------------------------------
     def capture_gradient(self) -> None:
-        """Keep ``x`` and ``dy`` of the next forward/backward for :meth:`dense_grad_rows`."""
+        """Keep ``x`` and ``dy`` of the coming forwards/backwards (summed, as micro-batches of one
+        step accumulate) for :meth:`dense_grad_rows`, until :meth:`release_gradient`."""
         self._capture, self._capture_armed = GradientCapture(), True
 
     def dense_grad_rows(self, start: int, stop: int) -> torch.Tensor:
@@ -211,9 +218,8 @@ class CSRWeight(nn.Module):
 
     def matmul_t(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T (+ bias)`` for ``x`` of shape ``[..., in]``."""
+        # every training forward until released: micro-batches of an accumulated step all count
         capture = self._capture if self._capture_armed and torch.is_grad_enabled() else None
-        if capture is not None:
-            self._capture_armed = False  # one forward's worth: later steps do not pay for it
         return sparse_linear(x, self.values, self.crow_indices, self.col_indices, self.t_perm, self.t_crow,
                              self.t_col, self.shape, bias, capture)
 

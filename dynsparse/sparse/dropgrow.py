@@ -64,6 +64,8 @@ class DropGrow(Policy):
             scores = self.grow_scores(s, sp)
             new = sp.grow_random(count, idx, s.generator) if scores is None else sp.grow_top(scores, count, idx)
             grown += s.grow(sp, new)
+        for sp in sps:  # CSR storage moves values and optimizer state now; masks are already done
+            sp.commit(s.optimizer)
         return sum(dropped), grown
 
 

@@ -14,7 +14,7 @@ from dynsparse.sparse.select import aliases
 
 def _off_mask_nonzero(s) -> list[int]:
     """Nonzero weights off the mask, per sparse tensor (one host sync for all)."""
-    counts = [(sp.param.detach() * sp.inverse_mask_view()).ne(0).sum() for sp in s.params.values()]
+    counts = [sp.off_mask_nonzero() for sp in s.params.values()]
     return torch.stack(counts).tolist() if counts else []
 
 
@@ -31,20 +31,20 @@ def check_off_mask_zero(s) -> None:
 
 
 def nonzero_weights(s) -> int:
-    counts = [sp.param.detach().ne(0).sum() for sp in s.params.values()]
+    counts = [sp.nonzero() for sp in s.params.values()]
     return int(torch.stack(counts).sum()) if counts else 0
 
 
 def summary(s) -> str:
     names = aliases(s.model)
     rows = [("parameter", "shape", "density", "entries", "active", "nonzero")]
-    nonzero = [int(sp.param.detach().ne(0).sum()) for sp in s.params.values()]
+    nonzero = [int(sp.nonzero()) for sp in s.params.values()]
     for (name, sp), nz in zip(s.params.items(), nonzero):
         shown = " = ".join(names.get(name, [name]))
-        rows.append((shown, "x".join(map(str, sp.param.shape)), f"{sp.density:.4f}", str(sp.num_entries),
+        rows.append((shown, "x".join(map(str, sp.shape)), f"{sp.density:.4f}", str(sp.num_entries),
                      str(sp.num_active * sp.slice_size), str(nz)))
     sparse_total = s.num_sparse_weights()
-    dense = sum(p.numel() for p in s.model.parameters()) - sparse_total
+    dense = sum(p.numel() for p in s.model.parameters()) - s.param_counts()["stored"]
     active = s.num_active_weights()
     rows.append(("sparse tensors", "", f"{active / sparse_total:.4f}", str(sparse_total), str(active), str(sum(nonzero))))
     rows.append(("dense rest", "", "1.0000", str(dense), str(dense), ""))
@@ -58,11 +58,19 @@ def summary(s) -> str:
 
 @torch.no_grad()
 def export(s) -> dict[str, torch.Tensor]:
-    """The model's ``state_dict`` (every name of a shared tensor included) with masks applied."""
-    masked = {id(sp.param): sp.param.detach() * sp.mask_view() for sp in s.params.values()}
+    """The model's ``state_dict`` (every name of a shared tensor included) with masks applied; a
+    CSR weight ``<name>.values`` + indices becomes the dense ``<name>`` of the ``nn.Linear`` it
+    stands for, so the dense architecture loads it."""
+    masked = {id(sp.param): sp.masked_weight() for sp in s.params.values() if sp.storage == "masked"}
+    csr = {name for name, sp in s.params.items() if sp.storage == "csr"}
     params = dict(s.model.named_parameters(remove_duplicate=False))
     out = {}
     for key, value in s.model.state_dict(keep_vars=True).items():
+        owner = next((n for n in csr if key.startswith(n + ".")), None)
+        if owner is not None:
+            if key == owner + ".values":
+                out[owner] = s.params[owner].masked_weight()
+            continue
         p = params.get(key)
         out[key] = masked[id(p)].clone() if p is not None and id(p) in masked else value.detach().clone()
     return out
@@ -74,7 +82,14 @@ def sparse_tensors(s, layout: torch.layout = torch.sparse_coo) -> dict[str, torc
         raise DynsparseError(f"layout must be torch.sparse_coo or torch.sparse_csr, got {layout}")
     out = {}
     for name, sp in s.params.items():
-        w = sp.param.detach() * sp.mask_view()
+        if sp.storage == "csr":  # from the stored entries: never a dense tensor
+            flat, values = sp.nonzero_flat()
+            cols = sp.shape[1]
+            index = torch.stack([torch.div(flat, cols, rounding_mode="floor"), flat % cols])
+            coo = torch.sparse_coo_tensor(index, values.clone(), tuple(sp.shape), is_coalesced=True)
+            out[name] = coo.to_sparse_csr() if layout == torch.sparse_csr else coo
+            continue
+        w = sp.masked_weight()
         if layout == torch.sparse_csr:
             if w.dim() != 2:
                 raise DynsparseError(f"torch.sparse_csr holds 2-D tensors; {name} has shape {tuple(w.shape)}: use sparse_coo")

@@ -15,9 +15,14 @@ Written once here, used by every policy:
 * :meth:`SparseParam.grow_random` and :meth:`SparseParam.grow_top` (never at excluded positions);
 * :func:`keep_one` - the one "never empty a tensor" rule.
 
-Policies call only these (scores in, flat entry indices out), never the mask itself, so the
-storage behind a parameter can change without touching a policy. All counts are in mask
-entries; ``slice_size`` converts them to weights.
+Policies call only these, never the mask itself, so the storage behind a parameter can change
+without touching a policy: :class:`~dynsparse.sparse.csr_param.CSRParam` offers the same methods
+over a truly sparse weight. Two kinds of index appear: the *drop side* (``lowest_active``,
+``active_below``, ``largest_active``, ``drop``, scores of the weight or of its ``.grad``) uses
+*handles*, which here are flat entry indices and in CSR storage positions in the active list;
+the *grow side* (``grow_random``, ``grow_top``, ``activate``, ``gradient_scores``,
+``dense_gradient``) always uses flat entry indices of the whole ``[out, in, ...]`` weight. All
+counts are in mask entries; ``slice_size`` converts them to weights.
 """
 from __future__ import annotations
 
@@ -29,15 +34,10 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
+from dynsparse.sparse.draws import choose_random, count_for_density  # noqa: F401  (re-exported: the one count rule)
 
 log = logging.getLogger(__name__)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def count_for_density(entries: int, density: float) -> int:
-    """Entries kept at ``density``: ``int(density * n + 0.1)``, the original's count (the 0.1
-    absorbs float error such as ``0.3 * 10 = 2.9999...``)."""
-    return int(density * entries + 0.1)
 
 
 def keep_one(active: int, count: int) -> int:
@@ -77,6 +77,16 @@ class SparseParam:
     @property
     def density(self) -> float:
         return self.num_active / self.num_entries
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    storage = "masked"
 
     def _derived(self, key: str, make):
         # ``mask._version`` changes with every in-place write, so a stale copy is never used
@@ -135,6 +145,24 @@ class SparseParam:
     def largest_active(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.argmax(scores.masked_fill(~self.mask.view(-1), -1.0))
 
+    def only_active(self, flags: torch.Tensor) -> torch.Tensor:
+        """Drop-side bool ``flags`` restricted to the active entries."""
+        return flags & self.mask.view(-1)
+
+    def fill_inactive(self, scores: torch.Tensor, value: float) -> torch.Tensor:
+        """Drop-side ``scores`` with ``value`` at inactive entries (a copy)."""
+        return scores.masked_fill(~self.mask.view(-1), value)
+
+    # ---- gradients off the mask (grow side) -----------------------------------------------
+    def gradient_scores(self) -> torch.Tensor | None:
+        """Grow-side scores of the dense gradient (RigL), read in ``before_optimizer_step`` of a
+        step whose policy ``wants_dense_grad``; None without a gradient."""
+        return None if self.param.grad is None else self.scores(self.param.grad)
+
+    def dense_gradient(self) -> torch.Tensor | None:
+        """The dense gradient shaped like the weight (SNFS's momentum), same conditions."""
+        return self.param.grad
+
     # ---- grow ---------------------------------------------------------------------------
     def _free(self, exclude: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         free = ~self.mask.view(-1)
@@ -174,6 +202,51 @@ class SparseParam:
         with torch.no_grad():
             self.param.mul_(self.mask_view())
 
+    def commit(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """End of a topology change: the mask is already up to date (CSR storage moves here)."""
+
+    @torch.no_grad()
+    def apply_masks(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Zero the weights and, with ``optimizer``, its per-weight state off the mask."""
+        m = self.mask_view()
+        self.param.mul_(m)
+        for buf in ({} if optimizer is None else optimizer.state.get(self.param, {})).values():
+            if torch.is_tensor(buf) and buf.shape == self.param.shape:
+                buf.mul_(m)
+
+    def mask_grad_(self, g: torch.Tensor) -> None:
+        g.mul_(self.mask_view())
+
+    # ---- what is stored -------------------------------------------------------------------
+    def masked_weight(self) -> torch.Tensor:
+        """The weight with zeros off the mask, dense (for export)."""
+        return self.param.detach() * self.mask_view()
+
+    def off_mask_nonzero(self) -> torch.Tensor:
+        """Count (0-dim tensor) of weights nonzero off the mask: 0 unless bypassed."""
+        return (self.param.detach() * self.inverse_mask_view()).ne(0).sum()
+
+    def nonzero(self) -> torch.Tensor:
+        return self.param.detach().ne(0).sum()
+
+    def topology(self) -> torch.Tensor:
+        """The mask, as saved in checkpoints."""
+        return self.mask.clone()
+
+    def load_topology(self, saved: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Take a saved mask (bool, this shape) or sorted flat indices of the active entries
+        (as CSR storage saves them)."""
+        if saved.dtype != torch.bool:
+            flat = saved.to(self.mask.device, torch.int64).view(-1)
+            saved = torch.zeros(self.num_entries, dtype=torch.bool, device=self.mask.device)
+            saved[flat] = True
+            saved = saved.view(self.mask.shape)
+        if saved.shape != self.mask.shape:
+            raise DynsparseError(f"checkpoint mask of {self.name} has shape {tuple(saved.shape)}, expected "
+                                 f"{tuple(self.mask.shape)} (a different --sub-kernel-granularity?)")
+        self.mask.copy_(saved.to(self.mask.device))
+        self.num_active = int(self.mask.sum())
+
     def new_weights_std(self) -> float:
         """Std of the original's re-initialization of new connections (``--big-new-weights``):
         conv ``sqrt(2 / (out * kh * kw))``, linear ``1 / sqrt(in)``."""
@@ -194,65 +267,3 @@ def effective_granularity(param: torch.Tensor, granularity: int) -> int:
     if param.dim() <= 2:
         return param.dim()
     return min(granularity, param.dim())
-
-
-def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Exactly ``count_for_density(n, density)`` ones at uniformly random positions."""
-    n = math.prod(shape)
-    k = count_for_density(n, density)
-    order = torch.randperm(n, generator=generator, device=generator.device).to(device)
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    mask[order[:k]] = True
-    return mask.view(shape), k
-
-
-def nonzero_entries(param: torch.Tensor, granularity: int) -> torch.Tensor:
-    """Bool mask of the entries (weights, or slices at coarse granularity) holding a nonzero."""
-    nz = param.detach().ne(0)
-    return nz if granularity == param.dim() else nz.flatten(granularity).any(-1)
-
-
-def keep_nonzeros_mask(nonzero: torch.Tensor, density: float, generator: torch.Generator) -> tuple[torch.Tensor, int] | None:
-    """For weights that are already sparse (at least half as many zero entries as ``density``
-    drops: never a fresh initialization, still a layer that a reallocating method made denser):
-    every nonzero entry, topped up with random zero entries to the count. None otherwise."""
-    n = nonzero.numel()
-    k = count_for_density(n, density)
-    have = int(nonzero.sum())
-    if not (k < n and have > 0 and 2 * (n - have) >= n - k):
-        return None
-    flat = nonzero.reshape(-1).clone()
-    if have < k:
-        flat[choose_random(~flat, k - have, generator, num_candidates=n - have)] = True
-    return flat.view(nonzero.shape), max(k, have)
-
-
-def _first_unique(idx: torch.Tensor) -> torch.Tensor:
-    """The distinct values of ``idx`` in order of first appearance."""
-    uniq, inverse = torch.unique(idx, return_inverse=True)
-    first = torch.full((uniq.numel(),), idx.numel(), dtype=torch.long, device=idx.device)
-    first.scatter_reduce_(0, inverse, torch.arange(idx.numel(), device=idx.device), reduce="amin")
-    return uniq[torch.argsort(first)]
-
-
-def choose_random(candidates: torch.Tensor, count: int, generator: torch.Generator,
-                  num_candidates: int | None = None) -> torch.Tensor:
-    """Flat indices of ``count`` entries drawn uniformly without replacement where ``candidates``
-    (flat bool) is true. ``count`` must not exceed the number of candidates.
-
-    When few are wanted from many (``num_candidates`` known), uniform draws with rejection of
-    non-candidates and repeats give the same distribution at O(count) cost; otherwise the top
-    ``count`` of a uniform score over all entries."""
-    if count <= 0:
-        return torch.empty(0, dtype=torch.long, device=candidates.device)
-    n = candidates.numel()
-    if num_candidates is not None and count * 16 <= num_candidates:
-        draws = int(count * n / num_candidates * 1.25) + 16
-        for _ in range(4):
-            idx = torch.randint(n, (draws,), generator=generator, device=generator.device).to(candidates.device)
-            idx = _first_unique(idx[candidates[idx]])
-            if idx.numel() >= count:
-                return idx[:count]
-    scores = torch.rand(candidates.numel(), generator=generator, device=generator.device).to(candidates.device)
-    scores.masked_fill_(~candidates, -1.0)
-    return torch.topk(scores, count, sorted=False).indices

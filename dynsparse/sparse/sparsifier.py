@@ -30,6 +30,7 @@ density, instead of erasing them; ``init="from_weights"``: masks = the nonzeros 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
@@ -38,7 +39,8 @@ from torch import nn
 import dynsparse.sparse.export as _export
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.attach import StepHooks
-from dynsparse.sparse.masks import SparseParam, effective_granularity, keep_nonzeros_mask, nonzero_entries, random_mask
+from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
 from dynsparse.sparse.when import Periodic, with_total_steps
@@ -55,7 +57,7 @@ class Sparsifier:
                  densities: float | str | Mapping[str, float] | None = None, density: float | None = None,
                  include=None, exclude=None, init: str | None = None, total_steps: int | None = None,
                  granularity: int = 4, new_weights: str = "zero", seed: int = 0, mask_optimizer_state: bool = True,
-                 hooks: bool = True) -> None:
+                 hooks: bool = True, backend: str = "masked", batch_size: int | None = None) -> None:
         """``densities``: the kept fraction (in (0, 1]) of every selected weight, ``{param name:
         density}``, or a budget name (``"uniform"``, ``"er"``, ``"erk"``) spreading a total
         ``density`` by the model's own shapes. ``include``/``exclude``: name patterns and module
@@ -66,11 +68,19 @@ class Sparsifier:
         change happens at the last step. ``new_weights``: ``"zero"`` (the paper) or
         ``"initial"`` (the original's ``--big-new-weights``). ``mask_optimizer_state=False``
         leaves optimizer state off the mask alone, as the original did. ``hooks=False``: attach
-        nothing; the loop calls ``before_optimizer_step()`` and ``step()``."""
+        nothing; the loop calls ``before_optimizer_step()`` and ``step()``. ``backend``: ``"masked"``
+        (dense tensor and mask), ``"csr"`` (linear weights stored truly sparse: the module is
+        replaced and the optimizer given the value vector; same answers, cost proportional to
+        the active entries) or ``"auto"`` (CSR where it is faster on CPU at ``batch_size``):
+        :mod:`dynsparse.sparse.backend`."""
         if new_weights not in ("zero", "initial"):
             raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
         if init not in (None, "random", "from_weights"):
             raise DynsparseError(f"init must be 'random' or 'from_weights', got {init!r}")
+        check_backend(backend)
+        if backend != "masked" and not mask_optimizer_state:
+            raise DynsparseError("mask_optimizer_state=False keeps optimizer state off the mask, which CSR storage does "
+                                 "not hold: use backend='masked'")
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise DynsparseError(f"total_steps must be a whole number of optimizer steps >= 1, got {total_steps!r}")
         self.model, self.optimizer, self.policy = model, optimizer, policy
@@ -88,37 +98,31 @@ class Sparsifier:
             if densities is not None or density is not None:
                 raise DynsparseError("init='from_weights' takes each density from the weights' nonzeros: "
                                      "pass no densities (include/exclude choose the tensors)")
-            densities = dict.fromkeys(select_weights(model, include, exclude), 1.0)
+            densities = {**dict.fromkeys(select_weights(model, include, exclude), 1.0), **dict.fromkeys(csr_weights(model))}
         else:
-            densities = resolve_densities(model, densities, density, include, exclude)
-        named = dict(model.named_parameters())
-        first = named[next(iter(densities))]
-        self.generator = torch.Generator(device=first.device)
+            densities = resolve_with_csr(model, densities, density, include, exclude, resolve_densities)
+        named = {**dict(model.named_parameters()), **{n: w.values for n, w in csr_weights(model).items()}}
+        self.generator = torch.Generator(device=named[next(iter(densities))].device)
         self.generator.manual_seed(seed)
-        self.params: dict[str, SparseParam] = {}
-        for name, density in densities.items():
-            if not 0.0 < density <= 1.0:
-                raise DynsparseError(f"density of {name} must be in (0, 1] (sparsity in [0, 1)), got {density}")
-            p = named[name]
-            g = effective_granularity(p, granularity)
-            kept = None
-            if init == "from_weights":
-                mask = nonzero_entries(p, g)
-                kept = mask, int(mask.sum())
-            elif init is None:  # weights loaded before the sparsifier keep their nonzeros
-                kept = keep_nonzeros_mask(nonzero_entries(p, g), density, self.generator)
-                if kept is not None:
-                    log.info("%s is already sparse: its nonzero weights are kept on the mask", name)
-            mask, active = kept if kept is not None else random_mask(p.shape[:g], density, self.generator, p.device)
-            if active == 0:
-                raise DynsparseError(f"{name} would keep no entry at density {density} ({mask.numel()} entries)")
-            self.params[name] = SparseParam(name, p, g, mask, active)
+        # SparseParam (masked) or CSRParam: the same primitives, so policies never know which
+        self.params = build_params(model, optimizer, densities, init=init, granularity=granularity,
+                                   generator=self.generator, backend=backend, batch_size=batch_size)
         self.apply_masks()
         policy.when = with_total_steps(policy.when, total_steps)
         policy.attach(self)
         self._hooks = StepHooks(self) if hooks and optimizer is not None else None
         if self._hooks is not None and isinstance(policy.when, Periodic):
             policy.when.check_end()  # attached to a loop: say it now, not at its first backward
+        self._arm_capture()
+
+    def _arm_capture(self) -> None:
+        """CSR weights keep the products' inputs through the coming step when the policy will
+        read the dense gradient (RigL before an update, SNFS every step), and only then."""
+        want = None
+        for sp in self.params.values():
+            if sp.storage == "csr":
+                want = (self.policy.when.active(self.epoch) and self.policy.wants_dense_grad(self)) if want is None else want
+                sp.capture(want)
 
     def remove_hooks(self) -> None:
         """Detach from the optimizer and the gradients; the loop then calls ``before_optimizer_step()``
@@ -132,6 +136,7 @@ class Sparsifier:
         """Needed only for schedules by epoch (a period or temperature as a function of the epoch,
         ``stop_epoch``, gradual pruning at epoch ends)."""
         self.epoch = epoch
+        self._arm_capture()
 
     def before_optimizer_step(self) -> None:
         """Policy hook (DeepR noise, RigL's gradient read), then gradients masked. Done by the
@@ -153,7 +158,7 @@ class Sparsifier:
             g = sp.param.grad
             # the accumulation hook masked it and nothing has touched it since: no second pass
             if g is not None and not (self._hooks is not None and self._hooks.still_masked(name, g)):
-                g.mul_(sp.mask_view())
+                sp.mask_grad_(g)
 
     def step(self) -> None:
         """After ``optimizer.step()``: weights masked, maybe a topology change. Done by the
@@ -174,6 +179,7 @@ class Sparsifier:
         last = self.total_steps is not None and self.step_count >= self.total_steps
         if not last and self.policy.when.due(self.step_count, self.epoch):
             self._record(*self.policy.update(self))
+        self._arm_capture()
 
     @torch.no_grad()
     def end_epoch(self) -> None:
@@ -185,6 +191,8 @@ class Sparsifier:
             self._record(*self.policy.update(self))
 
     def _record(self, pruned: int, grown: int) -> None:
+        for sp in self.params.values():  # a policy that drops and grows by hand, not through DropGrow
+            sp.commit(self.optimizer)
         self.apply_masks()
         if self.after_update is not None:
             self.after_update()
@@ -198,13 +206,9 @@ class Sparsifier:
     @torch.no_grad()
     def apply_masks(self, optimizer_state: bool = True) -> None:
         """Zero weights (and, unless told otherwise, shaped optimizer state) off the mask."""
+        optimizer = self.optimizer if optimizer_state and self.mask_optimizer_state else None
         for sp in self.params.values():
-            m = sp.mask_view()
-            sp.param.mul_(m)
-            if optimizer_state and self.optimizer is not None and self.mask_optimizer_state:
-                for buf in self.optimizer.state.get(sp.param, {}).values():
-                    if torch.is_tensor(buf) and buf.shape == sp.param.shape:
-                        buf.mul_(m)
+            sp.apply_masks(optimizer)
 
     def grow(self, sp: SparseParam, flat_idx: torch.Tensor) -> int:
         """Activate ``flat_idx`` with new weights that are zero, or drawn from the initial
@@ -225,7 +229,7 @@ class Sparsifier:
         return sum(sp.num_active * sp.slice_size for sp in self.params.values())
 
     def num_sparse_weights(self) -> int:
-        return sum(sp.param.numel() for sp in self.params.values())
+        return sum(math.prod(sp.shape) for sp in self.params.values())
 
     def num_nonzero_weights(self) -> int:
         """Weights of the sparse tensors that are really nonzero: fewer than the mask entries
@@ -236,7 +240,8 @@ class Sparsifier:
         """Active weights of the sparse tensors (mask entries), those really nonzero, and the size
         of those tensors (the run's parameter accounting adds the dense rest)."""
         return {"sparse": self.num_active_weights(), "sparse_nonzero": self.num_nonzero_weights(),
-                "sparse_total": self.num_sparse_weights(), "tied": 0}
+                "sparse_total": self.num_sparse_weights(), "tied": 0,
+                "stored": sum(sp.param.numel() for sp in self.params.values())}
 
     def summary(self) -> str:
         """A printable table: each sparse tensor (with its other names), shape, density, mask
@@ -267,7 +272,7 @@ class Sparsifier:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"masks": {n: sp.mask.clone() for n, sp in self.params.items()},
+        return {"masks": {n: sp.topology() for n, sp in self.params.items()},
                 "step_count": self.step_count, "epoch": self.epoch, "epoch_end_updates": self.epoch_end_updates,
                 "totals": [self.total_pruned, self.total_grown],
                 "generator": self.generator.get_state(), "policy": self.policy.state_dict()}
@@ -299,8 +304,4 @@ class Sparsifier:
             raise DynsparseError(f"checkpoint masks are for parameters {sorted(masks)}, "
                                  f"this model's sparse parameters are {sorted(self.params)}")
         for n, sp in self.params.items():
-            if masks[n].shape != sp.mask.shape:
-                raise DynsparseError(f"checkpoint mask of {n} has shape {tuple(masks[n].shape)}, "
-                                     f"expected {tuple(sp.mask.shape)} (a different --sub-kernel-granularity?)")
-            sp.mask.copy_(masks[n].to(sp.mask.device, torch.bool))
-            sp.num_active = int(sp.mask.sum())
+            sp.load_topology(masks[n], self.optimizer)

@@ -33,7 +33,7 @@ class DeepR(DropGrow):
         self.signs: dict[str, torch.Tensor] = {}
 
     def attach(self, s: Sparsifier) -> None:
-        if any(sp.granularity != sp.param.dim() for sp in s.params.values()):
+        if any(sp.granularity != len(sp.shape) for sp in s.params.values()):
             raise DynsparseError("DeepR needs per-weight masks (--sub-kernel-granularity 4)")
         self.signs = {n: self._sign(sp) for n, sp in s.params.items()}
 
@@ -51,7 +51,7 @@ class DeepR(DropGrow):
             sp.param.grad.view(-1).index_add_(0, idx, noise.to(sp.param.grad) * std)
 
     def select_drops(self, s: Sparsifier, sps: list[SparseParam]) -> list[torch.Tensor]:
-        flips = [(self._sign(sp) * self.signs[sp.name] < 0).view(-1) & sp.mask.view(-1) for sp in sps]
+        flips = [sp.only_active((self._sign(sp) * self.signs[sp.name] < 0).view(-1)) for sp in sps]
         counts = torch.stack([f.sum() for f in flips]).tolist()  # one host sync for all tensors
         return [torch.nonzero_static(f, size=k if sp.num_free else 0).view(-1) for sp, f, k in zip(sps, flips, counts)]
 

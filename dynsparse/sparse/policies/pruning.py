@@ -73,12 +73,12 @@ class GradualPruning(DropGrow):
         if not self.global_threshold:
             return [sp.lowest_active(sp.magnitude(), counts[sp.name]) for sp in sps]
         # global: the same total, taken where magnitudes are globally smallest (one entry kept per tensor)
-        empty = torch.empty(0, dtype=torch.long, device=sps[0].mask.device)
+        empty = torch.empty(0, dtype=torch.long, device=sps[0].device)
         chosen_sps = [sp for sp in sps if self.targets.get(sp.name, 0.0) > 0]
         total = sum(counts[sp.name] for sp in chosen_sps)
         mags = []
         for sp in chosen_sps:
-            m = sp.magnitude().masked_fill(~sp.mask.view(-1), math.inf)
+            m = sp.fill_inactive(sp.magnitude(), math.inf)
             m[sp.largest_active(sp.magnitude())] = math.inf  # never empty a tensor
             mags.append(m)
         if not total:

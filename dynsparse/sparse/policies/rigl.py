@@ -37,7 +37,8 @@ class RigL(DropGrow):
 
     def before_optimizer_step(self, s: Sparsifier) -> None:
         if self.when.due(s.step_count + 1, s.epoch):
-            self.grow_signal = {n: sp.scores(sp.param.grad) for n, sp in s.params.items() if sp.param.grad is not None}
+            signal = {n: sp.gradient_scores() for n, sp in s.params.items()}
+            self.grow_signal = {n: g for n, g in signal.items() if g is not None}
 
     def prepare(self, s: Sparsifier) -> None:
         self.frac = cosine_fraction(self.fraction, s.step_count, self.end_step)

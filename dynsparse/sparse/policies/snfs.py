@@ -37,7 +37,7 @@ class SNFS(RigL):
 
     def before_optimizer_step(self, s: Sparsifier) -> None:
         for name, sp in s.params.items():
-            g = sp.param.grad
+            g = sp.dense_gradient()
             if g is None:
                 continue
             m = self.momentum.get(name)

@@ -1,0 +1,253 @@
+"""The engine's view of a truly sparse weight: the primitives of
+:class:`~dynsparse.sparse.masks.SparseParam`, over a :class:`~dynsparse.sparse.csr.CSRWeight`.
+
+Policies cannot tell the two apart. The differences stay here:
+
+* drop-side handles are positions in the active list (the order of ``values``), so a drop score
+  is a vector of ``num_active`` entries, never ``num_entries``;
+* drops and grows are pending until :meth:`commit`, which moves the values, their gradient and
+  the optimizer's per-entry state in one ``set_topology`` (survivors keep theirs, new entries
+  start at zero, exactly what the masked storage leaves after re-masking);
+* random growth draws the same entries as the masked storage from the same generator
+  (:func:`~dynsparse.sparse.draws.choose_random_among_free`), and growth by dense scores sees
+  the same scores: same seed and same scores, same topology;
+* the dense gradient a policy reads off the mask (RigL, SNFS) comes from the products the
+  weight captured while ``wants_dense_grad`` held: RigL's scores are formed in blocks of rows at
+  the update, never as one dense tensor; SNFS's momentum is dense by definition.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.csr import CSRWeight
+from dynsparse.sparse.csr_ops import GradientCapture, merge_sorted
+from dynsparse.sparse.draws import choose_random_among_free
+
+BLOCK_ENTRIES = 1 << 22  # rows of a dense gradient formed at once (16 MiB of float32)
+
+
+class RowScores:
+    """Grow-side scores ``|dy^T x|`` of a captured gradient, formed a block of rows at a time."""
+
+    def __init__(self, capture: GradientCapture, shape: tuple[int, int]) -> None:
+        self.capture, self.shape = capture, shape
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.capture.dense_grad_rows(start, stop).abs_().reshape(-1)
+
+    def dense(self) -> torch.Tensor:
+        return self.capture.dense_grad_rows(0, self.shape[0]).view(self.shape)
+
+
+class CSRParam:
+    storage = "csr"
+    granularity = 2
+    slice_size = 1
+
+    def __init__(self, name: str, weight: CSRWeight) -> None:
+        self.name, self.weight = name, weight
+        self.num_active = weight.num_active
+        self._alive: torch.Tensor | None = None  # bool per stored entry while drops are pending
+        self._adds: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def param(self) -> torch.nn.Parameter:
+        return self.weight.values
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.weight.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.values.device
+
+    @property
+    def num_entries(self) -> int:
+        return self.weight.num_entries
+
+    @property
+    def num_free(self) -> int:
+        return self.num_entries - self.num_active
+
+    @property
+    def density(self) -> float:
+        return self.num_active / self.num_entries
+
+    def alive(self) -> torch.Tensor:
+        if self._alive is None:
+            self._alive = torch.ones(self.weight.num_active, dtype=torch.bool, device=self.device)
+        return self._alive
+
+    def active_indices(self) -> torch.Tensor:
+        return torch.arange(self.weight.num_active, device=self.device)
+
+    # ---- scores (a stored-entry vector, or a dense one on the grow side) ----------------------
+    def scores(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().abs().reshape(-1)
+
+    def magnitude(self) -> torch.Tensor:
+        return self.scores(self.param)
+
+    def active_mean(self, scores: torch.Tensor) -> torch.Tensor:
+        if scores.numel() == self.num_entries:  # grow-side scores: read the active positions
+            scores = scores[self.weight.active_flat()]
+        return scores.sum() / max(self.num_active, 1)
+
+    # ---- drop --------------------------------------------------------------------------------
+    def drop(self, idx: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        self.alive()[idx] = False
+        self.num_active -= idx.numel() if count is None else count
+        return idx
+
+    def lowest_active(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        if count <= 0:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        return torch.topk(self.fill_inactive(scores, math.inf), count, largest=False, sorted=False).indices
+
+    def active_below(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return self.only_active(scores < threshold)
+
+    def largest_active(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(self.fill_inactive(scores, -1.0))
+
+    def only_active(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags if self._alive is None else flags & self._alive
+
+    def fill_inactive(self, scores: torch.Tensor, value: float) -> torch.Tensor:
+        return scores.clone() if self._alive is None else scores.masked_fill(~self._alive, value)
+
+    # ---- grow --------------------------------------------------------------------------------
+    def _taken(self) -> torch.Tensor:
+        """Sorted flat indices that cannot grow: every entry active before this change (the
+        dropped ones included, as the policies exclude them) and those grown since."""
+        taken = self.weight.active_flat()
+        for flat, _ in self._adds:
+            taken = merge_sorted(taken, torch.sort(flat).values)
+        return taken
+
+    def _capacity(self, exclude: torch.Tensor | None) -> int:
+        return self.num_free - (0 if exclude is None else exclude.numel())
+
+    def grow_random(self, count: int, exclude: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        capacity = self._capacity(exclude)
+        count = min(count, capacity)
+        return choose_random_among_free(self.num_entries, self._taken(), count, generator, capacity)
+
+    def grow_top(self, scores, count: int, exclude: torch.Tensor | None) -> torch.Tensor:
+        count = min(count, self._capacity(exclude))
+        if count <= 0:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        taken = self._taken()
+        if torch.is_tensor(scores):  # dense grow scores: the masked storage's exact rule
+            s = scores.reshape(-1).clone()
+            s[taken] = -math.inf
+            return torch.topk(s, count, sorted=False).indices
+        return self._grow_top_blocks(scores, count, taken)
+
+    def _grow_top_blocks(self, scores: RowScores, count: int, taken: torch.Tensor) -> torch.Tensor:
+        out_f, in_f = self.weight.shape
+        rows = max(1, BLOCK_ENTRIES // in_f)
+        best_v = torch.empty(0, device=self.device)
+        best_i = torch.empty(0, dtype=torch.long, device=self.device)
+        for a in range(0, out_f, rows):
+            b = min(a + rows, out_f)
+            block = scores.rows(a, b)
+            lo, hi = torch.searchsorted(taken, torch.tensor([a * in_f, b * in_f], device=self.device)).tolist()
+            block[taken[lo:hi] - a * in_f] = -math.inf
+            v, i = torch.topk(block, min(count, block.numel()), sorted=False)
+            best_v, best_i = torch.cat([best_v, v]), torch.cat([best_i, i + a * in_f])
+            if best_v.numel() > count:
+                best_v, keep = torch.topk(best_v, count, sorted=False)
+                best_i = best_i[keep]
+        return best_i[torch.isfinite(best_v)]
+
+    def activate(self, flat: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        if flat.numel():
+            self._adds.append((flat.reshape(-1), None if values is None else values.reshape(-1)))
+            self.num_active += flat.numel()
+
+    def new_weights_std(self) -> float:
+        return 1.0 / math.sqrt(self.weight.shape[1])
+
+    @torch.no_grad()
+    def commit(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Carry out the pending drops and grows: values, gradient and optimizer state move."""
+        if self._alive is None and not self._adds:
+            return
+        keep = self.alive()
+        flat = torch.cat([f for f, _ in self._adds]) if self._adds else keep.new_empty(0, dtype=torch.long)
+        values = None
+        if any(v is not None for _, v in self._adds):
+            values = torch.cat([v if v is not None else torch.zeros(f.numel(), device=self.device)
+                                for f, v in self._adds])
+        self.weight.set_topology(keep, flat, values, optimizer)
+        self._alive, self._adds = None, []
+        if self.weight.num_active != self.num_active:
+            raise DynsparseError(f"{self.name}: {self.weight.num_active} entries after a change, expected {self.num_active}")
+
+    # ---- gradients off the stored entries -------------------------------------------------------
+    def capture(self, on: bool) -> None:
+        """Keep (``on``) or stop keeping the products' inputs for the next step's dense gradient."""
+        if on:
+            self.weight.capture_gradient()
+        else:
+            self.weight.release_gradient()
+
+    def gradient_scores(self) -> RowScores | None:
+        capture = self.weight._capture
+        return None if capture is None or not capture.pairs else RowScores(capture, self.weight.shape)
+
+    def dense_gradient(self) -> torch.Tensor | None:
+        scores = self.gradient_scores()
+        return None if scores is None else scores.dense()
+
+    # ---- masks: nothing is stored off the active entries ---------------------------------------
+    def apply_(self) -> None:
+        pass
+
+    def apply_masks(self, optimizer: torch.optim.Optimizer | None) -> None:
+        pass
+
+    def mask_grad_(self, g: torch.Tensor) -> None:
+        pass
+
+    def off_mask_nonzero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.long, device=self.device)
+
+    def nonzero(self) -> torch.Tensor:
+        return self.param.detach().ne(0).sum()
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight.to_dense()
+
+    def nonzero_flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices and values of the stored entries that are nonzero (for export)."""
+        keep = self.param.detach().ne(0)
+        return self.weight.active_flat()[keep], self.param.detach()[keep]
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def topology(self) -> torch.Tensor:
+        """Sorted flat indices of the active entries (the masked storage saves a bool mask)."""
+        return self.weight.active_flat()
+
+    @torch.no_grad()
+    def load_topology(self, saved: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Make the active set ``saved`` (flat indices, or a bool mask of the weight's shape):
+        entries that stay keep their values; new ones start at zero."""
+        if saved.dtype == torch.bool:
+            if saved.numel() != self.num_entries:
+                raise DynsparseError(f"checkpoint mask of {self.name} has shape {tuple(saved.shape)}, "
+                                     f"expected {tuple(self.shape)}")
+            saved = torch.nonzero(saved.reshape(-1)).view(-1)
+        flat = torch.sort(saved.to(self.device, torch.int64).view(-1)).values
+        old = self.weight.active_flat()
+        if torch.equal(old, flat):
+            return
+        keep = torch.isin(old, flat)
+        self.weight.set_topology(keep, flat[~torch.isin(flat, old)], None, optimizer)
+        self.num_active = self.weight.num_active

@@ -1,0 +1,102 @@
+"""Random draws of entries: the initial masks, and uniform choices among free entries that both
+storages (dense masks and CSR) make identically, so a seed gives the same topology in either."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def count_for_density(entries: int, density: float) -> int:
+    """Entries kept at ``density``: ``int(density * n + 0.1)``, the original's count (the 0.1
+    absorbs float error such as ``0.3 * 10 = 2.9999...``)."""
+    return int(density * entries + 0.1)
+
+
+
+def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Exactly ``count_for_density(n, density)`` ones at uniformly random positions."""
+    n = math.prod(shape)
+    k = count_for_density(n, density)
+    order = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[order[:k]] = True
+    return mask.view(shape), k
+
+
+def nonzero_entries(param: torch.Tensor, granularity: int) -> torch.Tensor:
+    """Bool mask of the entries (weights, or slices at coarse granularity) holding a nonzero."""
+    nz = param.detach().ne(0)
+    return nz if granularity == param.dim() else nz.flatten(granularity).any(-1)
+
+
+def keep_nonzeros_mask(nonzero: torch.Tensor, density: float, generator: torch.Generator) -> tuple[torch.Tensor, int] | None:
+    """For weights that are already sparse (at least half as many zero entries as ``density``
+    drops: never a fresh initialization, still a layer that a reallocating method made denser):
+    every nonzero entry, topped up with random zero entries to the count. None otherwise."""
+    n = nonzero.numel()
+    k = count_for_density(n, density)
+    have = int(nonzero.sum())
+    if not (k < n and have > 0 and 2 * (n - have) >= n - k):
+        return None
+    flat = nonzero.reshape(-1).clone()
+    if have < k:
+        flat[choose_random(~flat, k - have, generator, num_candidates=n - have)] = True
+    return flat.view(nonzero.shape), max(k, have)
+
+
+def _first_unique(idx: torch.Tensor) -> torch.Tensor:
+    """The distinct values of ``idx`` in order of first appearance."""
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    first = torch.full((uniq.numel(),), idx.numel(), dtype=torch.long, device=idx.device)
+    first.scatter_reduce_(0, inverse, torch.arange(idx.numel(), device=idx.device), reduce="amin")
+    return uniq[torch.argsort(first)]
+
+
+def choose_random(candidates: torch.Tensor, count: int, generator: torch.Generator,
+                  num_candidates: int | None = None) -> torch.Tensor:
+    """Flat indices of ``count`` entries drawn uniformly without replacement where ``candidates``
+    (flat bool) is true. ``count`` must not exceed the number of candidates.
+
+    When few are wanted from many (``num_candidates`` known), uniform draws with rejection of
+    non-candidates and repeats give the same distribution at O(count) cost; otherwise the top
+    ``count`` of a uniform score over all entries."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=candidates.device)
+    n = candidates.numel()
+    if num_candidates is not None and count * 16 <= num_candidates:
+        draws = int(count * n / num_candidates * 1.25) + 16
+        for _ in range(4):
+            idx = torch.randint(n, (draws,), generator=generator, device=generator.device).to(candidates.device)
+            idx = _first_unique(idx[candidates[idx]])
+            if idx.numel() >= count:
+                return idx[:count]
+    scores = torch.rand(candidates.numel(), generator=generator, device=generator.device).to(candidates.device)
+    scores.masked_fill_(~candidates, -1.0)
+    return torch.topk(scores, count, sorted=False).indices
+
+
+def choose_random_among_free(n: int, taken: torch.Tensor, count: int, generator: torch.Generator,
+                             num_candidates: int) -> torch.Tensor:
+    """:func:`choose_random` where the candidates are every entry of ``[0, n)`` not in the sorted
+    int64 ``taken``: the same draws from the same generator give the same entries, at the cost
+    of the draws rather than of ``n`` (CSR storage has no dense mask)."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=taken.device)
+
+    def free_at(idx: torch.Tensor) -> torch.Tensor:
+        if not taken.numel():
+            return torch.ones_like(idx, dtype=torch.bool)
+        return taken[torch.searchsorted(taken, idx).clamp_(max=taken.numel() - 1)] != idx
+
+    if count * 16 <= num_candidates:
+        draws = int(count * n / num_candidates * 1.25) + 16
+        for _ in range(4):
+            idx = torch.randint(n, (draws,), generator=generator, device=generator.device).to(taken.device)
+            idx = _first_unique(idx[free_at(idx)])
+            if idx.numel() >= count:
+                return idx[:count]
+    # a nearly full tensor (or four unlucky rounds): the dense rule, as the masked storage does
+    candidates = torch.ones(n, dtype=torch.bool, device=taken.device)
+    candidates[taken] = False
+    return choose_random(candidates, count, generator)
