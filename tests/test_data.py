@@ -347,7 +347,7 @@ def _write(path: Path, raw: bytes) -> Path:
 
 
 def test_bad_arguments(mnist_root):
-    with pytest.raises(DynsparseError, match="valid choices: cifar10, imagenet, mnist"):
+    with pytest.raises(DynsparseError, match="valid choices: cifar10, fashion_mnist, imagenet, mnist"):
         data.build_data("svhn", mnist_root, batch_size=8, device=CPU)
     with pytest.raises(DynsparseError, match="rank"):
         data.build_data("mnist", mnist_root, batch_size=8, device=CPU, rank=2, world_size=2)

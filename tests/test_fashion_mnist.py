@@ -16,6 +16,7 @@ import torch
 
 from dynsparse import data as data_module
 from dynsparse import datasets
+from dynsparse.checkpoint import RESUME_MAY_CHANGE
 from dynsparse.cli import main
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
@@ -155,7 +156,7 @@ def test_cli_trains_resumes_and_reports_on_fashion_mnist(tmp_path, capsys):
     code, _, err = run_main(capsys, [*common, "--dataset", "fashion_mnist", "--epochs", "1"])
     assert code == 0, err
     config = json.loads((runs / "f" / "config.json").read_text())
-    assert config["config"]["dataset"] == "fashion_mnist"
+    assert config["config"]["dataset"] == "fashion_mnist" and "dataset" not in RESUME_MAY_CHANGE
     summary = json.loads((runs / "f" / "summary.json").read_text())
     assert 0.0 <= summary["test_top1"] <= 100.0 and len(summary["history"]) == 1
 
