@@ -49,11 +49,20 @@ class CSRParam:
 
     def __init__(self, name: str, weight: CSRWeight) -> None:
         self.name, self.weight = name, weight
-        self.num_active = weight.num_active
+        self._pending = 0  # entries grown minus dropped since the last commit
         self._alive: torch.Tensor | None = None  # bool per stored entry while drops are pending
         self._adds: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        # read from the weight: loading a checkpoint into the model resizes it behind our back
+        return self.weight.num_active + self._pending
+
+    @num_active.setter
+    def num_active(self, value: int) -> None:
+        self._pending = value - self.weight.num_active
+
     @property
     def param(self) -> torch.nn.Parameter:
         return self.weight.values
@@ -185,10 +194,11 @@ class CSRParam:
         if any(v is not None for _, v in self._adds):
             values = torch.cat([v if v is not None else torch.zeros(f.numel(), device=self.device)
                                 for f, v in self._adds])
+        expected = self.num_active
         self.weight.set_topology(keep, flat, values, optimizer)
-        self._alive, self._adds = None, []
-        if self.weight.num_active != self.num_active:
-            raise DynsparseError(f"{self.name}: {self.weight.num_active} entries after a change, expected {self.num_active}")
+        self._alive, self._adds, self._pending = None, [], 0
+        if self.weight.num_active != expected:
+            raise DynsparseError(f"{self.name}: {self.weight.num_active} entries after a change, expected {expected}")
 
     # ---- gradients off the stored entries -------------------------------------------------------
     def capture(self, on: bool) -> None:
@@ -250,4 +260,3 @@ class CSRParam:
             return
         keep = torch.isin(old, flat)
         self.weight.set_topology(keep, flat[~torch.isin(flat, old)], None, optimizer)
-        self.num_active = self.weight.num_active
