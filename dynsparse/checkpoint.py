@@ -78,8 +78,10 @@ def does_not_fit(ckpt: dict, cfg: dict, model_state: dict, e: Exception) -> Dyns
     """The one-line error for a checkpoint whose state does not load into this run. (torch's own
     message is "Error(s) in loading state_dict for X:" with the details on later lines.)"""
     arch = {k: v for k, v in (ckpt.get("config") or {}).items()
-            if k in ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes")}
-    diff = config_differences(arch, {k: cfg.get(k) for k in arch})
+            if k in ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes", "sparse_backend")}
+    # a checkpoint from before --sparse-backend was saved with the masked storage
+    arch.setdefault("sparse_backend", "masked") if "model" in arch else None
+    diff = config_differences(arch, {k: cfg.get(k, "masked" if k == "sparse_backend" else None) for k in arch})
     what = describe_mismatch(ckpt.get("model") or {}, model_state)
     if what == "same entries and shapes":  # the model fits; the optimizer state does not
         what = "optimizer state: " + next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)

@@ -101,6 +101,7 @@ class TrainConfig:
     prune_from_scratch: bool = False
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
     dataset: str = ""  # "": the model's own; fashion_mnist for the MNIST models (DATASET_CHOICES)
+    sparse_backend: str = "masked"  # issue 14: masked, csr (truly sparse linear layers) or auto
 
     def __post_init__(self) -> None:
         # configs come back from JSON as lists, from the command line as "300,100"
@@ -163,6 +164,11 @@ class TrainConfig:
                 raise DynsparseError(f"{flag} must be in [0, 1) (the removed fraction), got {value}")
         from dynsparse.sparse.masks import check_granularity
         check_granularity(self.sub_kernel_granularity)
+        from dynsparse.sparse.backend import check_backend
+        check_backend(self.sparse_backend)
+        if self.sparse_backend != "masked" and (self.tied or self.keep_optimizer_state):
+            raise DynsparseError(f"--sparse-backend {self.sparse_backend} stores sparse linear weights as CSR; "
+                                 f"{'--tied' if self.tied else '--keep-optimizer-state'} needs --sparse-backend masked")
         if self.epochs < 1 or not 0 <= self.start_epoch <= self.total_epochs:
             raise DynsparseError(f"need --epochs >= 1 and 0 <= --start-epoch <= the number of epochs, got "
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")

@@ -186,6 +186,26 @@ def densities(cfg: TrainConfig, model: nn.Module) -> dict[str, float]:
     return make_densities(cfg.budget, shapes, 1.0 - cfg.nominal_sparsity())
 
 
+# Above this many entries a hidden layer of mnist_mlp is built directly in CSR form with
+# --sparse-backend csr/auto (a 64 MiB dense float32 weight): never materialized, but its random
+# topology is a different draw from the masked backend's. Smaller layers are built dense and
+# converted, so both backends start from the same topology for a seed.
+DIRECT_BUILD_ENTRIES = 1 << 24
+
+
+def direct_sparse_density(cfg: TrainConfig) -> float | None:
+    """The density at which ``create_model`` builds mnist_mlp's hidden layers in CSR form, or
+    None to build dense (see DIRECT_BUILD_ENTRIES)."""
+    sizes = (784, *cfg.hidden_sizes)
+    if cfg.model != "mnist_mlp" or cfg.sparse_backend == "masked" or max(a * b for a, b in zip(sizes, sizes[1:])) <= DIRECT_BUILD_ENTRIES:
+        return None
+    if cfg.budget != "type" or cfg.dense_layers or cfg.tied or method_of(cfg) in ("dense", "prune"):
+        raise DynsparseError(f"a hidden layer of {cfg.hidden_sizes} has over {DIRECT_BUILD_ENTRIES:,} weights, so it is built "
+                             "directly in CSR form at --initial-sparsity-fc: that needs --budget type, no --dense-layers "
+                             "and a sparse method (not dense, prune or tied)")
+    return 1.0 - cfg.initial_sparsity_fc
+
+
 def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                      schedules: Schedules, steps_per_epoch: int = 1):
     """The object the loop calls at every step, as the original flags ask: a Sparsifier with the
@@ -203,6 +223,9 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
         raise DynsparseError(f"{method.name} needs a sparse layer, but every sparse-eligible layer of {cfg.model} "
                              f"is at sparsity 0: raise --initial-sparsity-conv/--initial-sparsity-fc")
     if method.name in ("dense", "static") and all_dense and not cfg.L1_loss_coeff:
+        if cfg.sparse_backend == "csr":
+            raise DynsparseError("--sparse-backend csr stores sparse layers, and this run has none "
+                                 "(a dense run, or every layer at sparsity 0): drop the flag")
         return NoSparsity()
     if method.name == "prune" and cfg.threshold_prune:
         log.warning("--threshold-prune has no effect with --prune (as in the original): pruning is per layer; "
@@ -212,7 +235,8 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     # the training loop calls the sparsifier at its two visible points: no optimizer hooks needed
     return Sparsifier(model, optimizer, policy=policy, densities=dens, granularity=cfg.sub_kernel_granularity,
                       new_weights="initial" if cfg.big_new_weights else "zero", seed=cfg.seed + 1,
-                      mask_optimizer_state=not cfg.keep_optimizer_state, hooks=False)
+                      mask_optimizer_state=not cfg.keep_optimizer_state, hooks=False, backend=cfg.sparse_backend,
+                      batch_size=cfg.batch_size)
 
 
 def build_penalty(cfg: TrainConfig, sparsifier) -> Callable[[], torch.Tensor | float] | None:

@@ -99,9 +99,8 @@ class MnistMLP(nn.Module):
 
     def sparse_parameter_names(self, sparse_resnet_downsample: bool = False) -> list[str]:
         """Every linear weight (the flag only concerns ResNet and is ignored); a CSR layer's
-        trainable tensor is ``<layer>.weight.values``."""
-        return [f"{name}.weight.values" if not isinstance(getattr(self, name), nn.Linear) else f"{name}.weight"
-                for name in self.fc_names]
+        weight is named the same (``<layer>.weight``), its trainable tensor is ``<layer>.weight.values``."""
+        return [f"{name}.weight" for name in self.fc_names]
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -116,7 +115,8 @@ assert tuple(_BUILDERS) == MODEL_NAMES
 
 
 def create_model(name: str, *, num_classes: int = 10, layers: int = 28, widen_factor: float = 10.0,
-                 batch_norm: bool = True, hidden_sizes: tuple[int, ...] = (300, 100)) -> nn.Module:
+                 batch_norm: bool = True, hidden_sizes: tuple[int, ...] = (300, 100),
+                 sparse_density: float | None = None) -> nn.Module:
     """Build a registered model with fresh (global-RNG) initialisation.
 
     ``layers`` is used by the WRN only, ``batch_norm`` and ``hidden_sizes`` by the MLP only, ``widen_factor`` by WRN
@@ -134,6 +134,8 @@ def create_model(name: str, *, num_classes: int = 10, layers: int = 28, widen_fa
         raise DynsparseError(f"widen_factor must be > 0, got {widen_factor}")
     if num_classes < 1:
         raise DynsparseError(f"num_classes must be >= 1, got {num_classes}")
+    if sparse_density is not None:  # mnist_mlp's hidden layers built in CSR form (--sparse-backend)
+        return MnistMLP(num_classes, batch_norm, tuple(hidden_sizes), sparse_density=sparse_density)
     return _BUILDERS[name](num_classes, layers, widen_factor, batch_norm, tuple(hidden_sizes))
 
 
@@ -157,6 +159,9 @@ def layer_type(model: nn.Module, name: str) -> str:
     kind of module (the caller then has no conv/fc sparsity to give it).
     """
     params = dict(model.named_parameters())
+    from dynsparse.sparse.csr import CSRWeight
+    if name not in params and isinstance(dict(model.named_modules()).get(name), CSRWeight):
+        return "fc"  # a linear weight stored in CSR form (its parameter is <name>.values)
     if name not in params:
         raise DynsparseError(f"model has no parameter {name!r}")
     module_name = name.rpartition(".")[0]

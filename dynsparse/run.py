@@ -35,7 +35,8 @@ from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from dynsparse.legacy import build_penalty, build_sparsifier, method_label, method_of, param_counts
+from dynsparse.legacy import (build_penalty, build_sparsifier, direct_sparse_density, method_label, method_of,
+                              param_counts)
 from dynsparse.loggers import create_logger, epoch_scalars
 from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules
@@ -63,7 +64,7 @@ class _Run:
                                seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, layers=cfg.layers,
                                   widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm,
-                                  hidden_sizes=cfg.hidden_sizes).to(self.device)
+                                  hidden_sizes=cfg.hidden_sizes, sparse_density=direct_sparse_density(cfg)).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.nesterov and cfg.momentum <= 0:
@@ -76,6 +77,10 @@ class _Run:
         self.penalty = build_penalty(cfg, self.sparsifier)
         self.autocast = torch.bfloat16 if cfg.amp == "bf16" else None
         self.train_model = self.model
+        if self.dist.enabled and cfg.sparse_backend != "masked":
+            raise DynsparseError(f"--sparse-backend {cfg.sparse_backend} runs in one process for now (DDP would have to "
+                                 "rebuild its buckets whenever a layer's entry count changes): use --sparse-backend masked "
+                                 "with torchrun")
         if self.dist.enabled:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
