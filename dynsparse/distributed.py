@@ -102,8 +102,16 @@ def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics drift apart during an
     epoch, since each rank normalizes its own shard); DDP does the same before each forward."""
     if info.enabled:
-        for buf in model.buffers():
+        for buf in syncable_buffers(model):
             dist.broadcast(buf, 0)
+
+
+def syncable_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every buffer but the index buffers of CSR weights: those are the topology, identical on all
+    ranks by construction (``--debug-distributed`` checks it), and sized by it."""
+    from dynsparse.sparse.csr import CSRWeight
+    csr = {id(b) for m in model.modules() if isinstance(m, CSRWeight) for b in m.buffers()}
+    return [b for b in model.buffers() if id(b) not in csr]
 
 
 def barrier(info: DistInfo) -> None:
@@ -139,3 +147,62 @@ def check_consistency(model: torch.nn.Module, sparsifier, info: DistInfo, where:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _rank_ordered_mean(flat: torch.Tensor) -> torch.Tensor:
+    world = dist.get_world_size()
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, flat.div(world))
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+class SparseDataParallel(torch.nn.Module):
+    """DDP's work for a model whose parameters change size during training (CSR storage: a
+    layer's value vector grows or shrinks at every topology change), which DDP's fixed gradient
+    buckets cannot follow: before each training forward every rank takes rank 0's buffers
+    (BatchNorm statistics; not the CSR indices, identical on all ranks by construction), and when
+    a backward pass ends every gradient becomes the mean over ranks, summed in rank order (as
+    :func:`rank_ordered_mean_hook`), in one flat message. Same answers as DDP with that hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            for buf in syncable_buffers(self.module):
+                dist.broadcast(buf, 0)
+        out = self.module(*args, **kwargs)
+        if torch.is_grad_enabled() and torch.is_tensor(out) and out.requires_grad:
+            # the hook runs as the backward starts; the queued callback once it has finished
+            out.register_hook(lambda g: torch.autograd.Variable._execution_engine.queue_callback(self._sync) or g)
+        return out
+
+    @torch.no_grad()
+    def _sync(self) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        mean = _rank_ordered_mean(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(mean[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """The model as trained under several processes: DDP, or :class:`SparseDataParallel` when it
+    holds CSR weights. On CPU DDP sums in rank order (bit-exact resume with any number of ranks)."""
+    from dynsparse.sparse.csr import CSRWeight
+    if not info.enabled:
+        return model
+    if any(isinstance(m, CSRWeight) for m in model.modules()):
+        return SparseDataParallel(model)
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cpu":  # resume bit-exact with any number of processes (issue 12)
+        ddp.register_comm_hook(None, rank_ordered_mean_hook)
+    return ddp

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from dynsparse import distributed
 from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_runs_dir, check_same_config, does_not_fit, holds_run,
@@ -76,16 +75,7 @@ class _Run:
                                                    steps_per_epoch=len(self.data.train))
         self.penalty = build_penalty(cfg, self.sparsifier)
         self.autocast = torch.bfloat16 if cfg.amp == "bf16" else None
-        self.train_model = self.model
-        if self.dist.enabled and cfg.sparse_backend != "masked":
-            raise DynsparseError(f"--sparse-backend {cfg.sparse_backend} runs in one process for now (DDP would have to "
-                                 "rebuild its buckets whenever a layer's entry count changes): use --sparse-backend masked "
-                                 "with torchrun")
-        if self.dist.enabled:
-            self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.device.type == "cpu":  # resume bit-exact with any number of processes (issue 12)
-                self.train_model.register_comm_hook(None, distributed.rank_ordered_mean_hook)
+        self.train_model = distributed.wrap(self.model, self.dist, self.device)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.start_epoch = cfg.start_epoch

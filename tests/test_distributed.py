@@ -81,3 +81,27 @@ def test_resume_after_a_change_of_world_size(tiny_mnist, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     s = json.loads((tmp_path / "runs" / "grow" / "summary.json").read_text())
     assert [r["epoch"] for r in s["history"]] == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [DSR, RIGL], ids=["dsr", "rigl"])
+def test_csr_backend_under_two_ranks_matches_masked(method, tiny_mnist, tmp_path):
+    # CSR value vectors change size at every topology change: SparseDataParallel, not DDP
+    runs = {}
+    for backend in ("masked", "csr"):
+        proc = launch(2, flags(tiny_mnist, tmp_path, backend, method, ["--no-batch-norm", "--sparse-backend", backend]),
+                      tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[backend] = tmp_path / "runs" / backend
+    r0 = torch.load(runs["csr"] / "debug_rank0.pt", weights_only=True)
+    r1 = torch.load(runs["csr"] / "debug_rank1.pt", weights_only=True)
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    assert "fc1.weight.values" in r0["model"]
+    a = json.loads((runs["masked"] / "summary.json").read_text())
+    b = json.loads((runs["csr"] / "summary.json").read_text())
+    assert b["reallocations"] == a["reallocations"] >= 6
+    assert (b["total_pruned"], b["params_nonzero"]) == (a["total_pruned"], a["params_nonzero"])
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+        assert ra["densities"] == rb["densities"] if "densities" in ra else True

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.csr import CSRWeight
@@ -36,10 +37,19 @@ class RowScores:
         self.capture, self.shape = capture, shape
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.capture.dense_grad_rows(start, stop).abs_().reshape(-1)
+        return self._mean(self.capture.dense_grad_rows(start, stop)).abs_().reshape(-1)
 
     def dense(self) -> torch.Tensor:
-        return self.capture.dense_grad_rows(0, self.shape[0]).view(self.shape)
+        return self._mean(self.capture.dense_grad_rows(0, self.shape[0])).view(self.shape)
+
+    @staticmethod
+    def _mean(block: torch.Tensor) -> torch.Tensor:
+        # captured on this rank's batch: under several processes, the mean over ranks, as the
+        # parameters' gradients are (every rank asks for the same blocks in the same order)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(block)
+            block.div_(dist.get_world_size())
+        return block
 
 
 class CSRParam:
