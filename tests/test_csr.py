@@ -259,7 +259,7 @@ def test_mnist_mlp_hidden_sizes_and_sparse_construction():
     assert m(torch.randn(5, 1, 28, 28)).shape == (5, 10)
     wide = MnistMLP(hidden_sizes=(100_000, 100_000), sparse_density=1e-4)
     assert wide.fc_int.weight.num_active == 1_000_000  # a dense fc_int would be 40 GB
-    assert wide.sparse_parameter_names() == ["fc1.weight.values", "fc_int.weight.values", "fc2.weight"]
+    assert wide.sparse_parameter_names() == ["fc1.weight", "fc_int.weight", "fc2.weight"]
     with pytest.raises(DynsparseError, match="hidden_sizes"):
         MnistMLP(hidden_sizes=(10, 0))
 
