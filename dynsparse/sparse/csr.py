@@ -148,7 +148,8 @@ class CSRWeight(nn.Module):
         old = self.active_flat()
         if keep.dtype != torch.bool or keep.shape != old.shape:
             raise DynsparseError(f"keep must be a bool tensor of shape {tuple(old.shape)}, got {keep.dtype} {tuple(keep.shape)}")
-        kept = old[keep]
+        kept_at = torch.nonzero(keep).view(-1)
+        kept = old[kept_at]
         add_flat = add_flat.to(device=old.device, dtype=torch.int64).reshape(-1)
         add_sorted, order = torch.sort(add_flat)
         if add_values is not None:
@@ -157,27 +158,28 @@ class CSRWeight(nn.Module):
                 raise DynsparseError(f"{add_values.numel()} add_values for {add_flat.numel()} new entries")
             add_values = add_values[order]
         check_flat(add_sorted, self.num_entries, what="add_flat")
-        if kept.numel() and add_sorted.numel():
-            pos = torch.searchsorted(kept, add_sorted).clamp_(max=kept.numel() - 1)
-            if bool((kept[pos] == add_sorted).any()):
-                raise DynsparseError("add_flat contains entries that stay active")
-        # merge two sorted lists without a full sort: each item moves by the number of the
-        # other list's items before it
-        dest_keep = torch.arange(kept.numel(), device=old.device) + torch.searchsorted(add_sorted, kept)
-        dest_add = torch.arange(add_sorted.numel(), device=old.device) + torch.searchsorted(kept, add_sorted)
-        n_new = kept.numel() + add_sorted.numel()
+        n_kept, n_add = kept.numel(), add_sorted.numel()
+        n_new = n_kept + n_add
         if n_new == 0:
             raise DynsparseError("set_topology would leave the weight with no active entry")
+        # Merge two sorted lists without a full sort: a new entry lands after the kept ones
+        # below it; a kept one moves by the new entries below it (a count, not a search).
+        pos = torch.searchsorted(kept, add_sorted)
+        if n_kept and n_add and bool((kept[pos.clamp(max=n_kept - 1)] == add_sorted).any()):
+            raise DynsparseError("add_flat contains entries that stay active")
+        dest_add = torch.arange(n_add, device=old.device) + pos
+        dest_keep = torch.arange(n_kept, device=old.device) + torch.cumsum(
+            torch.bincount(pos, minlength=n_kept + 1)[:n_kept], 0)
+        # every tensor that follows the entries is then one gather from [old entries, new entries]
+        src = torch.empty(n_new, dtype=torch.int64, device=old.device)
+        src[dest_keep] = kept_at
+        src[dest_add] = torch.arange(old.numel(), old.numel() + n_add, device=old.device)
 
         def remap(t: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
-            new = torch.zeros(n_new, dtype=t.dtype, device=t.device)
-            new[dest_keep] = t[keep]
-            if fill is not None:
-                new[dest_add] = fill.to(t.dtype)
-            return new
+            tail = fill.to(t.dtype) if fill is not None else t.new_zeros(n_add)
+            return torch.cat([t, tail]).index_select(0, src)
 
-        flat = torch.empty(n_new, dtype=torch.int64, device=old.device)
-        flat[dest_keep], flat[dest_add] = kept, add_sorted
+        flat = remap(old, add_sorted)
         p = self.values
         if optimizer is not None:
             for state in ([optimizer.state[p]] if p in optimizer.state else []):
