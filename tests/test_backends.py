@@ -208,3 +208,12 @@ def test_a_model_built_sparse_is_adopted_without_a_dense_weight():
     with pytest.raises(DynsparseError, match="already a CSR weight"):
         Sparsifier(m, None, policy=Static(), densities={"0.weight": 0.5})
     assert isinstance(m[0].weight, CSRWeight)
+
+
+def test_csr_products_stay_float32_under_bf16_autocast():
+    _, s, m, _ = train("csr", Static(), steps=1)
+    x = torch.randn(4, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()  # MKL's sparse kernels have no bfloat16: the layers ran in float32
+    assert m[0].weight.values.grad is not None and m[0].weight.values.grad.dtype == torch.float32

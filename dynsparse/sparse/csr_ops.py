@@ -181,8 +181,11 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col
                   bias: torch.Tensor | None = None, capture: GradientCapture | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x`` of shape ``[..., in]`` (batch dims flattened around the call)."""
     lead = x.shape[:-1]
-    y = SparseLinearFunction.apply(x.reshape(-1, shape[1]), values, crow, col, t_perm, t_crow, t_col,
-                                   tuple(shape), capture)
+    # Under autocast (--amp bf16) the sparse products stay in the weights' dtype: MKL's sparse
+    # kernels take float32 only, and autocast would cast their dense operand down.
+    with torch.autocast(x.device.type, enabled=False):
+        y = SparseLinearFunction.apply(x.reshape(-1, shape[1]).to(values.dtype), values, crow, col, t_perm, t_crow,
+                                       t_col, tuple(shape), capture)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, shape[0])
