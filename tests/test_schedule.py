@@ -23,7 +23,8 @@ def test_prune_schedule_has_lr_zero_in_epoch_zero():
 
 def test_all_bundled_files_load_and_the_originals_are_unchanged():
     names = sorted(p.name for p in BUNDLED_DIR.glob("*.yaml"))
-    assert len(names) == 9 and {"mnist_schedule.yaml", "mnist_prune_schedule.yaml", "sparse_learning_mnist.yaml"} <= set(names)
+    assert len(names) == 10 and {"mnist_schedule.yaml", "mnist_prune_schedule.yaml", "sparse_learning_mnist.yaml",
+                                 "wide_vs_narrow.yaml"} <= set(names)
     original = Path(__file__).resolve().parents[2] / "shared" / "reference" / "original" / "learning_schedules"
     if original.is_dir():
         for f in original.glob("*.yaml"):

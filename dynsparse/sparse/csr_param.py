@@ -26,6 +26,7 @@ from dynsparse.errors import DynsparseError
 from dynsparse.sparse.csr import CSRWeight
 from dynsparse.sparse.csr_ops import GradientCapture, merge_sorted
 from dynsparse.sparse.draws import choose_random_among_free
+from dynsparse.sparse.masks import EntryCounts
 
 BLOCK_ENTRIES = 1 << 22  # rows of a dense gradient formed at once (16 MiB of float32)
 
@@ -52,7 +53,7 @@ class RowScores:
         return block
 
 
-class CSRParam:
+class CSRParam(EntryCounts):
     storage = "csr"
     granularity = 2
     slice_size = 1
@@ -88,14 +89,6 @@ class CSRParam:
     @property
     def num_entries(self) -> int:
         return self.weight.num_entries
-
-    @property
-    def num_free(self) -> int:
-        return self.num_entries - self.num_active
-
-    @property
-    def density(self) -> float:
-        return self.num_active / self.num_entries
 
     def alive(self) -> torch.Tensor:
         if self._alive is None:

@@ -53,8 +53,20 @@ def conv_and_linear_weights(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if name in keep]
 
 
+class EntryCounts:
+    """What both storages derive from ``num_entries`` and ``num_active``."""
+
+    @property
+    def num_free(self) -> int:
+        return self.num_entries - self.num_active
+
+    @property
+    def density(self) -> float:
+        return self.num_active / self.num_entries
+
+
 @dataclass
-class SparseParam:
+class SparseParam(EntryCounts):
     name: str
     param: nn.Parameter
     granularity: int
@@ -69,14 +81,6 @@ class SparseParam:
     @property
     def num_entries(self) -> int:
         return self.mask.numel()
-
-    @property
-    def num_free(self) -> int:
-        return self.num_entries - self.num_active
-
-    @property
-    def density(self) -> float:
-        return self.num_active / self.num_entries
 
     @property
     def shape(self) -> torch.Size:
