@@ -12,11 +12,13 @@ study's 784-1000-1000-10 at density 0.1466 and 784-3000-3000-10 at 0.0223 (batch
 study's per-epoch cost is 600 of these steps).
 
 Usage: python benchmarks/bench_sparse_engine.py [--repeats 5] [--shapes 10000,1000,3000]
+       python benchmarks/bench_sparse_engine.py --widest 150000   (peak memory through a DSR change; ~20 GiB)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import evidence, interleaved, median, write_results  # noqa: E402
+from common import evidence, interleaved, median, timed, write_results  # noqa: E402
 
 from dynsparse import Sparsifier  # noqa: E402
 from dynsparse.models import MnistMLP  # noqa: E402
@@ -112,13 +114,43 @@ def markdown(res: dict, ev: dict) -> str:
     return "\n".join(lines)
 
 
+def widest(width: int, density: float = 0.01, batch: int = 128) -> dict:
+    """Peak RSS of the CSR engine at one width: build, a step, a DSR change, a step (this process)."""
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # noqa: E731 (KiB on Linux)
+    out = {"width": width, "density": density, "batch": batch}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    model, opt, s = build(width, density, "csr")
+    out["peak_gib_after_build"] = peak()
+    out["step_seconds"] = timed(lambda: step(model, opt, x, y))
+    out["peak_gib_after_step"] = peak()
+    out["change_seconds"] = timed(lambda: change(s))
+    out["peak_gib_after_change"] = peak()
+    out["second_step_seconds"] = timed(lambda: step(model, opt, x, y))
+    out["peak_gib_after_second_step"] = peak()
+    out["pruned_grown"] = [s.total_pruned, s.total_grown]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--period", type=int, default=100)
     ap.add_argument("--shapes", default="10000,1000,3000")
+    ap.add_argument("--widest", type=int, default=None, metavar="X",
+                    help="instead: peak RSS of the CSR engine on 784-X-X-10 at density 0.01 through a DSR change "
+                         "(written to results/sparse_engine_widest_X.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.widest:
+        ev = evidence()
+        res = {"evidence": ev, "widest": widest(args.widest)}
+        md = (f"# CSR engine, 784-{args.widest}-{args.widest}-10 at density 0.01: peak RSS through a DSR change\n\n"
+              f"`{ev['command']}` at {ev['commit'][:10]}, {ev['device']}, torch {ev['torch']}, {ev['time']}.\n\n"
+              + "".join(f"- {k}: {v}\n" for k, v in res["widest"].items()))
+        write_results(f"sparse_engine_widest_{args.widest}", res, md)
+        print(md)
+        return
     ev = evidence()
     ev["load_before"] = os.getloadavg()
     shapes = [bench(int(w), args.repeats, args.period) for w in args.shapes.split(",")]

@@ -120,7 +120,7 @@ class CSRWeight(nn.Module):
 
     def active_flat(self) -> torch.Tensor:
         """Sorted int64 flat indices ``row * in + col`` of the active entries, aligned with ``values``."""
-        return rows_of(self.crow_indices) * self.shape[1] + self.col_indices.long()
+        return rows_of(self.crow_indices).mul_(self.shape[1]).add_(self.col_indices)
 
     def mask_rows(self, start: int, stop: int) -> torch.Tensor:
         """Dense bool mask of rows ``start:stop`` (for block-wise scans such as RigL's growth)."""
@@ -167,12 +167,14 @@ class CSRWeight(nn.Module):
         pos = torch.searchsorted(kept, add_sorted)
         if n_kept and n_add and bool((kept[pos.clamp(max=n_kept - 1)] == add_sorted).any()):
             raise DynsparseError("add_flat contains entries that stay active")
+        del kept  # temporaries of O(nnz) are freed as soon as done: the widest layers are GiBs each
         dest_add = torch.arange(n_add, device=old.device) + pos
-        dest_keep = torch.arange(n_kept, device=old.device) + torch.cumsum(
-            torch.bincount(pos, minlength=n_kept + 1)[:n_kept], 0)
+        dest_keep = torch.bincount(pos, minlength=n_kept + 1)[:n_kept].cumsum_(0)
+        dest_keep += torch.arange(n_kept, device=old.device)
         # every tensor that follows the entries is then one gather from [old entries, new entries]
         src = torch.empty(n_new, dtype=torch.int64, device=old.device)
         src[dest_keep] = kept_at
+        del dest_keep, kept_at
         src[dest_add] = torch.arange(old.numel(), old.numel() + n_add, device=old.device)
 
         def remap(t: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
@@ -180,6 +182,7 @@ class CSRWeight(nn.Module):
             return torch.cat([t, tail]).index_select(0, src)
 
         flat = remap(old, add_sorted)
+        del old
         p = self.values
         if optimizer is not None:
             for state in ([optimizer.state[p]] if p in optimizer.state else []):
@@ -197,6 +200,7 @@ class CSRWeight(nn.Module):
         p.data = data
         p.grad = grad
         self.crow_indices, self.col_indices = csr_from_flat(flat, self.shape)
+        del flat, src
         self._refresh_transpose()
 
     def _refresh_transpose(self) -> None:

@@ -45,7 +45,9 @@ def rows_of(crow: torch.Tensor) -> torch.Tensor:
 def csr_from_flat(flat: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(crow, col)`` int32 of sorted unique flat indices ``row * in + col``."""
     rows = torch.div(flat, shape[1], rounding_mode="floor")
-    return crow_from_rows(rows, shape[0]), (flat - rows * shape[1]).to(INDEX_DTYPE)
+    crow = crow_from_rows(rows, shape[0])
+    rows.mul_(shape[1]).neg_().add_(flat)  # in place: the widest layers' index arrays are GiBs each
+    return crow, rows.to(INDEX_DTYPE)
 
 
 def transpose_indices(crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]
@@ -56,8 +58,9 @@ def transpose_indices(crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, i
     ascending inside each column: exactly the CSR order of ``W^T`` (cheaper than sorting flat
     indices of ``W^T``)."""
     t_perm = torch.sort(col, stable=True).indices
-    t_col = rows_of(crow)[t_perm].to(INDEX_DTYPE)
-    return t_perm.to(INDEX_DTYPE), crow_from_rows(col.long()[t_perm], shape[1]), t_col
+    t_col = rows_of(crow).index_select(0, t_perm).to(INDEX_DTYPE)
+    t_crow = crow_from_rows(col.index_select(0, t_perm).long(), shape[1])
+    return t_perm.to(INDEX_DTYPE), t_crow, t_col
 
 
 def sample_flat(n: int, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None,
