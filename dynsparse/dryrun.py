@@ -16,7 +16,7 @@ from dynsparse.config import TrainConfig
 from dynsparse.data import resolve_data_root
 from dynsparse.datasets import CIFAR10_DIR, CIFAR10_FILES, MNIST_FILES
 from dynsparse.errors import DynsparseError
-from dynsparse.legacy import build_sparsifier, method_label, method_of, param_counts
+from dynsparse.legacy import build_sparsifier, direct_sparse_density, method_label, method_of, param_counts
 from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules
 
@@ -73,9 +73,9 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the model a run would start from
         model = create_model(cfg.model, num_classes=classes, layers=cfg.layers, widen_factor=cfg.widen_factor,
-                             batch_norm=not cfg.no_batch_norm, hidden_sizes=cfg.hidden_sizes)
+                             batch_norm=not cfg.no_batch_norm, hidden_sizes=cfg.hidden_sizes,
+                             sparse_density=direct_sparse_density(cfg))  # wide layers: never a dense weight
         schedules = load_schedules(cfg.schedule_file, default_lr=cfg.lr)
-        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         tied = build_sparsifier(cfg, model, None, schedules) if cfg.tied else None
         optimizer = torch.optim.SGD(model.parameters(), lr=schedules.lr(cfg.start_epoch), momentum=cfg.momentum)
         sparsifier = tied or build_sparsifier(cfg, model, optimizer, schedules,
@@ -104,8 +104,8 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
         lines.append(f"{'sparse layer':<40} {'shape':>18} {'density':>8} {'active':>11} {'of':>11}")
         for name, sp in layers.items():
             active = sp.num_active * sp.slice_size
-            lines.append(f"{name:<40} {'x'.join(map(str, shapes[name])):>18} {active / math.prod(sp.shape):>8.4f} "
-                         f"{active:>11,} {math.prod(sp.shape):>11,}")
+            lines.append(f"{name:<40} {'x'.join(map(str, sp.shape)):>18} {active / math.prod(sp.shape):>8.4f} "
+                         f"{active:>11,} {math.prod(sp.shape):>11,}" + ("  csr" if sp.storage == "csr" else ""))
     else:
         lines.append("sparse layers: none (dense training)" if tied is None else
                      f"tied layers: {counts['params_tied']:,} shared values")

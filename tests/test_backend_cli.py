@@ -100,3 +100,16 @@ def test_wide_mlp_is_built_in_csr_form_without_a_dense_weight(mnist_root, tmp_pa
     assert ckpt["model"]["fc_int.weight.values"].numel() == int(1e-4 * 30000 * 30000 + 0.1)
     assert not any(isinstance(v, torch.Tensor) and v.numel() >= 30000 * 30000 for v in ckpt["model"].values())
     assert CSRLinear  # the layer type the checkpoint's keys come from
+
+
+def test_dry_run_of_a_wide_csr_mlp_builds_no_dense_hidden_weight(mnist_root, tmp_path, capsys, monkeypatch):
+    made = []
+    original = torch.nn.Linear.__init__
+    monkeypatch.setattr(torch.nn.Linear, "__init__",
+                        lambda self, i, o, *a, **k: (made.append(i * o), original(self, i, o, *a, **k))[-1])
+    argv = ["train", "--model", "mnist_mlp", "--data", str(mnist_root), "--runs-dir", str(tmp_path), "--hidden-sizes",
+            "50000,50000", "--initial-sparsity-fc", "0.999", "--rewire", "--sparse-backend", "csr", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2,500,000,000" in out and out.count(" csr") == 3
+    assert max(made) == 50000 * 10  # only the output layer

@@ -133,9 +133,16 @@ def resolve_with_csr(model: nn.Module, densities, density, include, exclude, res
         rest = {n: d for n, d in densities.items() if n not in existing}
         own = {n: float(d) for n, d in densities.items() if n in existing}
         out = resolve(model, rest, density, include, exclude) if rest else {}
-        return {**out, **{n: own.get(n) for n in existing}}
+        return _in_model_order(model, {**out, **{n: own.get(n) for n in existing}})
     try:
         out = resolve(model, densities, density, include, exclude)
-    except DynsparseError:
+    except DynsparseError as e:
+        if not str(e).startswith("no sparse parameters"):
+            raise
         out = {}  # nothing but the CSR weights is selected
-    return {**out, **dict.fromkeys(existing)}
+    return _in_model_order(model, {**out, **dict.fromkeys(existing)})
+
+
+def _in_model_order(model: nn.Module, densities: dict) -> dict:
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(densities.items(), key=lambda kv: order.get(kv[0].rpartition(".")[0], len(order))))
