@@ -119,6 +119,9 @@ def copy_masks(run: _Run, source: str) -> None:
     copied structure starts at a random-init value: here the value this run's unmasked fresh model
     had there or, with ``--resume X_initial``, X's unmasked initial value (issue 11). With
     ``--resume`` of a trained checkpoint the resumed values are kept (zero where it had no weight)."""
+    if direct_sparse_density(run.cfg) is not None:
+        raise DynsparseError("--copy-mask-from takes fresh values from the dense model, which a wide MLP built in CSR "
+                             f"form (hidden sizes {run.cfg.hidden_sizes}) never has: not supported there")
     ckpt, path = load_checkpoint(source, run.device, run.cfg.runs_dir)
     if run.sparsifier.state_dict() is None or ckpt.get("sparsifier") is None:
         raise DynsparseError(f"--copy-mask-from needs sparse layers here and in {path} (both runs sparse)")
@@ -126,12 +129,15 @@ def copy_masks(run: _Run, source: str) -> None:
     if run.cfg.resume:
         resumed, _ = load_checkpoint(run.cfg.resume, run.device, run.cfg.runs_dir)
         values_from = resumed["config"] if int(resumed["epoch"]) == 0 and not resumed["history"] else None
-    if values_from is not None:
-        init = _unmasked_init(values_from, run.data.num_classes, run.device)
-        with torch.no_grad():
-            for name, sp in run.sparsifier.params.items():
+    init = _unmasked_init(values_from, run.data.num_classes, run.device) if values_from is not None else {}
+    with torch.no_grad():
+        for name, sp in run.sparsifier.params.items():
+            if init and sp.storage == "masked":
                 sp.param.copy_(init[name])
-    run.sparsifier.restore(ckpt["sparsifier"], exact=False)  # masks the weights and the optimizer state
+        run.sparsifier.restore(ckpt["sparsifier"], exact=False)  # masks the weights and the optimizer state
+        for name, sp in run.sparsifier.params.items():  # CSR: the values at the copied topology
+            if init and sp.storage == "csr":
+                sp.param.copy_(init[name].reshape(-1)[sp.topology()])
     run.sparsifier.policy.attach(run.sparsifier)  # DeepR records the signs of these values
     run.echo(f"copied the masks of {path}")
 

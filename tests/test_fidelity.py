@@ -199,3 +199,16 @@ def test_a_checkpoint_copy_is_saved_at_the_stop_rewire_epoch(tiny_mnist, tmp_pat
     assert names == ["checkpoint_StopRewiringPoint_1.pt"]
     ckpt = torch.load(tmp_path / "x" / names[0], weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2  # saved after training epoch 1
+
+
+def test_copied_mask_into_a_csr_run_takes_the_topology_and_fresh_values(tiny_mnist, tmp_path):
+    _run(tiny_mnist, tmp_path, "--rewire", "--name", "x", "--seed", "5")  # masked
+    _run(tiny_mnist, tmp_path, "--copy-mask-from", str(tmp_path / "x"), "--name", "y", "--seed", "3",
+         "--sparse-backend", "csr")
+    masks = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
+    start = torch.load(tmp_path / "y" / "initial.pt", weights_only=True)
+    fresh = _fresh(3)
+    for n in SPARSE:
+        flat = torch.nonzero(masks[n].reshape(-1)).view(-1)
+        assert torch.equal(start["sparsifier"]["masks"][n], flat)
+        assert torch.equal(start["model"][n + ".values"], fresh[n].reshape(-1)[flat])
