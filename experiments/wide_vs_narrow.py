@@ -32,6 +32,11 @@ def load(runs: Path) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def short(net: str) -> str:
+    m = re.match(r"([a-z]+)(\d+)$", net)
+    return "dense\n300-100" if net.startswith("dense") else f"{m.group(1).upper()}\n{m.group(2)}-{m.group(2)}"
+
+
 def describe(net: str) -> str:
     if net.startswith("dense"):
         return "dense 784-300-100-10"
@@ -92,8 +97,7 @@ def plot(groups, path: Path) -> None:
             if accs:
                 ax.scatter([i] * len(accs), accs, color="0.6", s=14, zorder=2)
                 ax.scatter([i], [statistics.mean(accs)], color="C3", marker="_", s=400, zorder=3)
-        ax.set_xticks(range(len(nets)), [describe(n).replace(" (CSR)", "").replace(" 784-", "\n784-") for n in nets],
-                      fontsize=7)
+        ax.set_xticks(range(len(nets)), [short(n) for n in nets], fontsize=8)
         ax.set_title(f"{ds}: final test top-1 (%)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     ax = axes[-1]
@@ -102,7 +106,7 @@ def plot(groups, path: Path) -> None:
             times = [h["time_s"] for r in groups.get((ds, net), []) for h in r["history"]]
             if times:
                 ax.bar(i + 0.4 * j - 0.2, statistics.median(times), width=0.38, color=f"C{j}", label=ds if i == 0 else None)
-    ax.set_xticks(range(len(nets)), [describe(n).replace(" (CSR)", "").replace(" 784-", "\n784-") for n in nets], fontsize=7)
+    ax.set_xticks(range(len(nets)), [short(n) for n in nets], fontsize=8)
     ax.set_title("seconds per epoch (median, as run, shared CPU)", fontsize=9)
     ax.legend(fontsize=7)
     fig.suptitle("Equal learnable parameters (267,020): narrow dense vs wide sparse", fontsize=10)
