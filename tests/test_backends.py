@@ -79,7 +79,7 @@ def flat(t):
 
 
 def assert_same(a, b, atol=2e-5):
-    (la, sa, ma, ta), (lb, sb, mb, tb) = a, b
+    (la, sa, _, ta), (lb, sb, _, tb) = a, b
     assert max(abs(x - y) for x, y in zip(la, lb)) < atol
     assert sa.totals() == sb.totals()
     assert sa.densities() == sb.densities()

@@ -177,7 +177,7 @@ class CSRWeight(nn.Module):
         del dest_keep, kept_at
         src[dest_add] = torch.arange(old.numel(), old.numel() + n_add, device=old.device)
 
-        def remap(t: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+        def remap(t: torch.Tensor, fill: torch.Tensor | None, src: torch.Tensor = src) -> torch.Tensor:
             tail = fill.to(t.dtype) if fill is not None else t.new_zeros(n_add)
             return torch.cat([t, tail]).index_select(0, src)
 
@@ -200,7 +200,7 @@ class CSRWeight(nn.Module):
         p.data = data
         p.grad = grad
         self.crow_indices, self.col_indices = csr_from_flat(flat, self.shape)
-        del flat, src
+        del flat, src, remap
         self._refresh_transpose()
 
     def _refresh_transpose(self) -> None:
