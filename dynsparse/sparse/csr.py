@@ -35,9 +35,9 @@ INITS = ("linear", "zeros")
 
 # Density below which a CSR linear layer's full training step beats the masked dense one, per
 # batch size: the "crossover_density" of benchmarks/results/truly_sparse.json (4096x4096 layer,
-# 1 CPU thread, float32, `python benchmarks/bench_truly_sparse.py` at commit 2cb9625 with the
-# kernels of 03d0bd3, load average ~8-10 on 2 cores). ``auto`` reads this table.
-CROSSOVER_DENSITY: dict[int, float] = {32: 0.295, 128: 0.232, 512: 0.171}
+# 1 CPU thread, float32, `python benchmarks/bench_truly_sparse.py` at commit d8ceb4e, nothing
+# else running; under load ~10 an earlier run gave 0.295 / 0.232 / 0.171). ``auto`` reads this table.
+CROSSOVER_DENSITY: dict[int, float] = {32: 0.297, 128: 0.244, 512: 0.189}
 
 
 def prefer_csr(density: float, batch_size: int) -> bool:
