@@ -119,25 +119,25 @@ def wide_sparsity(width: int) -> tuple[float, int]:
     return round(1 - active / weights, 5), active
 
 
+def wide_sparse_jobs(dataset: str, width: int, seed: int) -> list[str]:
+    """DSR and SET on 784-width-width-10 at the dense LeNet's parameter count, CSR backend."""
+    s, active = wide_sparsity(width)
+    flags = {"dsr": METHODS["dsr"](s), "set": f"--rewire --rewire-fraction {600 / active:.4f}"}
+    return [f"{WIDE_BASE} --dataset {dataset} --hidden-sizes {width},{width} --initial-sparsity-fc {s} {f} "
+            f"--sparse-backend csr --seed {seed} --name wide_{dataset}_{method}{width}_s{seed}"
+            for method, f in flags.items()]
+
+
 def wide_jobs() -> list[str]:
     jobs = []
     for seed in range(3):
         for dataset in ("mnist", "fashion_mnist"):
             jobs.append(f"{WIDE_BASE} --dataset {dataset} --initial-sparsity-fc 0.0 --seed {seed} "
                         f"--name wide_{dataset}_dense300-100_s{seed}")
-            for width in (1000,):
-                s, active = wide_sparsity(width)
-                flags = {"dsr": METHODS["dsr"](s), "set": f"--rewire --rewire-fraction {600 / active:.4f}"}
-                for method, f in flags.items():
-                    jobs.append(f"{WIDE_BASE} --dataset {dataset} --hidden-sizes {width},{width} "
-                                f"--initial-sparsity-fc {s} {f} --sparse-backend csr --seed {seed} "
-                                f"--name wide_{dataset}_{method}{width}_s{seed}")
+            jobs += wide_sparse_jobs(dataset, 1000, seed)
     # then a wider net, one seed (a 784-3000-3000-10 epoch costs ~2x the 1000-wide one on CSR)
     for dataset in ("mnist", "fashion_mnist"):
-        s, active = wide_sparsity(3000)
-        for method, f in {"dsr": METHODS["dsr"](s), "set": f"--rewire --rewire-fraction {600 / active:.4f}"}.items():
-            jobs.append(f"{WIDE_BASE} --dataset {dataset} --hidden-sizes 3000,3000 --initial-sparsity-fc {s} {f} "
-                        f"--sparse-backend csr --seed 0 --name wide_{dataset}_{method}3000_s0")
+        jobs += wide_sparse_jobs(dataset, 3000, 0)
     return jobs
 
 

@@ -14,6 +14,7 @@ their topology.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ def resolve_with_csr(model: nn.Module, densities, density, include, exclude, res
     if isinstance(densities, str):
         raise DynsparseError(f"a budget by name ({densities!r}) needs every tensor's dense shape; the model already holds "
                              f"CSR weights ({', '.join(existing)}): give densities as a number or a dict")
-    if isinstance(densities, dict):
+    if isinstance(densities, Mapping):
         rest = {n: d for n, d in densities.items() if n not in existing}
         own = {n: float(d) for n, d in densities.items() if n in existing}
         out = resolve(model, rest, density, include, exclude) if rest else {}
