@@ -26,6 +26,7 @@ from torch import nn
 
 from dynsparse.convnets import Bottleneck, ResNet50, WideBasicBlock, WideResNet  # noqa: F401 (re-exported)
 from dynsparse.errors import DynsparseError, unknown_choice
+from dynsparse.sparse.csr_ops import batch_norm
 from dynsparse.sparse.masks import conv_and_linear_weights
 
 MODEL_NAMES: tuple[str, ...] = ("mnist_mlp", "cifar10_WideResNet", "imagenet_resnet50")
@@ -92,7 +93,7 @@ class MnistMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for i, name in enumerate(self.fc_names, start=1):
-            x = getattr(self, f"bn{i}")(getattr(self, name)(x))
+            x = batch_norm(getattr(self, f"bn{i}"), getattr(self, name)(x))
             if name != "fc2":
                 x = F.relu(x)
         return x

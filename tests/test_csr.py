@@ -301,3 +301,51 @@ def test_sparse_mlp_exports_to_the_dense_models_state_dict():
     x = torch.randn(7, 784)
     torch.testing.assert_close(dense(x), sparse(x))
     assert int((dense.fc_int.weight != 0).sum()) == sparse.fc_int.weight.num_active == int(0.3 * 800 + 0.1)
+
+
+def test_spmm_equals_the_dense_product_with_empty_and_full_rows():
+    from dynsparse.sparse.csr_ops import csr_from_flat, spmm
+    torch.manual_seed(0)
+    mask = torch.rand(7, 11) < 0.3
+    mask[2] = False  # an empty row sums nothing
+    mask[5] = True   # a full row
+    dense = torch.randn(7, 11, dtype=torch.float64) * mask
+    flat = torch.nonzero(mask.reshape(-1)).view(-1)
+    crow, col = csr_from_flat(flat, (7, 11))
+    d = torch.randn(11, 4, dtype=torch.float64)
+    out = spmm(crow, col, dense.reshape(-1)[flat], d)
+    assert out.shape == (7, 4) and out.is_contiguous()
+    assert torch.allclose(out, dense @ d, atol=1e-12)
+    assert bool((out[2] == 0).all())
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_on_a_feature_major_view_equals_the_ordinary_one(train):
+    from dynsparse.sparse.csr_ops import batch_norm, feature_major
+    torch.manual_seed(0)
+    a, b = nn.BatchNorm1d(5), nn.BatchNorm1d(5)
+    with torch.no_grad():
+        for m in (a, b):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            m.bias.copy_(torch.linspace(-1, 1, 5))
+            m.running_mean.fill_(0.3)
+    a.train(train), b.train(train)
+    base = torch.randn(5, 8) * 3 + 1  # [C, B] contiguous, as a CSR layer computes it
+    h1 = base.clone().requires_grad_()
+    h2 = base.clone().requires_grad_()
+    assert feature_major(h1.t()) and not feature_major(h2.t().contiguous())
+    out1 = batch_norm(a, h1.t())
+    out2 = b(h2.t().contiguous())
+    assert feature_major(out1)  # the layout travels on to the next sparse layer
+    assert torch.allclose(out1, out2, atol=1e-6)
+    assert torch.allclose(a.running_mean, b.running_mean, atol=1e-7)
+    assert torch.allclose(a.running_var, b.running_var, atol=1e-6)
+    if train:
+        g = torch.randn(8, 5)
+        (out1 * g).sum().backward()
+        (out2 * g).sum().backward()
+        assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
+        assert torch.allclose(a.weight.grad, b.weight.grad, atol=1e-5)
+        assert torch.allclose(a.bias.grad, b.bias.grad, atol=1e-5)
+    ident = nn.Identity()
+    assert batch_norm(ident, h1.t()) is not None and torch.equal(batch_norm(ident, h1.t()), h1.t())
