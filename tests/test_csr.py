@@ -349,3 +349,25 @@ def test_batch_norm_on_a_feature_major_view_equals_the_ordinary_one(train):
         assert torch.allclose(a.bias.grad, b.bias.grad, atol=1e-5)
     ident = nn.Identity()
     assert batch_norm(ident, h1.t()) is not None and torch.equal(batch_norm(ident, h1.t()), h1.t())
+
+
+def test_set_topology_builds_the_pattern_a_fresh_weight_has():
+    """Random drops and adds (including entries just dropped, empty rows and full rows): the
+    row pointer, columns, values and transpose equal those of a weight built from scratch."""
+    g = torch.Generator().manual_seed(3)
+    w = CSRWeight.random(9, 13, 0.4, g)
+    for _ in range(20):
+        flat, vals = w.active_flat(), w.values.detach().clone()
+        keep = torch.rand(w.num_active, generator=g) < 0.7
+        free = torch.tensor(sorted(set(range(w.num_entries)) - set(flat[keep].tolist())))
+        add = free[torch.randperm(free.numel(), generator=g)[: int(torch.randint(0, 12, (1,), generator=g))]]
+        add_vals = torch.randn(add.numel(), generator=g)
+        if not keep.any() and not add.numel():
+            continue
+        w.set_topology(keep, add, add_values=add_vals)
+        order = torch.argsort(torch.cat([flat[keep], add]))
+        fresh = CSRWeight((9, 13), torch.cat([flat[keep], add])[order], torch.cat([vals[keep], add_vals])[order])
+        for name in ("crow_indices", "col_indices", "t_perm", "t_crow", "t_col"):
+            assert torch.equal(getattr(w, name), getattr(fresh, name)), name
+        assert torch.equal(w.values.detach(), fresh.values.detach())
+        assert torch.equal(w.to_dense(), fresh.to_dense())

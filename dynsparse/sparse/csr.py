@@ -120,7 +120,9 @@ class CSRWeight(nn.Module):
 
     def active_flat(self) -> torch.Tensor:
         """Sorted int64 flat indices ``row * in + col`` of the active entries, aligned with ``values``."""
-        return rows_of(self.crow_indices).mul_(self.shape[1]).add_(self.col_indices)
+        counts = torch.diff(self.crow_indices.long())
+        row_starts = torch.arange(0, self.num_entries, self.shape[1], device=counts.device)
+        return torch.repeat_interleave(row_starts, counts).add_(self.col_indices)
 
     def mask_rows(self, start: int, stop: int) -> torch.Tensor:
         """Dense bool mask of rows ``start:stop`` (for block-wise scans such as RigL's growth)."""
@@ -145,12 +147,11 @@ class CSRWeight(nn.Module):
         and insert the flat indices ``add_flat`` (any order, distinct, inactive after the drop)
         with ``add_values`` (default zero). The ``values`` parameter stays the same object; its
         ``.grad`` and the optimizer's per-entry state follow their entries, new entries get zero."""
-        old = self.active_flat()
-        if keep.dtype != torch.bool or keep.shape != old.shape:
-            raise DynsparseError(f"keep must be a bool tensor of shape {tuple(old.shape)}, got {keep.dtype} {tuple(keep.shape)}")
-        kept_at = torch.nonzero(keep).view(-1)
-        kept = old[kept_at]
-        add_flat = add_flat.to(device=old.device, dtype=torch.int64).reshape(-1)
+        n_old = self.num_active
+        if keep.dtype != torch.bool or keep.shape != (n_old,):
+            raise DynsparseError(f"keep must be a bool tensor of shape {(n_old,)}, got {keep.dtype} {tuple(keep.shape)}")
+        dev, (out_f, in_f) = self.values.device, self.shape
+        add_flat = add_flat.to(device=dev, dtype=torch.int64).reshape(-1)
         add_sorted, order = torch.sort(add_flat)
         if add_values is not None:
             add_values = add_values.reshape(-1)
@@ -158,31 +159,50 @@ class CSRWeight(nn.Module):
                 raise DynsparseError(f"{add_values.numel()} add_values for {add_flat.numel()} new entries")
             add_values = add_values[order]
         check_flat(add_sorted, self.num_entries, what="add_flat")
-        n_kept, n_add = kept.numel(), add_sorted.numel()
+        kept_at = torch.nonzero(keep).view(-1)
+        dropped_at = torch.nonzero(~keep).view(-1)
+        n_kept, n_add = kept_at.numel(), add_sorted.numel()
         n_new = n_kept + n_add
         if n_new == 0:
             raise DynsparseError("set_topology would leave the weight with no active entry")
         # Merge two sorted lists without a full sort: a new entry lands after the kept ones
-        # below it; a kept one moves by the new entries below it (a count, not a search).
-        pos = torch.searchsorted(kept, add_sorted)
-        if n_kept and n_add and bool((kept[pos.clamp(max=n_kept - 1)] == add_sorted).any()):
-            raise DynsparseError("add_flat contains entries that stay active")
-        del kept  # temporaries of O(nnz) are freed as soon as done: the widest layers are GiBs each
-        dest_add = torch.arange(n_add, device=old.device) + pos
+        # below it (the old ones below it, less the dropped ones among them); a kept one moves by
+        # the new entries below it (a count, not a search).
+        old = self.active_flat()
+        pos = torch.searchsorted(old, add_sorted)
+        if n_old and n_add:
+            at = pos.clamp(max=n_old - 1)
+            if bool(((old[at] == add_sorted) & keep[at]).any()):
+                raise DynsparseError("add_flat contains entries that stay active")
+        del old  # temporaries of O(nnz) are freed as soon as done: the widest layers are GiBs each
+        pos -= torch.searchsorted(dropped_at, pos)
+        dest_add = torch.arange(n_add, device=dev) + pos
         dest_keep = torch.bincount(pos, minlength=n_kept + 1)[:n_kept].cumsum_(0)
-        dest_keep += torch.arange(n_kept, device=old.device)
+        dest_keep += torch.arange(n_kept, device=dev)
+        # the new pattern: row counts adjusted by the dropped and added entries, the kept columns
+        # moved to their places, the new ones written in theirs
+        add_rows = torch.div(add_sorted, in_f, rounding_mode="floor")
+        counts = torch.diff(self.crow_indices.long())
+        if dropped_at.numel():
+            drop_rows = torch.searchsorted(self.crow_indices.long(), dropped_at, right=True) - 1
+            counts -= torch.bincount(drop_rows, minlength=out_f)
+        counts += torch.bincount(add_rows, minlength=out_f)
+        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(counts, 0, out=crow[1:])
+        col = torch.empty(n_new, dtype=INDEX_DTYPE, device=dev)
+        col.index_copy_(0, dest_keep, self.col_indices.index_select(0, kept_at))
+        col[dest_add] = add_rows.mul_(in_f).neg_().add_(add_sorted).to(INDEX_DTYPE)
+        del add_rows, dropped_at
         # every tensor that follows the entries is then one gather from [old entries, new entries]
-        src = torch.empty(n_new, dtype=torch.int64, device=old.device)
-        src[dest_keep] = kept_at
+        src = torch.empty(n_new, dtype=torch.int64, device=dev)
+        src.index_copy_(0, dest_keep, kept_at)
         del dest_keep, kept_at
-        src[dest_add] = torch.arange(old.numel(), old.numel() + n_add, device=old.device)
+        src[dest_add] = torch.arange(n_old, n_old + n_add, device=dev)
 
         def remap(t: torch.Tensor, fill: torch.Tensor | None, src: torch.Tensor = src) -> torch.Tensor:
             tail = fill.to(t.dtype) if fill is not None else t.new_zeros(n_add)
             return torch.cat([t, tail]).index_select(0, src)
 
-        flat = remap(old, add_sorted)
-        del old
         p = self.values
         if optimizer is not None:
             for state in ([optimizer.state[p]] if p in optimizer.state else []):
@@ -199,8 +219,8 @@ class CSRWeight(nn.Module):
             p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
         p.data = data
         p.grad = grad
-        self.crow_indices, self.col_indices = csr_from_flat(flat, self.shape)
-        del flat, src, remap
+        self.crow_indices, self.col_indices = crow.to(INDEX_DTYPE), col
+        del src, remap
         self._refresh_transpose()
 
     def _refresh_transpose(self) -> None:

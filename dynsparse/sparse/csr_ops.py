@@ -30,17 +30,17 @@ INDEX_DTYPE = torch.int32  # embedding_bag and sampled_addmm run it at the speed
 
 
 def crow_from_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """CSR row pointer (int32, length ``num_rows + 1``) of sorted row ids."""
+    """CSR row pointer (int32, length ``num_rows + 1``) of the row ids of the entries (any order)."""
     counts = torch.bincount(rows, minlength=num_rows)
     crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(counts, 0, out=crow[1:])
     return crow.to(INDEX_DTYPE)
 
 
-def rows_of(crow: torch.Tensor) -> torch.Tensor:
-    """Row id (int64) of every stored entry, from a CSR row pointer."""
+def rows_of(crow: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Row id of every stored entry, from a CSR row pointer."""
     counts = (crow[1:] - crow[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device, dtype=dtype), counts)
 
 
 def csr_from_flat(flat: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +57,10 @@ def transpose_indices(crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, i
 
     Entries are stored row-major, so a stable sort by column gives column-major order with rows
     ascending inside each column: exactly the CSR order of ``W^T`` (cheaper than sorting flat
-    indices of ``W^T``)."""
+    indices of ``W^T``). The row pointer of ``W^T`` is a count per column, which needs no order."""
     t_perm = torch.sort(col, stable=True).indices
-    t_col = rows_of(crow).index_select(0, t_perm).to(INDEX_DTYPE)
-    t_crow = crow_from_rows(col.index_select(0, t_perm).long(), shape[1])
+    t_col = rows_of(crow, INDEX_DTYPE).index_select(0, t_perm)
+    t_crow = crow_from_rows(col, shape[1])
     return t_perm.to(INDEX_DTYPE), t_crow, t_col
 
 
