@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, merge_sorted,
-                                      rows_of, sample_flat, sparse_linear, transpose_indices)
+from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, flat_of,
+                                      merge_pattern, merge_sorted, rows_of, sample_flat, sparse_linear, transpose_indices)
 
 __all__ = ["CROSSOVER_DENSITY", "CSRLinear", "CSRWeight", "csr_linear_from_linear", "dense_state_dict",
            "prefer_csr", "sample_flat"]
@@ -34,10 +34,12 @@ INITS = ("linear", "zeros")
 
 
 # Density below which a CSR linear layer's full training step beats the masked dense one, per
-# batch size: the "crossover_density" of benchmarks/results/truly_sparse.json (4096x4096 layer,
-# 1 CPU thread, float32, `python benchmarks/bench_truly_sparse.py` at commit d8ceb4e, nothing
-# else running; under load ~10 an earlier run gave 0.295 / 0.232 / 0.171). ``auto`` reads this table.
-CROSSOVER_DENSITY: dict[int, float] = {32: 0.297, 128: 0.244, 512: 0.189}
+# batch size (4096x4096 layer, 1 CPU thread, float32, `python benchmarks/bench_truly_sparse.py`,
+# nothing else running): the median of three runs on the embedding_bag products, whose
+# "crossover_density" were 0.339 / 0.237 / 0.196 (commit 4ad35fe), 0.333 / 0.240 / 0.220
+# (1fa1198) and 0.270 / 0.272 / 0.206 (1fa1198, 15 rounds: benchmarks/results/truly_sparse.json)
+# at batch 32 / 128 / 512. ``auto`` reads this table.
+CROSSOVER_DENSITY: dict[int, float] = {32: 0.333, 128: 0.240, 512: 0.206}
 
 
 def prefer_csr(density: float, batch_size: int) -> bool:
@@ -120,9 +122,7 @@ class CSRWeight(nn.Module):
 
     def active_flat(self) -> torch.Tensor:
         """Sorted int64 flat indices ``row * in + col`` of the active entries, aligned with ``values``."""
-        counts = torch.diff(self.crow_indices.long())
-        row_starts = torch.arange(0, self.num_entries, self.shape[1], device=counts.device)
-        return torch.repeat_interleave(row_starts, counts).add_(self.col_indices)
+        return flat_of(self.crow_indices, self.col_indices, self.shape)
 
     def mask_rows(self, start: int, stop: int) -> torch.Tensor:
         """Dense bool mask of rows ``start:stop`` (for block-wise scans such as RigL's growth)."""
@@ -150,8 +150,7 @@ class CSRWeight(nn.Module):
         n_old = self.num_active
         if keep.dtype != torch.bool or keep.shape != (n_old,):
             raise DynsparseError(f"keep must be a bool tensor of shape {(n_old,)}, got {keep.dtype} {tuple(keep.shape)}")
-        dev, (out_f, in_f) = self.values.device, self.shape
-        add_flat = add_flat.to(device=dev, dtype=torch.int64).reshape(-1)
+        add_flat = add_flat.to(device=self.values.device, dtype=torch.int64).reshape(-1)
         add_sorted, order = torch.sort(add_flat)
         if add_values is not None:
             add_values = add_values.reshape(-1)
@@ -159,45 +158,10 @@ class CSRWeight(nn.Module):
                 raise DynsparseError(f"{add_values.numel()} add_values for {add_flat.numel()} new entries")
             add_values = add_values[order]
         check_flat(add_sorted, self.num_entries, what="add_flat")
-        kept_at = torch.nonzero(keep).view(-1)
-        dropped_at = torch.nonzero(~keep).view(-1)
-        n_kept, n_add = kept_at.numel(), add_sorted.numel()
-        n_new = n_kept + n_add
-        if n_new == 0:
+        n_add = add_sorted.numel()
+        if int(keep.sum()) + n_add == 0:
             raise DynsparseError("set_topology would leave the weight with no active entry")
-        # Merge two sorted lists without a full sort: a new entry lands after the kept ones
-        # below it (the old ones below it, less the dropped ones among them); a kept one moves by
-        # the new entries below it (a count, not a search).
-        old = self.active_flat()
-        pos = torch.searchsorted(old, add_sorted)
-        if n_old and n_add:
-            at = pos.clamp(max=n_old - 1)
-            if bool(((old[at] == add_sorted) & keep[at]).any()):
-                raise DynsparseError("add_flat contains entries that stay active")
-        del old  # temporaries of O(nnz) are freed as soon as done: the widest layers are GiBs each
-        pos -= torch.searchsorted(dropped_at, pos)
-        dest_add = torch.arange(n_add, device=dev) + pos
-        dest_keep = torch.bincount(pos, minlength=n_kept + 1)[:n_kept].cumsum_(0)
-        dest_keep += torch.arange(n_kept, device=dev)
-        # the new pattern: row counts adjusted by the dropped and added entries, the kept columns
-        # moved to their places, the new ones written in theirs
-        add_rows = torch.div(add_sorted, in_f, rounding_mode="floor")
-        counts = torch.diff(self.crow_indices.long())
-        if dropped_at.numel():
-            drop_rows = torch.searchsorted(self.crow_indices.long(), dropped_at, right=True) - 1
-            counts -= torch.bincount(drop_rows, minlength=out_f)
-        counts += torch.bincount(add_rows, minlength=out_f)
-        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(counts, 0, out=crow[1:])
-        col = torch.empty(n_new, dtype=INDEX_DTYPE, device=dev)
-        col.index_copy_(0, dest_keep, self.col_indices.index_select(0, kept_at))
-        col[dest_add] = add_rows.mul_(in_f).neg_().add_(add_sorted).to(INDEX_DTYPE)
-        del add_rows, dropped_at
-        # every tensor that follows the entries is then one gather from [old entries, new entries]
-        src = torch.empty(n_new, dtype=torch.int64, device=dev)
-        src.index_copy_(0, dest_keep, kept_at)
-        del dest_keep, kept_at
-        src[dest_add] = torch.arange(n_old, n_old + n_add, device=dev)
+        crow, col, src = merge_pattern(self.crow_indices, self.col_indices, keep, add_sorted, self.shape)
 
         def remap(t: torch.Tensor, fill: torch.Tensor | None, src: torch.Tensor = src) -> torch.Tensor:
             tail = fill.to(t.dtype) if fill is not None else t.new_zeros(n_add)
@@ -219,7 +183,7 @@ class CSRWeight(nn.Module):
             p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
         p.data = data
         p.grad = grad
-        self.crow_indices, self.col_indices = crow.to(INDEX_DTYPE), col
+        self.crow_indices, self.col_indices = crow, col
         del src, remap
         self._refresh_transpose()
 

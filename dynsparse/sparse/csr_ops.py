@@ -107,6 +107,58 @@ def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out[torch.arange(b.numel(), device=a.device) + torch.searchsorted(a, b)] = b
     return out
 
+def flat_of(crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Sorted int64 flat indices ``row * in + col`` of the entries of the pattern ``(crow, col)``."""
+    row_starts = torch.arange(0, shape[0] * shape[1], shape[1], device=crow.device)
+    return torch.repeat_interleave(row_starts, torch.diff(crow.long())).add_(col)
+
+
+def merge_pattern(crow: torch.Tensor, col: torch.Tensor, keep: torch.Tensor, add_sorted: torch.Tensor,
+                  shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pattern after a topology change, and where each of its entries comes from.
+
+    ``(crow, col)`` is the pattern before, ``keep`` a bool per old entry, ``add_sorted`` the
+    sorted new flat indices (inactive after the drop). Returns the new ``(crow, col)`` (int32) and ``src`` (int64, one per new entry):
+    the old entry's position, or ``len(old) + i`` for the i-th new one, so that every tensor that
+    follows the entries is one gather from ``[old entries, new entries]``. O(nnz), no sort."""
+    dev, (out_f, in_f) = col.device, shape
+    n_old, n_add = col.numel(), add_sorted.numel()
+    kept_at = torch.nonzero(keep).view(-1)
+    dropped_at = torch.nonzero(~keep).view(-1)
+    n_kept = kept_at.numel()
+    # Merge two sorted lists without a full sort: a new entry lands after the kept ones below it
+    # (the old ones below it, less the dropped ones among them); a kept one moves by the new
+    # entries below it (a count, not a search).
+    old = flat_of(crow, col, shape)
+    pos = torch.searchsorted(old, add_sorted)
+    if n_old and n_add:
+        at = pos.clamp(max=n_old - 1)
+        if bool(((old[at] == add_sorted) & keep[at]).any()):
+            raise DynsparseError("add_flat contains entries that stay active")
+    del old  # temporaries of O(nnz) are freed as soon as done: the widest layers are GiBs each
+    pos -= torch.searchsorted(dropped_at, pos)
+    dest_add = torch.arange(n_add, device=dev) + pos
+    dest_keep = torch.bincount(pos, minlength=n_kept + 1)[:n_kept].cumsum_(0)
+    dest_keep += torch.arange(n_kept, device=dev)
+    # row counts adjusted by the dropped and added entries; kept columns moved, new ones written
+    add_rows = torch.div(add_sorted, in_f, rounding_mode="floor")
+    counts = torch.diff(crow.long())
+    if dropped_at.numel():
+        counts -= torch.bincount(torch.searchsorted(crow.long(), dropped_at, right=True) - 1, minlength=out_f)
+    counts += torch.bincount(add_rows, minlength=out_f)
+    new_crow = torch.zeros(out_f + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(counts, 0, out=new_crow[1:])
+    new_col = torch.empty(n_kept + n_add, dtype=INDEX_DTYPE, device=dev)
+    new_col.index_copy_(0, dest_keep, col.index_select(0, kept_at))
+    new_col[dest_add] = add_rows.mul_(in_f).neg_().add_(add_sorted).to(INDEX_DTYPE)
+    del add_rows, dropped_at
+    src = torch.empty(n_kept + n_add, dtype=torch.int64, device=dev)
+    src.index_copy_(0, dest_keep, kept_at)
+    del dest_keep, kept_at
+    src[dest_add] = torch.arange(n_old, n_old + n_add, device=dev)
+    return new_crow.to(INDEX_DTYPE), new_col, src
+
+
 def check_flat(flat: torch.Tensor, n: int, what: str = "flat indices") -> None:
     if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= n or bool((flat[1:] <= flat[:-1]).any())):
         raise DynsparseError(f"{what} must be distinct and in [0, {n})")
