@@ -35,11 +35,11 @@ INITS = ("linear", "zeros")
 
 # Density below which a CSR linear layer's full training step beats the masked dense one, per
 # batch size (4096x4096 layer, 1 CPU thread, float32, `python benchmarks/bench_truly_sparse.py`,
-# nothing else running): the median of three runs on the embedding_bag products, whose
+# nothing else running): the median of four runs on the embedding_bag products, whose
 # "crossover_density" were 0.339 / 0.237 / 0.196 (commit 4ad35fe), 0.333 / 0.240 / 0.220
-# (1fa1198) and 0.270 / 0.272 / 0.206 (1fa1198, 15 rounds: benchmarks/results/truly_sparse.json)
-# at batch 32 / 128 / 512. ``auto`` reads this table.
-CROSSOVER_DENSITY: dict[int, float] = {32: 0.333, 128: 0.240, 512: 0.206}
+# (1fa1198), 0.270 / 0.272 / 0.206 (1fa1198, 15 rounds) and 0.325 / 0.278 / 0.223 (0bdec98, 15
+# rounds: benchmarks/results/truly_sparse.json) at batch 32 / 128 / 512. ``auto`` reads this table.
+CROSSOVER_DENSITY: dict[int, float] = {32: 0.329, 128: 0.256, 512: 0.213}
 
 
 def prefer_csr(density: float, batch_size: int) -> bool:
