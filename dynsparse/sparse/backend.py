@@ -1,8 +1,8 @@
 """Where each sparse tensor lives: ``masked`` (the dense tensor and a mask: any layer, any device)
 or ``csr`` (:mod:`dynsparse.sparse.csr`: only the active values, for linear weights; memory and
-time proportional to the active entries). ``auto`` picks CSR for a linear weight on CPU whose
-density is below the measured crossover at the training batch size
-(:func:`~dynsparse.sparse.csr.prefer_csr`), masked otherwise.
+time proportional to the active entries; CPU only: refused on any other device). ``auto`` picks
+CSR for a linear weight on CPU whose density is below the measured crossover at the training
+batch size (:func:`~dynsparse.sparse.csr.prefer_csr`), masked otherwise.
 
 Building the storage draws the topology the masked storage would draw from the same generator,
 then moves a CSR layer's active values out of its ``nn.Linear``: the module is replaced by a
@@ -21,7 +21,7 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
 from dynsparse.sparse.csr import CSRWeight, csr_linear_from_linear, prefer_csr
-from dynsparse.sparse.csr_param import CSRParam
+from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
 from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
 from dynsparse.sparse.masks import SparseParam, effective_granularity
 
@@ -52,6 +52,7 @@ def _wants_csr(backend: str, name: str, p: torch.Tensor, density: float, owner, 
     if backend == "masked":
         return False
     if backend == "csr":
+        check_on_cpu(name, p.device)
         if owner is None:
             raise DynsparseError(f"backend 'csr' stores nn.Linear weights only; {name} (shape {tuple(p.shape)}) is not "
                                  "one: use backend 'auto' to keep such tensors masked")
@@ -113,6 +114,7 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
 
 
 def _adopt(name: str, weight: CSRWeight, density: float | None, init: str | None) -> CSRParam:
+    check_on_cpu(name, weight.values.device)  # e.g. the wide MLP built in CSR form, moved to a GPU
     if init != "from_weights" and density is not None and count_for_density(weight.num_entries, density) != weight.num_active:
         raise DynsparseError(f"{name} is already a CSR weight with {weight.num_active} of {weight.num_entries} entries "
                              f"(density {weight.density:.4g}); density {density} asks for "

@@ -31,6 +31,13 @@ from dynsparse.sparse.masks import EntryCounts
 BLOCK_ENTRIES = 1 << 22  # rows of a dense gradient formed at once (16 MiB of float32)
 
 
+def check_on_cpu(name: str, device: torch.device) -> None:
+    """The CSR products run and were measured on the CPU only: anywhere else, one clear line."""
+    if device.type != "cpu":
+        raise DynsparseError(f"{name} is stored as CSR on {device}, but the CSR backend runs on the CPU only: use "
+                             "backend='masked' (--sparse-backend masked) off the CPU, or --device cpu")
+
+
 class RowScores:
     """Grow-side scores ``|dy^T x|`` of a captured gradient, formed a block of rows at a time."""
 
@@ -89,6 +96,10 @@ class CSRParam(EntryCounts):
     @property
     def num_entries(self) -> int:
         return self.weight.num_entries
+
+    def follow(self) -> None:
+        """CSR storage is refused off the CPU (``model.to("cuda")`` after it was built)."""
+        check_on_cpu(self.name, self.device)
 
     def alive(self) -> torch.Tensor:
         if self._alive is None:
@@ -182,6 +193,18 @@ class CSRParam(EntryCounts):
         if flat.numel():
             self._adds.append((flat.reshape(-1), None if values is None else values.reshape(-1)))
             self.num_active += flat.numel()
+
+    def swap_random(self, drop: torch.Tensor, count: torch.Tensor, scores: torch.Tensor, bound: int,
+                    values: torch.Tensor | None = None) -> None:
+        """The masked storage's rule (same draws, same entries); CPU only, so counts may be read."""
+        n = int(count)
+        if not n:
+            return
+        s = scores.clone()
+        s[self._taken()] = -1.0
+        top = torch.topk(s, bound, sorted=True).indices[:n]
+        self.drop(torch.nonzero(drop).view(-1), n)
+        self.activate(top, None if values is None else values[:n].reshape(-1))
 
     def new_weights_std(self) -> float:
         return 1.0 / math.sqrt(self.weight.shape[1])

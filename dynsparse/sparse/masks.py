@@ -92,9 +92,18 @@ class SparseParam(EntryCounts):
 
     storage = "masked"
 
+    def follow(self) -> None:
+        """After ``model.to(device)``: the mask moves to the weight's device (host-side check)."""
+        if self.mask.device != self.param.device:
+            self.mask = self.mask.to(self.param.device)
+            self._cache.clear()
+
     def _derived(self, key: str, make):
-        # ``mask._version`` changes with every in-place write, so a stale copy is never used
-        version = self.mask._version
+        # ``mask._version`` changes with every in-place write, so a stale copy is never used; the
+        # weight's dtype, device and layout too (``model.to(...)``, ``channels_last``)
+        self.follow()
+        p = self.param
+        version = (self.mask._version, p.dtype, p.device, p.stride())
         hit = self._cache.get(key)
         if hit is None or hit[0] != version:
             hit = self._cache[key] = (version, make())
@@ -104,11 +113,19 @@ class SparseParam(EntryCounts):
         """The mask as the parameter's dtype, shaped to broadcast against it (cached: multiplying
         by a float mask is several times faster than by a bool one)."""
         shape = self.mask.shape + (1,) * (self.param.dim() - self.granularity)
-        return self._derived("float", lambda: self.mask.view(shape).to(self.param.dtype))
+        return self._derived("float", lambda: self._like_param(self.mask.view(shape).to(self.param.dtype)))
+
+    def _like_param(self, m: torch.Tensor) -> torch.Tensor:
+        """``m`` in the weight's memory format (channels_last conv weights): the per-step
+        multiplies then never mix layouts."""
+        if self.param.dim() == 4 and not self.param.is_contiguous() \
+                and self.param.is_contiguous(memory_format=torch.channels_last):
+            return m.contiguous(memory_format=torch.channels_last)
+        return m
 
     def inverse_mask_view(self) -> torch.Tensor:
         """``1 - mask_view()``: picks out the entries off the mask (cached)."""
-        return self._derived("inverse", lambda: 1 - self.mask_view())
+        return self._derived("inverse", lambda: self._like_param(1 - self.mask_view()))
 
     def active_indices(self) -> torch.Tensor:
         """Flat indices of the active entries (cached)."""
@@ -198,8 +215,26 @@ class SparseParam(EntryCounts):
         self.mask.view(-1)[flat_idx] = True
         self.num_active += flat_idx.numel()
         if values is not None and flat_idx.numel():
-            w = self.param.detach().view(self.num_entries, self.slice_size)
-            w[flat_idx] = values.to(w)
+            # indexed by position, not through a flat view: any memory layout (channels_last)
+            w = self.param.detach()
+            w[torch.unravel_index(flat_idx, self.mask.shape)] = values.to(w).view(-1, *w.shape[self.granularity:])
+
+    def swap_random(self, drop: torch.Tensor, count: torch.Tensor, scores: torch.Tensor, bound: int,
+                    values: torch.Tensor | None = None) -> None:
+        """Drop the active entries flagged in ``drop`` (``count`` of them, a 0-dim tensor) and
+        grow as many at the free entries with the largest ``scores``, all on the device: no host
+        sync (``bound``, known on the host, is at least ``count`` and at most ``num_free``). The
+        number of active entries is unchanged. ``values``: ``[bound, slice_size]`` new weights."""
+        flat = self.mask.view(-1)
+        top = torch.topk(scores.masked_fill(flat, -1.0), bound, sorted=True).indices  # free entries only
+        take = torch.arange(bound, device=top.device) < count
+        flat.masked_fill_(drop, False)
+        flat.index_put_((top,), take)
+        if values is not None:
+            w = self.param.detach()
+            where = torch.unravel_index(top, self.mask.shape)
+            new = (values.to(w) * take.to(w.dtype).unsqueeze(1)).view(-1, *w.shape[self.granularity:])
+            w[where] = new  # zero where not taken, as inactive weights are
 
     def apply_(self) -> None:
         """Zero the weights off the mask."""

@@ -43,7 +43,7 @@ from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
-from dynsparse.sparse.when import Periodic, with_total_steps
+from dynsparse.sparse.when import EveryStep, Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
 __all__ = ["Policy", "RewireEvent", "Sparsifier"]
@@ -101,8 +101,9 @@ class Sparsifier:
             densities = {**dict.fromkeys(select_weights(model, include, exclude), 1.0), **dict.fromkeys(csr_weights(model))}
         else:
             densities = resolve_with_csr(model, densities, density, include, exclude, resolve_densities)
-        named = {**dict(model.named_parameters()), **{n: w.values for n, w in csr_weights(model).items()}}
-        self.generator = torch.Generator(device=named[next(iter(densities))].device)
+        # always on the CPU (every draw moves its result): a checkpoint restores on any device,
+        # and a seed gives the same masks on CPU and GPU
+        self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         # SparseParam (masked) or CSRParam: the same primitives, so policies never know which
         self.params = build_params(model, optimizer, densities, init=init, granularity=granularity,
@@ -143,14 +144,23 @@ class Sparsifier:
         optimizer's pre-step hook when attached: an explicit call then is a harmless repeat."""
         self._before()
 
+    def _follow_device(self) -> None:
+        """After ``model.to(...)``: masks follow their weights' device and dtype (a host-side
+        check; the policies' own tensors follow where they are used). CSR stays on the CPU."""
+        for sp in self.params.values():
+            sp.follow()
+
     @torch.no_grad()
     def _before(self) -> None:
+        self._follow_device()
         if self._hooks is not None:
             if self._before_done:
                 return
             self._before_done = True
             self._hooks.restore_dense()
-            if self._verify or self.policy.when.due(self.step_count + 1, self.epoch):
+            # a host sync: after a load, and before a change unless changes come every step (DeepR)
+            if self._verify or (self.policy.when.due(self.step_count + 1, self.epoch)
+                                and not isinstance(self.policy.when, EveryStep)):
                 _export.check_off_mask_zero(self)
         if self.policy.when.active(self.epoch):
             self.policy.before_optimizer_step(self)
@@ -169,6 +179,7 @@ class Sparsifier:
 
     @torch.no_grad()
     def _after(self) -> None:
+        self._follow_device()
         self.step_count += 1
         self._before_done, self._verify = False, False
         # Gradients were masked, and optimizer state is zero off the mask since the last topology
@@ -264,7 +275,8 @@ class Sparsifier:
         return {"threshold": self.policy.metrics().get("threshold"), "densities": self.densities()}
 
     def totals(self) -> dict[str, int]:
-        return {"total_pruned": self.total_pruned, "total_grown": self.total_grown}
+        # int(): a policy may count on the device (DeepR, to stay free of host syncs)
+        return {"total_pruned": int(self.total_pruned), "total_grown": int(self.total_grown)}
 
     def drain_events(self) -> list[RewireEvent]:
         events, self.events = self.events, []
@@ -274,7 +286,7 @@ class Sparsifier:
     def state_dict(self) -> dict:
         return {"masks": {n: sp.topology() for n, sp in self.params.items()},
                 "step_count": self.step_count, "epoch": self.epoch, "epoch_end_updates": self.epoch_end_updates,
-                "totals": [self.total_pruned, self.total_grown],
+                "totals": list(self.totals().values()),
                 "generator": self.generator.get_state(), "policy": self.policy.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -283,7 +295,7 @@ class Sparsifier:
         # checkpoints from before epoch_end_updates kept the prune count in the pruning policy
         self.epoch_end_updates = int(state.get("epoch_end_updates", state["policy"].get("done", 0)))
         self.total_pruned, self.total_grown = (int(v) for v in state["totals"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].to("cpu"))  # loaded with map_location="cuda" (a resume)
         self.policy.load_state_dict(state["policy"])
         self.apply_masks()
         self._verify = True

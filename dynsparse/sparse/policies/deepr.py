@@ -44,23 +44,41 @@ class DeepR(DropGrow):
     def before_optimizer_step(self, s: Sparsifier) -> None:
         std = math.sqrt(2.0 * self.eta * self.temperature(s.epoch))
         for sp in s.params.values():
-            if sp.param.grad is None or sp.num_active == sp.num_entries or std == 0.0:
+            g = sp.param.grad
+            if g is None or sp.num_active == sp.num_entries or std == 0.0:
                 continue
             idx = sp.active_indices()  # noise only where it survives the gradient mask
             noise = torch.randn(idx.numel(), generator=s.generator, device=s.generator.device)
-            sp.param.grad.view(-1).index_add_(0, idx, noise.to(sp.param.grad) * std)
+            # by position, not through a flat view: any memory layout (channels_last)
+            g.index_put_(torch.unravel_index(idx, g.shape), noise.to(g) * std, accumulate=True)
 
-    def select_drops(self, s: Sparsifier, sps: list[SparseParam]) -> list[torch.Tensor]:
-        flips = [sp.only_active((self._sign(sp) * self.signs[sp.name] < 0).view(-1)) for sp in sps]
-        counts = torch.stack([f.sum() for f in flips]).tolist()  # one host sync for all tensors
-        return [torch.nonzero_static(f, size=k if sp.num_free else 0).view(-1) for sp, f, k in zip(sps, flips, counts)]
-
-    def update(self, s: Sparsifier) -> tuple[int, int]:
-        dropped, grown = super().update(s)
+    def update(self, s: Sparsifier) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+        """Drop the sign flips and regrow as many at random, all on the device (no host sync: this
+        runs every step). A tensor with fewer free entries than flips drops only its first
+        ``num_free`` flips (in flat order), so drops and grows always match and the density never
+        drifts."""
+        changed: torch.Tensor | int = 0
         for sp in s.params.values():
+            sign = self.signs[sp.name].to(sp.device)
+            if sp.num_free == 0:
+                continue
+            flips = sp.only_active((self._sign(sp) * sign < 0).reshape(-1))
+            flips &= flips.cumsum(0) <= sp.num_free
+            count = flips.sum()
+            bound = min(sp.num_active, sp.num_free)
+            # every draw is made whatever the count: the stream does not depend on the data
+            scores = torch.rand(sp.num_entries, generator=s.generator, device=s.generator.device).to(sp.device)
+            values = None
+            if s.new_weights == "initial":
+                values = torch.randn(bound, sp.slice_size, generator=s.generator,
+                                     device=s.generator.device).to(sp.device) * sp.new_weights_std()
+            sp.swap_random(flips, count, scores, bound, values)
+            changed = changed + count
+        for sp in s.params.values():
+            sp.commit(s.optimizer)  # CSR storage moves its values now
             sp.apply_()  # dropped weights are zero before their signs are taken
             self.signs[sp.name] = self._sign(sp)
-        return dropped, grown
+        return changed, changed
 
     def state_dict(self) -> dict:
         return {"eta": self.eta, "signs": {n: t.clone() for n, t in self.signs.items()}}

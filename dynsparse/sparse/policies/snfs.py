@@ -32,6 +32,9 @@ class SNFS(RigL):
         self.momentum: dict[str, torch.Tensor] = {}
         self.importance: list[float] = []
 
+    def attach(self, s: Sparsifier) -> None:
+        self._params = s.params  # where the weights live, for a loaded momentum
+
     def wants_dense_grad(self, s: Sparsifier) -> bool:
         return True  # the momentum is dense, every step
 
@@ -41,6 +44,8 @@ class SNFS(RigL):
             if g is None:
                 continue
             m = self.momentum.get(name)
+            if m is not None and m.device != g.device:  # the model was moved (model.to(...))
+                m = m.to(g.device)
             self.momentum[name] = g.detach().clone() if m is None else m.mul_(self.beta).add_(g)
 
     def prepare(self, s: Sparsifier) -> None:
@@ -63,4 +68,7 @@ class SNFS(RigL):
 
     def load_state_dict(self, state: Mapping) -> None:
         self.fraction, self.beta = float(state["fraction"]), float(state["beta"])
-        self.momentum = {n: t.clone() for n, t in state["momentum"].items()}
+        # on the weights' device, whatever map_location the checkpoint was read with
+        params = getattr(self, "_params", {})
+        self.momentum = {n: t.to(params[n].device, copy=True) if n in params else t.clone()
+                         for n, t in state["momentum"].items()}
