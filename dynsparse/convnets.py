@@ -98,8 +98,9 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = F.adaptive_avg_pool2d(F.relu(self.bn1(out)), 1)
-        return self.fc(out.flatten(1))
+        # global average pooling as a mean: adaptive_avg_pool2d's backward has no deterministic
+        # CUDA kernel (torch.use_deterministic_algorithms would refuse it)
+        return self.fc(F.relu(self.bn1(out)).mean((2, 3)))
 
     def sparse_parameter_names(self, sparse_resnet_downsample: bool = False) -> list[str]:
         """Both 3x3 convs of every block; the first conv, shortcuts and fc stay dense.
@@ -178,7 +179,7 @@ class ResNet50(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(x.mean((2, 3)))  # not adaptive_avg_pool2d: see WideResNet.forward
 
     def sparse_parameter_names(self, sparse_resnet_downsample: bool = False) -> list[str]:
         """conv1-3 of every bottleneck and ``fc.weight``; with ``sparse_resnet_downsample`` also

@@ -33,6 +33,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def cuda_index(local_rank: int) -> int:
+    """This process's GPU: ``LOCAL_RANK`` among the visible devices, or device 0 when each rank
+    sees one GPU (``CUDA_VISIBLE_DEVICES`` set per rank, as schedulers do)."""
+    return local_rank % max(torch.cuda.device_count(), 1)
+
+
 def setup(device_name: str) -> tuple[DistInfo, torch.device]:
     """Read the torchrun environment, pick the device and start the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -42,7 +48,7 @@ def setup(device_name: str) -> tuple[DistInfo, torch.device]:
     if want_cuda and not torch.cuda.is_available():
         raise DynsparseError(f"device {device_name!r} requested but CUDA is not available; use --device cpu")
     if want_cuda:
-        device = torch.device("cuda", local if info.enabled else (torch.device(device_name).index or 0)
+        device = torch.device("cuda", cuda_index(local) if info.enabled else (torch.device(device_name).index or 0)
                               if device_name.startswith("cuda") else 0)
         torch.cuda.set_device(device)
     elif device_name in ("auto", "cpu"):

@@ -70,5 +70,5 @@ class SNFS(RigL):
         self.fraction, self.beta = float(state["fraction"]), float(state["beta"])
         # on the weights' device, whatever map_location the checkpoint was read with
         params = getattr(self, "_params", {})
-        self.momentum = {n: t.to(params[n].device, copy=True) if n in params else t.clone()
+        self.momentum = {n: t.to(params[n].param.device, copy=True) if n in params else t.clone()
                          for n, t in state["momentum"].items()}
