@@ -2,7 +2,7 @@
 is attached to as ``optimizers=(optimizer, None)``. A tiny BERT is built from a config (no
 download); the data is synthetic. Gradient accumulation and clipping are the Trainer's own.
 
-Run: python examples/huggingface_example.py   (CPU, a few seconds; pip install transformers accelerate)
+Run: python examples/huggingface_example.py   (on a GPU if there is one; CPU: a few seconds; pip install transformers accelerate)
 """
 import tempfile
 
@@ -32,7 +32,9 @@ def main(steps=40):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=16, num_labels=4)
-    model = BertForSequenceClassification(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # on its device first, then the optimizer and the sparsifier (one moved later follows too)
+    model = BertForSequenceClassification(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # the one line: every linear weight of the encoder 80% sparse, RigL until 75% of training
     sparsifier = Sparsifier(model, optimizer, policy=RigL(0.3, when=Periodic(5, end_fraction=0.75)), densities=0.2,
@@ -40,7 +42,7 @@ def main(steps=40):
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=16,
                                  gradient_accumulation_steps=2, max_grad_norm=1.0, lr_scheduler_type="cosine",
-                                 report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                 report_to=[], save_strategy="no", logging_strategy="no", use_cpu=device == "cpu",
                                  disable_tqdm=True, seed=0)
         Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(optimizer, None)).train()
     print(sparsifier.summary())

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from devicecheck import DeviceCheck
 from torch import nn
 
-from devicecheck import DeviceCheck
 from dynsparse import Sparsifier
 from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR

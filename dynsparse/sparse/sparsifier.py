@@ -144,15 +144,10 @@ class Sparsifier:
         optimizer's pre-step hook when attached: an explicit call then is a harmless repeat."""
         self._before()
 
-    def _follow_device(self) -> None:
-        """After ``model.to(...)``: masks follow their weights' device and dtype (a host-side
-        check; the policies' own tensors follow where they are used). CSR stays on the CPU."""
-        for sp in self.params.values():
-            sp.follow()
-
     @torch.no_grad()
     def _before(self) -> None:
-        self._follow_device()
+        for sp in self.params.values():  # after model.to(...): masks follow (CSR refuses off the CPU)
+            sp.follow()
         if self._hooks is not None:
             if self._before_done:
                 return
@@ -179,7 +174,6 @@ class Sparsifier:
 
     @torch.no_grad()
     def _after(self) -> None:
-        self._follow_device()
         self.step_count += 1
         self._before_done, self._verify = False, False
         # Gradients were masked, and optimizer state is zero off the mask since the last topology
