@@ -218,6 +218,27 @@ def test_steps_on_a_fake_cuda_device(name, new_weights):
     assert s.step_count == 4
 
 
+@pytest.mark.parametrize("density", [0.04, 0.6])  # few from many (draws with rejection); fuller than free
+def test_deepr_grows_as_many_as_it_drops_when_every_sign_flips(density):
+    topologies = []
+    for backend in ("masked", "csr"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(50, 20))
+        s = Sparsifier(m, None, policy=DeepR(), densities=density, backend=backend, hooks=False, seed=1,
+                       new_weights="initial")
+        sp = s.params["0.weight"]
+        active = sp.num_active
+        with torch.no_grad():
+            sp.param.neg_()  # every active weight changes sign
+        s.step()
+        assert sp.num_active == active and s.totals()["total_pruned"] == s.totals()["total_grown"]
+        assert s.totals()["total_pruned"] == min(active, sp.num_free)  # the first flips, as many as fit
+        dense = sp.masked_weight()
+        assert int(dense.ne(0).sum()) == active  # new entries got N(0, std) weights, dropped ones zero
+        topologies.append(dense)
+    torch.testing.assert_close(topologies[0], topologies[1])
+
+
 # ---- 9: CSR is refused off the CPU; the masked path compiles to one graph -----------------------
 def test_csr_is_refused_off_the_cpu():
     torch.manual_seed(0)

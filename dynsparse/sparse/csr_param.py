@@ -25,7 +25,7 @@ import torch.distributed as dist
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.csr import CSRWeight
 from dynsparse.sparse.csr_ops import GradientCapture, merge_sorted
-from dynsparse.sparse.draws import choose_random_among_free
+from dynsparse.sparse.draws import choose_random_among_free, free_at, ranked_draws
 from dynsparse.sparse.masks import EntryCounts
 
 BLOCK_ENTRIES = 1 << 22  # rows of a dense gradient formed at once (16 MiB of float32)
@@ -194,17 +194,30 @@ class CSRParam(EntryCounts):
             self._adds.append((flat.reshape(-1), None if values is None else values.reshape(-1)))
             self.num_active += flat.numel()
 
-    def swap_random(self, drop: torch.Tensor, count: torch.Tensor, scores: torch.Tensor, bound: int,
-                    values: torch.Tensor | None = None) -> None:
+    def swap_random(self, drop: torch.Tensor, count: torch.Tensor, generator: torch.Generator,
+                    new_std: float | None = None) -> torch.Tensor:
         """The masked storage's rule (same draws, same entries); CPU only, so counts may be read."""
-        n = int(count)
-        if not n:
-            return
-        s = scores.clone()
-        s[self._taken()] = -1.0
-        top = torch.topk(s, bound, sorted=True).indices[:n]
-        self.drop(torch.nonzero(drop).view(-1), n)
-        self.activate(top, None if values is None else values[:n].reshape(-1))
+        taken = self.weight.active_flat()
+        bound = min(self.num_active, self.num_free)
+        if bound == 0:
+            return torch.zeros((), dtype=torch.long)
+        idx, rank = ranked_draws(self.num_entries, bound, self.num_free, generator, self.device,
+                                 lambda i: free_at(taken, i), lambda: self._free_all(taken))
+        grown = torch.minimum(count, rank.max())
+        take = (rank > 0) & (rank <= grown)
+        values = None
+        if new_std is not None:
+            values = torch.randn(idx.numel(), generator=generator, device=generator.device)[take] * new_std
+        k = int(grown)
+        if k:
+            self.drop(torch.nonzero(drop & (drop.cumsum(0) <= k)).view(-1), k)
+            self.activate(idx[take], values)
+        return grown
+
+    def _free_all(self, taken: torch.Tensor) -> torch.Tensor:
+        free = torch.ones(self.num_entries, dtype=torch.bool, device=self.device)
+        free[taken] = False
+        return free
 
     def new_weights_std(self) -> float:
         return 1.0 / math.sqrt(self.weight.shape[1])

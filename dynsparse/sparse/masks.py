@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.draws import choose_random, count_for_density  # noqa: F401  (re-exported: the one count rule)
+from dynsparse.sparse.draws import choose_random, count_for_density, ranked_draws  # noqa: F401  (re-exported: the one count rule)
 
 log = logging.getLogger(__name__)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -219,22 +219,35 @@ class SparseParam(EntryCounts):
             w = self.param.detach()
             w[torch.unravel_index(flat_idx, self.mask.shape)] = values.to(w).view(-1, *w.shape[self.granularity:])
 
-    def swap_random(self, drop: torch.Tensor, count: torch.Tensor, scores: torch.Tensor, bound: int,
-                    values: torch.Tensor | None = None) -> None:
-        """Drop the active entries flagged in ``drop`` (``count`` of them, a 0-dim tensor) and
-        grow as many at the free entries with the largest ``scores``, all on the device: no host
-        sync (``bound``, known on the host, is at least ``count`` and at most ``num_free``). The
-        number of active entries is unchanged. ``values``: ``[bound, slice_size]`` new weights."""
-        flat = self.mask.view(-1)
-        top = torch.topk(scores.masked_fill(flat, -1.0), bound, sorted=True).indices  # free entries only
-        take = torch.arange(bound, device=top.device) < count
-        flat.masked_fill_(drop, False)
-        flat.index_put_((top,), take)
-        if values is not None:
+    def swap_random(self, drop: torch.Tensor, count: torch.Tensor, generator: torch.Generator,
+                    new_std: float | None = None) -> torch.Tensor:
+        """Drop the active entries flagged in ``drop`` (``count``, a 0-dim tensor) and grow as
+        many uniformly at random among the free ones, all on the device: no host sync, and the
+        number of active entries is unchanged (if the draws find fewer free entries, only that
+        many of the first flagged are dropped). New weights ``N(0, new_std)`` (else zero).
+        Returns how many changed (0-dim)."""
+        flat, n = self.mask.view(-1), self.num_entries
+        bound = min(self.num_active, self.num_free)
+        if bound == 0:
+            return torch.zeros((), dtype=torch.long, device=flat.device)
+        idx, rank = ranked_draws(n, bound, self.num_free, generator, flat.device,
+                                 lambda i: ~flat[i], lambda: ~flat)
+        grown = torch.minimum(count, rank.max())
+        take = (rank > 0) & (rank <= grown)
+        at = torch.where(take, idx, n)  # the rest write to a spare slot: duplicates never clash
+        new = torch.zeros(n + 1, dtype=torch.bool, device=flat.device).index_fill_(0, at, True)[:n]
+        active = self.active_indices()  # cached: DeepR's noise read it at this mask
+        flagged = drop[active]
+        flat.index_put_((active,), ~(flagged & (flagged.cumsum(0) <= grown)))  # the first ``grown`` dropped
+        flat.logical_or_(new)
+        if new_std is not None:
             w = self.param.detach()
-            where = torch.unravel_index(top, self.mask.shape)
-            new = (values.to(w) * take.to(w.dtype).unsqueeze(1)).view(-1, *w.shape[self.granularity:])
-            w[where] = new  # zero where not taken, as inactive weights are
+            values = torch.randn(idx.numel(), self.slice_size, generator=generator, device=generator.device)
+            full = torch.zeros(n, self.slice_size, device=w.device, dtype=w.dtype)
+            # accumulated: a repeated draw adds zero, and the sum is deterministic on CUDA
+            full.index_put_((idx,), values.to(w) * take.unsqueeze(1) * new_std, accumulate=True)
+            w.add_(full.view(w.shape))  # new entries' weights were zero
+        return grown
 
     def apply_(self) -> None:
         """Zero the weights off the mask."""

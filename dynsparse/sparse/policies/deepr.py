@@ -54,26 +54,17 @@ class DeepR(DropGrow):
 
     def update(self, s: Sparsifier) -> tuple[torch.Tensor | int, torch.Tensor | int]:
         """Drop the sign flips and regrow as many at random, all on the device (no host sync: this
-        runs every step). A tensor with fewer free entries than flips drops only its first
-        ``num_free`` flips (in flat order), so drops and grows always match and the density never
-        drifts."""
+        runs every step; the storages' ``swap_random``). Drops and grows always match, so the
+        density never drifts: should the random draws find fewer free entries than there are
+        flips (a tensor nearly full, or flips by the thousand), only the first flips are dropped."""
         changed: torch.Tensor | int = 0
         for sp in s.params.values():
             sign = self.signs[sp.name].to(sp.device)
             if sp.num_free == 0:
                 continue
             flips = sp.only_active((self._sign(sp) * sign < 0).reshape(-1))
-            flips &= flips.cumsum(0) <= sp.num_free
-            count = flips.sum()
-            bound = min(sp.num_active, sp.num_free)
-            # every draw is made whatever the count: the stream does not depend on the data
-            scores = torch.rand(sp.num_entries, generator=s.generator, device=s.generator.device).to(sp.device)
-            values = None
-            if s.new_weights == "initial":
-                values = torch.randn(bound, sp.slice_size, generator=s.generator,
-                                     device=s.generator.device).to(sp.device) * sp.new_weights_std()
-            sp.swap_random(flips, count, scores, bound, values)
-            changed = changed + count
+            new_std = sp.new_weights_std() if s.new_weights == "initial" else None
+            changed = changed + sp.swap_random(flips, flips.sum(), s.generator, new_std)
         for sp in s.params.values():
             sp.commit(s.optimizer)  # CSR storage moves its values now
             sp.apply_()  # dropped weights are zero before their signs are taken
