@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.draws import choose_random, count_for_density, ranked_draws  # noqa: F401  (re-exported: the one count rule)
+from dynsparse.sparse.draws import choose_random, count_for_density  # noqa: F401  (re-exported: the one count rule)
+from dynsparse.sparse.swap import swap_random
 
 log = logging.getLogger(__name__)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -221,33 +222,8 @@ class SparseParam(EntryCounts):
 
     def swap_random(self, drop: torch.Tensor, count: torch.Tensor, generator: torch.Generator,
                     new_std: float | None = None) -> torch.Tensor:
-        """Drop the active entries flagged in ``drop`` (``count``, a 0-dim tensor) and grow as
-        many uniformly at random among the free ones, all on the device: no host sync, and the
-        number of active entries is unchanged (if the draws find fewer free entries, only that
-        many of the first flagged are dropped). New weights ``N(0, new_std)`` (else zero).
-        Returns how many changed (0-dim)."""
-        flat, n = self.mask.view(-1), self.num_entries
-        bound = min(self.num_active, self.num_free)
-        if bound == 0:
-            return torch.zeros((), dtype=torch.long, device=flat.device)
-        idx, rank = ranked_draws(n, bound, self.num_free, generator, flat.device,
-                                 lambda i: ~flat[i], lambda: ~flat)
-        grown = torch.minimum(count, rank.max())
-        take = (rank > 0) & (rank <= grown)
-        at = torch.where(take, idx, n)  # the rest write to a spare slot: duplicates never clash
-        new = torch.zeros(n + 1, dtype=torch.bool, device=flat.device).index_fill_(0, at, True)[:n]
-        active = self.active_indices()  # cached: DeepR's noise read it at this mask
-        flagged = drop[active]
-        flat.index_put_((active,), ~(flagged & (flagged.cumsum(0) <= grown)))  # the first ``grown`` dropped
-        flat.logical_or_(new)
-        if new_std is not None:
-            w = self.param.detach()
-            values = torch.randn(idx.numel(), self.slice_size, generator=generator, device=generator.device)
-            full = torch.zeros(n, self.slice_size, device=w.device, dtype=w.dtype)
-            # accumulated: a repeated draw adds zero, and the sum is deterministic on CUDA
-            full.index_put_((idx,), values.to(w) * take.unsqueeze(1) * new_std, accumulate=True)
-            w.add_(full.view(w.shape))  # new entries' weights were zero
-        return grown
+        """DeepR's exchange, free of host syncs: :func:`dynsparse.sparse.swap.swap_random`."""
+        return swap_random(self, drop, count, generator, new_std)
 
     def apply_(self) -> None:
         """Zero the weights off the mask."""
