@@ -134,20 +134,24 @@ def to_meta(m):
         torch.__future__.set_swap_module_params_on_conversion(False)
 
 
+@pytest.mark.parametrize("hooks", [False, True], ids=["explicit", "hooks"])
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_sparsifier_follows_the_model_to_another_device(name):
+def test_sparsifier_follows_the_model_to_another_device(name, hooks):
     """Built on the CPU, then moved (as HF's Trainer moves the model it is given): masks,
     caches, DeepR's signs and SNFS's momentum follow. On ``meta`` any host read fails, so the
-    steps between updates (and DeepR's every-step updates) are also shown sync-free; explicit
-    calls, because with hooks the first step reads the weights once (a host sync, fine on a GPU)."""
+    steps between updates (and DeepR's every-step updates) are also shown sync-free. With hooks,
+    one CPU step first: the first step reads the weights once (a host sync, fine on a GPU)."""
     torch.manual_seed(0)
     m = convnet()
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    s = Sparsifier(m, opt, policy=POLICIES[name](), densities=0.3, total_steps=100, hooks=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)  # no momentum: no optimizer state left on the CPU
+    s = Sparsifier(m, opt, policy=POLICIES[name](), densities=0.3, total_steps=100, hooks=hooks)
+    if hooks:
+        steps(m, opt, s, 1)
+        opt.zero_grad()
     weights = [p for p in m.parameters()]
     to_meta(m)
     assert all(p is q for p, q in zip(weights, m.parameters())) and weights[0].device.type == "meta"
-    steps(m, opt, s, 4, hooks=False, device="meta")
+    steps(m, opt, s, 4 - hooks, hooks=hooks, device="meta")  # to step 4: the check before step 5's update reads
     assert s.step_count == 4
     assert {sp.mask.device.type for sp in s.params.values()} == {"meta"}
     assert {sp.mask_view().device.type for sp in s.params.values()} == {"meta"}
@@ -165,11 +169,12 @@ def test_masks_follow_the_weights_dtype():
     steps(m, opt, s, 1)
     m.double()
     g = torch.Generator().manual_seed(0)
-    for _ in range(4):  # an update at step 3
+    for step in range(2, 6):  # an update at step 3
         opt.zero_grad()
         F.cross_entropy(m(torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)), torch.randint(10, (8,))).backward()
         opt.step()
-    assert {sp.mask_view().dtype for sp in s.params.values()} == {torch.float64}
+        if step == 2:  # before any topology change: the cached float32 mask must not be used
+            assert {sp.mask_view().dtype for sp in s.params.values()} == {torch.float64}
     assert len(s.events) == 1 and all(not sp.off_mask_nonzero() for sp in s.params.values())
 
 
