@@ -1,4 +1,4 @@
-"""Every policy x storage x way of attaching, 120 steps (DeepR 60) under the device checker
+"""Every policy x storage x way of attaching, 100 steps (DeepR 50) under the device checker
 (tests/devicecheck.py): no op mixes devices and no host sync happens between topology updates.
 
 On a CPU this proves which ops run, not how fast: a ``.tolist()``, ``nonzero``, ``unique`` or
@@ -25,7 +25,7 @@ from dynsparse.sparse.policies.snfs import SNFS
 from dynsparse.sparse.policies.static import Static
 from dynsparse.sparse.when import AtEpochEnds, EveryStep, Periodic
 
-STEPS, EPOCH, PERIOD = 120, 40, 20  # 5 periodic changes, 3 epoch ends; DeepR changes every step: 60
+STEPS, EPOCH, PERIOD = 100, 30, 20  # 4 periodic changes, 3 epoch ends; DeepR changes every step: 50
 
 POLICIES = {
     "dsr": lambda: DSR(n_prune=40, when=Periodic(PERIOD)),
