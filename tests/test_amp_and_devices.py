@@ -30,3 +30,51 @@ def test_debug_distributed_checksums_live_on_the_collectives_device(monkeypatch,
     with pytest.raises(_Stop):  # reached the collective: the stack worked
         distributed.check_consistency(model, sparsifier, distributed.DistInfo(0, 2, 0), "here")
     assert seen == [torch.device("meta")]
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _batches(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 20, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def _train(policy, *, scaler: bool, backend: str = "masked", steps: int = 12, inf_at: int | None = None,
+           init_scale: float = 256.0):
+    """A plain loop with the sparsifier attached by hooks: returns the sparsifier and the masks."""
+    from dynsparse.sparse import Sparsifier
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    s = Sparsifier(model, opt, policy=policy, densities=0.2, total_steps=100, backend=backend)
+    sc = torch.amp.GradScaler("cpu", init_scale=init_scale) if scaler else None
+    for i, (x, y) in enumerate(_batches(steps)):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if i == inf_at:
+            loss = loss * torch.tensor(float("inf"))  # an fp16 overflow: the scaler skips this step
+        if sc is None:
+            loss.backward()
+            opt.step()
+        else:
+            sc.scale(loss).backward()
+            sc.step(opt)
+            sc.update()
+    return s, {n: sp.topology().clone() for n, sp in s.params.items()}
+
+
+def test_snfs_under_a_grad_scaler_without_clipping_matches_the_run_without_one():
+    """Item 12: the off-mask gradient SNFS's momentum reads was left in scaled units when the
+    scaler's unscale_ did not bump the gradient's version (it does not on CPU): SNFS's topology
+    then differed from the unscaled run's from its second update on."""
+    from dynsparse.sparse import SNFS, Periodic
+    plain, masks = _train(SNFS(when=Periodic(3)), scaler=False)
+    scaled, masks_scaled = _train(SNFS(when=Periodic(3)), scaler=True)
+    assert len(plain.events) >= 3 and plain.total_grown > 0
+    assert [e.pruned for e in plain.events] == [e.pruned for e in scaled.events]
+    for n in masks:
+        assert torch.equal(masks[n], masks_scaled[n]), n
+    for n in plain.policy.momentum:
+        assert torch.equal(plain.policy.momentum[n], scaled.policy.momentum[n]), n
