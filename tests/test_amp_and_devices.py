@@ -78,3 +78,21 @@ def test_snfs_under_a_grad_scaler_without_clipping_matches_the_run_without_one()
         assert torch.equal(masks[n], masks_scaled[n]), n
     for n in plain.policy.momentum:
         assert torch.equal(plain.policy.momentum[n], scaled.policy.momentum[n]), n
+
+
+@pytest.mark.parametrize("inf_at", [2, 5])  # before the first change; after one (the hook survives a resize)
+def test_csr_rigl_after_a_step_the_scaler_skips_leaves_no_trace(inf_at):
+    """Item 11: the skipped step's captured activations and output gradients (with the inf)
+    stayed in the CSR capture and were added into the next update's grow scores: RigL grew fewer
+    entries than it dropped and the density drifted. Now CSR does what masked does."""
+    from dynsparse.sparse import Periodic, RigL
+    # the step before a due update overflows and is skipped
+    masked, masks = _train(RigL(when=Periodic(3)), scaler=True, inf_at=inf_at)
+    csr, masks_csr = _train(RigL(when=Periodic(3)), scaler=True, backend="csr", inf_at=inf_at)
+    assert masked.step_count == csr.step_count == 11  # the skipped step did not count
+    assert masked.total_pruned == masked.total_grown > 0
+    assert (csr.total_pruned, csr.total_grown) == (masked.total_pruned, masked.total_grown)
+    assert csr.densities() == masked.densities()
+    for n in masks:
+        flat = torch.nonzero(masks[n].reshape(-1)).view(-1)
+        assert torch.equal(masks_csr[n], flat), n

@@ -46,6 +46,8 @@ class StepHooks:
             # dense gradient, when a policy wants it, is captured from the products instead)
             if sp.param.requires_grad and sp.storage == "masked":
                 self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_grad, name)))
+            elif sp.param.requires_grad:  # CSR: a skipped step's captured products must not outlive its gradient
+                self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_csr_grad, sp)))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -86,6 +88,12 @@ class StepHooks:
             g = self.s.params[name].param.grad
             if g is not None:
                 self.totals[name] = (weakref.ref(g), g.abs().sum())
+
+    @staticmethod
+    def _on_csr_grad(sp, param: torch.Tensor) -> None:
+        capture = sp.weight._capture
+        if capture is not None and param.grad is not None:
+            capture.accumulated(param.grad)
 
     def still_masked(self, name: str, g: torch.Tensor) -> bool:
         """Whether ``g`` is the gradient the accumulation hook masked, unchanged since."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import warnings
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -172,6 +174,19 @@ class GradientCapture:
 
     def __init__(self) -> None:
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x^T [in, B], dy^T [out, B])
+        self._done = 0  # pairs of the backward passes whose gradient has reached the weight
+        self._grad: tuple | None = None  # (weakref to that gradient, its version then)
+
+    def accumulated(self, grad: torch.Tensor) -> None:
+        """A backward pass's gradient reached the weight (its accumulation hook). A fresh gradient
+        (the loop zeroed it: e.g. after a step ``GradScaler`` skipped) means the pairs of earlier
+        passes went into a gradient that is gone: they are dropped, as the masked storage's
+        set-aside gradient is. The same tensor, changed only by this accumulation: they stay."""
+        prev = self._grad
+        if prev is None or prev[0]() is not grad or grad._version != prev[1] + 1:
+            del self.pairs[:self._done]
+        self._done = len(self.pairs)
+        self._grad = (weakref.ref(grad), grad._version)
 
     def dense_grad_rows(self, start: int, stop: int) -> torch.Tensor:
         if not self.pairs:
