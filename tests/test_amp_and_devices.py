@@ -96,3 +96,45 @@ def test_csr_rigl_after_a_step_the_scaler_skips_leaves_no_trace(inf_at):
     for n in masks:
         flat = torch.nonzero(masks[n].reshape(-1)).view(-1)
         assert torch.equal(masks_csr[n], flat), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_csr_refuses_low_precision_weights_in_one_line(dtype):
+    """Item 13: CSR under bf16/fp16 weights ended in a raw sparse_sampled_addmm error."""
+    from dynsparse.sparse import RigL, Sparsifier
+    from dynsparse.sparse.csr import CSRLinear
+    model = _mlp().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(DynsparseError, match=r"^0\.weight: CSR weights hold float32 or float64 values, not .*autocast"):
+        Sparsifier(model, opt, policy=RigL(), densities=0.2, total_steps=10, backend="csr")
+    # auto keeps such weights masked; a CSR layer cast down afterwards says the same at its forward
+    s = Sparsifier(_mlp().to(dtype), None, policy=RigL(), densities=0.1, total_steps=10, backend="auto", batch_size=16)
+    assert {sp.storage for sp in s.params.values()} == {"masked"}
+    layer = CSRLinear(8, 4, density=0.5).to(dtype)
+    with pytest.raises(DynsparseError, match="float32 or float64"):
+        layer(torch.randn(2, 8, dtype=dtype))
+
+
+def test_a_nan_off_the_mask_is_reported_as_a_nan():
+    """Item 13: fp16 weights with Adam (eps underflows to 0: 0/0 off the mask) were reported as
+    'weights nonzero off the mask ... something changed them behind the sparsifier'."""
+    from dynsparse.sparse import Periodic, RigL, Sparsifier
+    model = _mlp().to(torch.float16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    Sparsifier(model, opt, policy=RigL(when=Periodic(2)), densities=0.2, total_steps=100)
+    with pytest.raises(DynsparseError, match=r"NaN or inf .*'0\.weight'.*diverged") as e:
+        for x, y in _batches(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x.half()).float(), y).backward()
+            opt.step()
+    assert "behind the sparsifier" not in str(e.value)
+
+
+@pytest.mark.parametrize("batch_size", [None, 0, 32.0])
+def test_auto_backend_requires_the_batch_size(batch_size):
+    """Item 13: backend='auto' without batch_size silently assumed 128."""
+    from dynsparse.sparse import RigL, Sparsifier
+    with pytest.raises(DynsparseError, match=r"backend 'auto' picks CSR or masked by the training batch size.*batch_size="):
+        Sparsifier(_mlp(), None, policy=RigL(), densities=0.1, total_steps=10, backend="auto", batch_size=batch_size)
+    s = Sparsifier(_mlp(), None, policy=RigL(), densities=0.1, total_steps=10, backend="auto", batch_size=32)
+    assert {sp.storage for sp in s.params.values()} == {"csr"}  # density 0.1 is below every crossover

@@ -262,10 +262,21 @@ def batch_norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return norm(h)
 
 
+# The CPU kernel of sampled_addmm (the weight gradient) takes no bfloat16 or float16
+CSR_DTYPES = (torch.float32, torch.float64)
+
+
+def dtype_message(dtype: torch.dtype) -> str:
+    return (f"CSR weights hold float32 or float64 values, not {dtype}: keep the model's weights in float32 and train "
+            "with autocast (--amp bf16), or use backend 'masked'")
+
+
 def sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                   t_perm: torch.Tensor, t_crow: torch.Tensor, t_col: torch.Tensor, shape: tuple[int, int],
                   bias: torch.Tensor | None = None, capture: GradientCapture | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x`` of shape ``[..., in]`` (batch dims flattened around the call)."""
+    if values.dtype not in CSR_DTYPES:
+        raise DynsparseError(dtype_message(values.dtype))
     lead = x.shape[:-1]
     # Under autocast (--amp bf16) the sparse products stay in the weights' dtype: the CPU kernel
     # of sampled_addmm has no bfloat16, and autocast would cast the dense operands down.
