@@ -138,3 +138,16 @@ def test_auto_backend_requires_the_batch_size(batch_size):
         Sparsifier(_mlp(), None, policy=RigL(), densities=0.1, total_steps=10, backend="auto", batch_size=batch_size)
     s = Sparsifier(_mlp(), None, policy=RigL(), densities=0.1, total_steps=10, backend="auto", batch_size=32)
     assert {sp.storage for sp in s.params.values()} == {"csr"}  # density 0.1 is below every crossover
+
+
+def test_csr_snfs_momentum_is_in_true_units_under_a_grad_scaler():
+    """The CSR storage's dense gradient is formed from captured products of the scaled backward:
+    it gets the factor the values' gradient got from unscale_, so SNFS's momentum is the one
+    without a scaler (it was x256)."""
+    from dynsparse.sparse import SNFS, Periodic
+    plain, masks = _train(SNFS(when=Periodic(3)), scaler=False, backend="csr")
+    scaled, masks_scaled = _train(SNFS(when=Periodic(3)), scaler=True, backend="csr")
+    assert plain.total_grown > 0
+    for n in masks:
+        assert torch.equal(masks[n], masks_scaled[n]), n
+        assert torch.equal(plain.policy.momentum[n], scaled.policy.momentum[n]), n

@@ -47,7 +47,7 @@ class StepHooks:
             if sp.param.requires_grad and sp.storage == "masked":
                 self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_grad, name)))
             elif sp.param.requires_grad:  # CSR: a skipped step's captured products must not outlive its gradient
-                self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_csr_grad, sp)))
+                self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_csr_grad, name)))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -84,16 +84,16 @@ class StepHooks:
     @torch.no_grad()
     def _record_totals(self) -> None:
         self._totals_queued = False
-        for name in self.captured:
-            g = self.s.params[name].param.grad
-            if g is not None:
+        for name, sp in self.s.params.items():
+            g = sp.param.grad
+            if g is not None and (name in self.captured or (sp.storage == "csr" and sp.weight._capture is not None)):
                 self.totals[name] = (weakref.ref(g), g.abs().sum())
 
-    @staticmethod
-    def _on_csr_grad(sp, param: torch.Tensor) -> None:
-        capture = sp.weight._capture
+    def _on_csr_grad(self, name: str, param: torch.Tensor) -> None:
+        capture = self.s.params[name].weight._capture
         if capture is not None and param.grad is not None:
             capture.accumulated(param.grad)
+            self._queue_totals()
 
     def still_masked(self, name: str, g: torch.Tensor) -> bool:
         """Whether ``g`` is the gradient the accumulation hook masked, unchanged since."""
@@ -102,7 +102,13 @@ class StepHooks:
 
     @torch.no_grad()
     def restore_dense(self) -> None:
-        """Add the set-aside off-mask gradient back, for a policy's ``before_optimizer_step``."""
+        """Add the set-aside off-mask gradient back, for a policy's ``before_optimizer_step``; a
+        CSR weight's captured products get the scale its gradient got since the backward."""
+        for name, sp in self.s.params.items():
+            ref, total = self.totals.get(name, (lambda: None, None))
+            if sp.storage == "csr" and sp.weight._capture is not None and ref() is not None and ref() is sp.param.grad:
+                sp.weight._capture.factor = torch.where(total > 0, sp.param.grad.abs().sum() / total,
+                                                        torch.ones_like(total))
         world = _world_size()
         for name, off in self.captured.items():
             g = self.s.params[name].param.grad

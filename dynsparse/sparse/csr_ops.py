@@ -176,6 +176,7 @@ class GradientCapture:
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x^T [in, B], dy^T [out, B])
         self._done = 0  # pairs of the backward passes whose gradient has reached the weight
         self._grad: tuple | None = None  # (weakref to that gradient, its version then)
+        self.factor: torch.Tensor | None = None  # the scale the values' gradient got since (GradScaler.unscale_)
 
     def accumulated(self, grad: torch.Tensor) -> None:
         """A backward pass's gradient reached the weight (its accumulation hook). A fresh gradient
@@ -195,7 +196,7 @@ class GradientCapture:
         for xt, dyt in self.pairs:
             block = dyt[start:stop] @ xt.t()
             out = block if out is None else out.add_(block)
-        return out
+        return out if self.factor is None else out.mul_(self.factor)
 
 
 def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
