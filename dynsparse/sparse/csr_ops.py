@@ -17,7 +17,6 @@ AdamW refuse a sparse-layout parameter).
 from __future__ import annotations
 
 import warnings
-
 import weakref
 
 import torch
