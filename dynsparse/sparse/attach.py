@@ -104,6 +104,7 @@ class StepHooks:
     def restore_dense(self) -> None:
         """Add the set-aside off-mask gradient back, for a policy's ``before_optimizer_step``; a
         CSR weight's captured products get the scale its gradient got since the backward."""
+        self._totals_queued = False  # a backward that raised never ran its callbacks
         for name, sp in self.s.params.items():
             ref, total = self.totals.get(name, (lambda: None, None))
             if sp.storage == "csr" and sp.weight._capture is not None and ref() is not None and ref() is sp.param.grad:
