@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dynsparse.evidence import git_state
+from dynsparse.io import atomic_write_text
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -52,8 +53,8 @@ def write_results(name: str, payload: dict, markdown: str, directory: Path | Non
     """``<name>.json`` and ``<name>.md`` in ``directory`` (default ``benchmarks/results``)."""
     directory = RESULTS if directory is None else Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (directory / f"{name}.md").write_text(markdown)
+    atomic_write_text(directory / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(directory / f"{name}.md", markdown)
     return directory / f"{name}.json"
 
 
