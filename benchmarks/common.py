@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dynsparse.evidence import git_state
+from dynsparse.io import atomic_write_text
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -48,11 +49,13 @@ def interleaved(cases: dict, repeats: int, sync: bool = False) -> dict[str, list
     return times
 
 
-def write_results(name: str, payload: dict, markdown: str) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
-    return RESULTS / f"{name}.json"
+def write_results(name: str, payload: dict, markdown: str, directory: Path | None = None) -> Path:
+    """``<name>.json`` and ``<name>.md`` in ``directory`` (default ``benchmarks/results``)."""
+    directory = RESULTS if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(directory / f"{name}.md", markdown)
+    return directory / f"{name}.json"
 
 
 def median(xs: list[float]) -> float:

@@ -125,15 +125,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def _checksum(tensors) -> torch.Tensor:
-    """An order-sensitive checksum of tensors, as float64 on the tensors' device."""
+def _checksum(tensors, device: torch.device) -> torch.Tensor:
+    """An order-sensitive checksum of tensors, as float64 on ``device`` (the collective's: a dense
+    run has no masks, and a CPU zero next to a CUDA sum cannot be stacked for NCCL)."""
     total = None
     for i, t in enumerate(tensors):
-        flat = t.detach().reshape(-1).double()
+        flat = t.detach().reshape(-1).to(device, torch.float64)
         pos = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
         v = (flat * torch.sin(pos * 0.61803 + i)).sum()
         total = v if total is None else total + v
-    return total if total is not None else torch.zeros((), dtype=torch.float64)
+    return total if total is not None else torch.zeros((), dtype=torch.float64, device=device)
 
 
 def check_consistency(model: torch.nn.Module, sparsifier, info: DistInfo, where: str) -> None:
@@ -141,7 +142,8 @@ def check_consistency(model: torch.nn.Module, sparsifier, info: DistInfo, where:
     if not info.enabled:
         return
     masks = [sp.topology() for sp in getattr(sparsifier, "params", {}).values()]
-    local = torch.stack([_checksum(masks), _checksum(p for p in model.parameters())])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    local = torch.stack([_checksum(masks, device), _checksum(model.parameters(), device)])
     lo, hi = local.clone(), local.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)

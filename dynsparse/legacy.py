@@ -232,10 +232,11 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
                     "--global-prune prunes by a global magnitude")
     ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune" else {})
     policy = method.policy(cfg, ctx) if method.policy is not None else Static()
-    # the training loop calls the sparsifier at its two visible points: no optimizer hooks needed
+    # attached by hooks, as in a user's own loop, so that one path is exercised everywhere (the
+    # loop's explicit calls are harmless repeats); the same bits as hooks=False, every method
     return Sparsifier(model, optimizer, policy=policy, densities=dens, granularity=cfg.sub_kernel_granularity,
                       new_weights="initial" if cfg.big_new_weights else "zero", seed=cfg.seed + 1,
-                      mask_optimizer_state=not cfg.keep_optimizer_state, hooks=False, backend=cfg.sparse_backend,
+                      mask_optimizer_state=not cfg.keep_optimizer_state, backend=cfg.sparse_backend,
                       batch_size=cfg.batch_size)
 
 

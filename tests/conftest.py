@@ -3,7 +3,7 @@
 Two CPU cores shared with other work make PyTorch with 2 threads 10-20x slower than with 1, so
 every test process (and the processes tests start) uses one thread. Tests marked ``slow`` run
 when ``DYNSPARSE_TEST_DATA`` is set (the README's test command, CI) or with ``--run-slow``; a
-bare ``pytest`` skips them.
+bare ``pytest`` skips them. Tests marked ``gpu`` run only where CUDA is available.
 """
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    # the GPU smoke suite (tests/test_gpu.py) skips cleanly without CUDA; DYNSPARSE_GPU_SMOKE_DEVICE=cpu
+    # runs its logic on the CPU (a dry run of the test code, not of the GPU)
+    if not torch.cuda.is_available() and os.environ.get("DYNSPARSE_GPU_SMOKE_DEVICE") != "cpu":
+        no_gpu = pytest.mark.skip(reason="gpu: needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(no_gpu)
     if os.environ.get("DYNSPARSE_TEST_DATA") or config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: runs with DYNSPARSE_TEST_DATA set or --run-slow")

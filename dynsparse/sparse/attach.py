@@ -8,11 +8,11 @@ gradient-accumulation hooks, so a loop that only calls ``optimizer.step()`` is s
   ``wants_dense_grad``) gets it: the off-mask part is set aside before masking, summed over
   micro-batches (a fresh accumulation is told apart by the gradient's identity and version),
   and handed back for the policy's ``before_optimizer_step``. If the masked gradient was scaled
-  in place meanwhile (``GradScaler.unscale_``, ``clip_grad_norm_``) the set-aside part gets the
-  same factor; under ``torch.distributed`` it is averaged over ranks as DDP averages gradients
-  (one more all-reduce at the steps that need it; with DDP *and* ``GradScaler`` it is not
-  rescaled: RigL, which ranks within a tensor, is unaffected; SNFS's off-mask momentum is then in
-  scaled units).
+  meanwhile (``GradScaler.unscale_``, ``clip_grad_norm_``) the set-aside part gets the same
+  factor: the ratio of the masked gradient's ``|g|`` sum now to that sum when the backward pass
+  ended (after DDP's averaging), so no version counter is trusted (``unscale_`` bumps none on
+  CPU); a power-of-two scale comes out exact. Under ``torch.distributed`` the set-aside part is
+  averaged over ranks as DDP averages gradients (one more all-reduce at the steps that need it).
 * ``optimizer.step()`` runs the sparsifier's before-step work in a pre-hook (or, when the
   optimizer is given a closure that computes the gradients, as Lightning does, right after
   the closure) and its after-step work in a post-hook. A step that never runs (``GradScaler``
@@ -35,7 +35,9 @@ class StepHooks:
     def __init__(self, s) -> None:
         self.s = s
         self.captured: dict[str, torch.Tensor] = {}  # off-mask gradient set aside, per tensor
-        self.seen: dict[str, tuple] = {}  # (weakref to grad, its version after masking, masked |grad| sum)
+        self.seen: dict[str, tuple] = {}  # (weakref to grad, its version after masking)
+        self.totals: dict[str, tuple] = {}  # (weakref to grad, masked |grad| sum when the backward ended)
+        self._totals_queued = False
         self.stepped = False  # the post-hook ran since the loop's last explicit step()
         self.entered = False  # optimizer.step() began since the last step
         self.handles = [s.optimizer.register_step_pre_hook(self._pre), s.optimizer.register_step_post_hook(self._post)]
@@ -44,11 +46,13 @@ class StepHooks:
             # dense gradient, when a policy wants it, is captured from the products instead)
             if sp.param.requires_grad and sp.storage == "masked":
                 self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_grad, name)))
+            elif sp.param.requires_grad:  # CSR: a skipped step's captured products must not outlive its gradient
+                self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_csr_grad, name)))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles, self.captured, self.seen = [], {}, {}
+        self.handles, self.captured, self.seen, self.totals = [], {}, {}, {}
 
     # ---- gradients --------------------------------------------------------------------------
     @torch.no_grad()
@@ -64,8 +68,32 @@ class StepHooks:
             # the same tensor, changed only by this accumulation: earlier micro-batches are still in it
             accumulating = prev is not None and prev[0]() is g and g._version == prev[1] + 1 and name in self.captured
             self.captured[name] = self.captured[name].add_(off) if accumulating else off
+            self._queue_totals()
         g.mul_(sp.mask_view())
-        self.seen[name] = (weakref.ref(g), g._version, g.abs().sum() if capture else None)
+        self.seen[name] = (weakref.ref(g), g._version)
+
+    def _queue_totals(self) -> None:
+        """Note the masked gradients' sizes once this backward pass has ended. Queued from a
+        callback: DDP queues its averaging when the last bucket is ready, after this hook's first
+        call, and the engine runs callbacks queued by callbacks after those queued before."""
+        if not self._totals_queued:
+            self._totals_queued = True
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: engine.queue_callback(self._record_totals))
+
+    @torch.no_grad()
+    def _record_totals(self) -> None:
+        self._totals_queued = False
+        for name, sp in self.s.params.items():
+            g = sp.param.grad
+            if g is not None and (name in self.captured or (sp.storage == "csr" and sp.weight._capture is not None)):
+                self.totals[name] = (weakref.ref(g), g.abs().sum())
+
+    def _on_csr_grad(self, name: str, param: torch.Tensor) -> None:
+        capture = self.s.params[name].weight._capture
+        if capture is not None and param.grad is not None:
+            capture.accumulated(param.grad)
+            self._queue_totals()
 
     def still_masked(self, name: str, g: torch.Tensor) -> bool:
         """Whether ``g`` is the gradient the accumulation hook masked, unchanged since."""
@@ -74,7 +102,14 @@ class StepHooks:
 
     @torch.no_grad()
     def restore_dense(self) -> None:
-        """Add the set-aside off-mask gradient back, for a policy's ``before_optimizer_step``."""
+        """Add the set-aside off-mask gradient back, for a policy's ``before_optimizer_step``; a
+        CSR weight's captured products get the scale its gradient got since the backward."""
+        self._totals_queued = False  # a backward that raised never ran its callbacks
+        for name, sp in self.s.params.items():
+            ref, total = self.totals.get(name, (lambda: None, None))
+            if sp.storage == "csr" and sp.weight._capture is not None and ref() is not None and ref() is sp.param.grad:
+                sp.weight._capture.factor = torch.where(total > 0, sp.param.grad.abs().sum() / total,
+                                                        torch.ones_like(total))
         world = _world_size()
         for name, off in self.captured.items():
             g = self.s.params[name].param.grad
@@ -83,12 +118,11 @@ class StepHooks:
                 dist.all_reduce(off)
             if g is None:
                 continue
-            if world == 1:
-                ref, version, total = self.seen.get(name, (lambda: None, 0, None))
-                if ref() is g and g._version != version and total is not None:  # scaled in place since
-                    off.mul_(torch.where(total > 0, g.abs().sum() / total, torch.ones_like(total)))
+            ref, total = self.totals.get(name, (lambda: None, None))
+            if ref() is g:  # scaled since the backward (unscale_, clipping): the same factor; else x/x = 1
+                off.mul_(torch.where(total > 0, g.abs().sum() / total, torch.ones_like(total)))
             g.add_(off)
-        self.captured = {}
+        self.captured, self.totals = {}, {}
 
     # ---- the optimizer's step -----------------------------------------------------------------
     def _pre(self, optimizer, args, kwargs):

@@ -21,6 +21,7 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
 from dynsparse.sparse.csr import CSRWeight, csr_linear_from_linear, prefer_csr
+from dynsparse.sparse.csr_ops import CSR_DTYPES, dtype_message
 from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
 from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
 from dynsparse.sparse.masks import SparseParam, effective_granularity
@@ -56,8 +57,11 @@ def _wants_csr(backend: str, name: str, p: torch.Tensor, density: float, owner, 
         if owner is None:
             raise DynsparseError(f"backend 'csr' stores nn.Linear weights only; {name} (shape {tuple(p.shape)}) is not "
                                  "one: use backend 'auto' to keep such tensors masked")
+        if p.dtype not in CSR_DTYPES:
+            raise DynsparseError(f"{name}: {dtype_message(p.dtype)}")
         return True
-    return owner is not None and p.device.type == "cpu" and prefer_csr(density, batch_size or 128)
+    return (owner is not None and p.device.type == "cpu" and p.dtype in CSR_DTYPES
+            and prefer_csr(density, batch_size))
 
 
 def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter,
@@ -77,6 +81,10 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
     """One storage object per sparse tensor, in ``densities`` order (the generator's draws are in
     that order, whatever the backend)."""
     check_backend(backend)
+    if backend == "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        # the crossover density depends on it (csr.CROSSOVER_DENSITY): no silent guess
+        raise DynsparseError(f"backend 'auto' picks CSR or masked by the training batch size (per process): pass "
+                             f"batch_size= (a whole number >= 1), got {batch_size!r}")
     named = dict(model.named_parameters())
     existing = csr_weights(model)
     out: dict = {}

@@ -17,6 +17,7 @@ AdamW refuse a sparse-layout parameter).
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,20 @@ class GradientCapture:
 
     def __init__(self) -> None:
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x^T [in, B], dy^T [out, B])
+        self._done = 0  # pairs of the backward passes whose gradient has reached the weight
+        self._grad: tuple | None = None  # (weakref to that gradient, its version then)
+        self.factor: torch.Tensor | None = None  # the scale the values' gradient got since (GradScaler.unscale_)
+
+    def accumulated(self, grad: torch.Tensor) -> None:
+        """A backward pass's gradient reached the weight (its accumulation hook). A fresh gradient
+        (the loop zeroed it: e.g. after a step ``GradScaler`` skipped) means the pairs of earlier
+        passes went into a gradient that is gone: they are dropped, as the masked storage's
+        set-aside gradient is. The same tensor, changed only by this accumulation: they stay."""
+        prev = self._grad
+        if prev is None or prev[0]() is not grad or grad._version != prev[1] + 1:
+            del self.pairs[:self._done]
+        self._done = len(self.pairs)
+        self._grad = (weakref.ref(grad), grad._version)
 
     def dense_grad_rows(self, start: int, stop: int) -> torch.Tensor:
         if not self.pairs:
@@ -180,7 +195,7 @@ class GradientCapture:
         for xt, dyt in self.pairs:
             block = dyt[start:stop] @ xt.t()
             out = block if out is None else out.add_(block)
-        return out
+        return out if self.factor is None else out.mul_(self.factor)
 
 
 def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -247,10 +262,21 @@ def batch_norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return norm(h)
 
 
+# The CPU kernel of sampled_addmm (the weight gradient) takes no bfloat16 or float16
+CSR_DTYPES = (torch.float32, torch.float64)
+
+
+def dtype_message(dtype: torch.dtype) -> str:
+    return (f"CSR weights hold float32 or float64 values, not {dtype}: keep the model's weights in float32 and train "
+            "with autocast (--amp bf16), or use backend 'masked'")
+
+
 def sparse_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                   t_perm: torch.Tensor, t_crow: torch.Tensor, t_col: torch.Tensor, shape: tuple[int, int],
                   bias: torch.Tensor | None = None, capture: GradientCapture | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x`` of shape ``[..., in]`` (batch dims flattened around the call)."""
+    if values.dtype not in CSR_DTYPES:
+        raise DynsparseError(dtype_message(values.dtype))
     lead = x.shape[:-1]
     # Under autocast (--amp bf16) the sparse products stay in the weights' dtype: the CPU kernel
     # of sampled_addmm has no bfloat16, and autocast would cast the dense operands down.

@@ -23,6 +23,13 @@ def check_off_mask_zero(s) -> None:
     sparsifier's back (weights loaded after it was built, an optimizer it is not attached to)."""
     bad = {n: k for n, k in zip(s.params, _off_mask_nonzero(s)) if k}
     if bad:
+        # a NaN or inf times the zero mask is no zero: a diverged run, not a bypassed sparsifier
+        broken = [n for n in bad if not bool(torch.isfinite(s.params[n].param.detach()).all())]
+        if broken:
+            raise DynsparseError(
+                f"weights hold NaN or inf before step {s.step_count + 1} (in {', '.join(repr(n) for n in broken)}): "
+                "training diverged (fp16 weights without a GradScaler, Adam's eps underflowing in fp16, too high a "
+                "learning rate): keep weights in float32 under autocast, or lower the learning rate")
         name, k = next(iter(bad.items()))
         raise DynsparseError(
             f"{sum(bad.values())} weights are nonzero off the mask before step {s.step_count + 1} (e.g. {k} in {name!r}): "

@@ -71,7 +71,7 @@ class Sparsifier:
         nothing; the loop calls ``before_optimizer_step()`` and ``step()``. ``backend``: ``"masked"``
         (dense tensor and mask), ``"csr"`` (linear weights stored truly sparse: the module is
         replaced and the optimizer given the value vector; same answers, cost proportional to
-        the active entries) or ``"auto"`` (CSR where it is faster on CPU at ``batch_size``):
+        the active entries) or ``"auto"`` (CSR where it is faster on CPU at ``batch_size``, required):
         :mod:`dynsparse.sparse.backend`."""
         if new_weights not in ("zero", "initial"):
             raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
