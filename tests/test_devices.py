@@ -254,7 +254,7 @@ def test_csr_is_refused_off_the_cpu():
     # the wide MLP built directly in CSR form (--sparse-backend auto), then moved to the device
     wide = MnistMLP(hidden_sizes=(30, 20), sparse_density=0.3).to("meta")
     with pytest.raises(DynsparseError, match="CSR backend runs on the CPU only"):
-        Sparsifier(wide, None, policy=SET(), densities=0.3, backend="auto")
+        Sparsifier(wide, None, policy=SET(), densities=0.3, backend="auto", batch_size=128)
     # built on the CPU, moved afterwards: refused at the next step
     m = MnistMLP(hidden_sizes=(30, 20))
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
