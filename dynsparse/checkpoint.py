@@ -61,6 +61,16 @@ def check_same_config(saved: dict | None, new: dict, where: Path) -> None:
                              f"may change on resume)")
 
 
+def check_not_shorter(ckpt: dict, total_epochs: int, where: Path) -> None:
+    """Refuse to continue a run with fewer epochs than it has trained: that would rewrite its
+    configuration to a length its history contradicts (issue 23)."""
+    done = int(ckpt.get("epoch", 0))
+    if done > total_epochs:
+        raise ConfigMismatch(f"{where} already has {done} trained epochs; --epochs {total_epochs} would shorten it. "
+                             f"Pass --epochs {done} or more to continue it, or --overwrite or a new --name for a "
+                             f"shorter run; nothing was changed")
+
+
 def describe_mismatch(saved: dict, here: dict) -> str:
     """What does not fit between two state dicts: missing and extra entries, different shapes."""
     missing = [k for k in here if k not in saved]

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from dynsparse import distributed
-from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_runs_dir, check_same_config, does_not_fit, holds_run,
-                                  load_checkpoint, prepare_run_dir)
+from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
+                                  does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
@@ -160,6 +160,7 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
             continuing = path.parent.resolve() == run.dir.resolve() and path.name in ("checkpoint.pt", "initial.pt")
             if continuing:  # before anything is written: a refused resume leaves the run as it was
                 check_same_config(ckpt.get("config"), cfg.to_dict(), run.dir)
+                check_not_shorter(ckpt, cfg.total_epochs, run.dir)
             run.restore(ckpt, exact=continuing)
             run.echo(f"{'continuing' if continuing else 'starting from'} {path} at epoch {run.start_epoch}")
         if cfg.copy_mask_from and not continuing:

@@ -1,0 +1,43 @@
+"""What a newcomer still hit (issue 23): no silent shortened resume, a schedule file that says
+which file it is, labelled numbers, messages with suggestions, torchvision defaults that fit the
+data and the machine, one error under torchrun."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dynsparse.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "mnist_mlp", "--initial-sparsity-fc", "0.9", "-b", "32", "--no-progress", "--threads", "1"]
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("dynsparse: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_a_resume_that_would_shorten_a_finished_run_is_refused_and_changes_nothing(tiny_mnist, tmp_path, capsys):
+    """Item 2: --resume runs/full --epochs 2 on a 4-epoch run exited 0 and rewrote config.json and
+    the summary to epochs 2 while 4 epochs of history remained."""
+    base = ["train", *TINY, "--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "runs"), "--name", "full"]
+    assert run_main(capsys, [*base, "--epochs", "3"])[0] == 0
+    run = tmp_path / "runs" / "full"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, _, err = run_main(capsys, [*base, "--epochs", "2", "--resume", str(run)])
+    assert_one_line_error(code, err, "already has 3 trained epochs", "--epochs 2 would shorten it", "nothing was changed")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert json.loads((run / "summary.json").read_text())["config"]["epochs"] == 3
