@@ -39,9 +39,21 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     out = []
     for key in sorted(set(saved) | set(new)):
         old, now = saved.get(key, defaults.get(key)), new.get(key, defaults.get(key))
-        if key not in RESUME_MAY_CHANGE and old != now:
+        if key not in RESUME_MAY_CHANGE and old != now and not (key == "schedule_file" and _same_file(old, now)):
             out.append(f"{_flag(key)} {old!r} -> {now!r}")
     return out
+
+
+def _same_file(old, now) -> bool:
+    """Two schedule paths that name the same file: a run saved the name it was given
+    (``mnist_schedule.yaml``), a newer one the bundled copy that name resolved to."""
+    from dynsparse.schedule import resolve_schedule_path
+    if not old or not now:
+        return False
+    try:
+        return resolve_schedule_path(old).resolve() == resolve_schedule_path(now).resolve()
+    except DynsparseError:
+        return False
 
 
 class ConfigMismatch(DynsparseError):

@@ -18,7 +18,7 @@ from dynsparse.datasets import CIFAR10_DIR, CIFAR10_FILES, MNIST_FILES
 from dynsparse.errors import DynsparseError
 from dynsparse.legacy import build_sparsifier, direct_sparse_density, method_label, method_of, param_counts
 from dynsparse.models import create_model
-from dynsparse.schedule import load_schedules
+from dynsparse.schedule import BUNDLED_DIR, load_schedules
 
 # classes and training samples of each data set, as the loaders will find them
 KNOWN = {"mnist": (10, 60_000), "fashion_mnist": (10, 60_000), "cifar10": (10, 50_000), "imagenet": (1000, 1_281_167)}
@@ -62,6 +62,13 @@ def _num_classes(dataset: str, root: Path) -> tuple[int, str]:
     return classes, f"{classes} classes" + (" (assumed: no class folders found)" if dataset == "imagenet" else "")
 
 
+def _steps(schedule, start: int, end: int) -> str:
+    """A piecewise-constant schedule over epochs [start, end): ``0.1 (epochs 0-13), 0.02 (14-17)``."""
+    marks = [start] + [e for e in schedule.epochs if start < e < end]
+    return ", ".join(f"{schedule(a):g} (epoch{'s' * (b - a > 1)} {a}{f'-{b - 1}' if b - a > 1 else ''})"
+                     for a, b in zip(marks, marks[1:] + [max(end, start + 1)]))
+
+
 def describe(cfg: TrainConfig) -> tuple[str, str | None]:
     """The dry-run summary of ``cfg`` and the data problem (None when the data is there)."""
     dataset = cfg.dataset_name
@@ -96,8 +103,9 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
         f"data         {dataset} in {root}: " + ("found" if problem is None else "MISSING") + f"; {classes_text}",
         f"device       {device}" + (f" (from --device {cfg.device})" if cfg.device != device else ""),
         f"run dir      {run_dir} ({state})",
-        f"schedule     {cfg.total_epochs} epochs, batch {cfg.batch_size}, lr {schedules.lr(cfg.start_epoch):g} "
-        f"at epoch {cfg.start_epoch}" + (f" (from {cfg.schedule_file})" if cfg.schedule_file else ""),
+        f"schedule     {cfg.total_epochs} epoch{'s' * (cfg.total_epochs != 1)}, batch {cfg.batch_size}, "
+        f"lr {_steps(schedules.lr, cfg.start_epoch, cfg.total_epochs)}" + (f" (from {schedules.source}" + (", the copy bundled with dynsparse" if
+                              Path(schedules.source).parent == BUNDLED_DIR else "") + ")" if cfg.schedule_file else ""),
     ]
     layers = getattr(sparsifier, "params", None)
     if layers:

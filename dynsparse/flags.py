@@ -11,11 +11,13 @@ import dataclasses
 import difflib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from dynsparse.config import TrainConfig
 from dynsparse.config_file import peek_config, read_config_file
 from dynsparse.errors import DynsparseError
 from dynsparse.legacy import METHODS, check
+from dynsparse.schedule import resolve_schedule_path
 from dynsparse.sparse.budget import BUDGETS
 
 DEFAULTS = TrainConfig()
@@ -190,6 +192,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["schedule_file"] and not Path(values["schedule_file"]).is_file():
+        # a name of a bundled schedule: record the file used, not a path that does not exist (issue 23)
+        values["schedule_file"] = str(resolve_schedule_path(values["schedule_file"]))
     cfg = TrainConfig(**values)
     cfg.validate()
     check(cfg)

@@ -210,7 +210,8 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     counts = param_counts(run.model, run.sparsifier)
     echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_learnable']:,} of "
          f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
-         + (f" x {run.dist.world_size} processes" if run.dist.enabled else ""))
+         + (f" x {run.dist.world_size} processes" if run.dist.enabled else "")
+         + (f"; learning schedule from {run.schedules.source}" if cfg.schedule_file else ""))
     echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} "
          f"{'rewires':>7} {'img/s':>7} {'time':>6}")
     lines = echo if cfg.progress and not sys.stdout.isatty() else None  # logs get a line every 10%, not a bar

@@ -41,3 +41,32 @@ def test_a_resume_that_would_shorten_a_finished_run_is_refused_and_changes_nothi
     assert_one_line_error(code, err, "already has 3 trained epochs", "--epochs 2 would shorten it", "nothing was changed")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert json.loads((run / "summary.json").read_text())["config"]["epochs"] == 3
+
+
+def test_a_schedule_name_that_is_not_a_file_here_says_and_records_the_bundled_copy(tiny_mnist, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Item 6: a missing --schedule-file path silently used the bundled copy, and the dry run and
+    config.json recorded the path that does not exist."""
+    from dynsparse.schedule import BUNDLED_DIR
+    monkeypatch.chdir(tmp_path)
+    used = str(BUNDLED_DIR / "mnist_schedule.yaml")
+    base = ["train", *TINY, "--data", str(tiny_mnist), "--schedule-file", "mnist_schedule.yaml", "--epochs", "1"]
+    code, out, _ = run_main(capsys, [*base, "--dry-run"])
+    assert code == 0 and f"(from {used}, the copy bundled with dynsparse)" in out, out
+    code, out, _ = run_main(capsys, base)
+    assert code == 0 and f"learning schedule from {used}" in out
+    saved = json.loads((tmp_path / "runs" / "mnist_mlp_0" / "config.json").read_text())
+    assert saved["config"]["schedule_file"] == used and Path(saved["config"]["schedule_file"]).is_file()
+    # a run saved with the bare name (before this change) still resumes under the resolved path
+    from dynsparse.checkpoint import config_differences
+    assert config_differences({"schedule_file": "mnist_schedule.yaml"}, {"schedule_file": used}) == []
+    assert config_differences({"schedule_file": "mnist_prune_schedule.yaml"}, {"schedule_file": used}) != []
+
+
+def test_dry_run_shows_the_whole_learning_rate_schedule(tiny_mnist, capsys):
+    """Item 10: the dry run showed only the first learning rate, not the decays, and '1 epochs'."""
+    code, out, _ = run_main(capsys, ["train", *TINY, "--data", str(tiny_mnist), "--schedule-file",
+                                     "mnist_schedule.yaml", "--epochs", "20", "--dry-run"])
+    assert code == 0 and "20 epochs, batch 32, lr 0.1 (epochs 0-13), 0.02 (epochs 14-17), 0.004 (epochs 18-19)" in out
+    code, out, _ = run_main(capsys, ["train", *TINY, "--data", str(tiny_mnist), "--epochs", "1", "--dry-run"])
+    assert code == 0 and "1 epoch, batch 32, lr 0.1 (epoch 0)" in out
