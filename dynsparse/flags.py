@@ -53,7 +53,7 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--prune-target-sparsity-conv",), dict(type=float, help="prune mode: target sparsity of conv layers")),
     (("--prune-iterations",), dict(type=int, help="prune mode: number of prunes")),
     (("--post-prune-epochs",), dict(type=int, help="prune mode: epochs to train after the last prune")),
-    (("--n-prune-params",), dict(type=int, help="DSR: entries to reallocate per reallocation (Np)")),
+    (("--n-prune-params",), dict(type=int, help="DSR: number of weights pruned and regrown at each reallocation (the paper's Np)")),
     (("--threshold-prune",), dict(action="store_true", help="DSR: prune below a global adaptive threshold")),
     (("--prune",), dict(action="store_true", help="gradual magnitude pruning of a (trained) model")),
     (("--validate-set",), dict(action="store_true", help="hold out a validation split to select the best epoch")),

@@ -30,6 +30,7 @@ from dynsparse import distributed
 from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
                                   does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
+from dynsparse.console import epoch_header
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
@@ -212,8 +213,8 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
          f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
          + (f" x {run.dist.world_size} processes" if run.dist.enabled else "")
          + (f"; learning schedule from {run.schedules.source}" if cfg.schedule_file else ""))
-    echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} "
-         f"{'rewires':>7} {'img/s':>7} {'time':>6}")
+    for line in epoch_header(cfg):
+        echo(line)
     lines = echo if cfg.progress and not sys.stdout.isatty() else None  # logs get a line every 10%, not a bar
     for epoch in range(run.start_epoch, cfg.total_epochs):
         t0 = time.perf_counter()

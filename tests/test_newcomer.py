@@ -70,3 +70,35 @@ def test_dry_run_shows_the_whole_learning_rate_schedule(tiny_mnist, capsys):
     assert code == 0 and "20 epochs, batch 32, lr 0.1 (epochs 0-13), 0.02 (epochs 14-17), 0.004 (epochs 18-19)" in out
     code, out, _ = run_main(capsys, ["train", *TINY, "--data", str(tiny_mnist), "--epochs", "1", "--dry-run"])
     assert code == 0 and "1 epoch, batch 32, lr 0.1 (epoch 0)" in out
+
+
+@pytest.mark.parametrize("validate_train", [False, True])
+def test_the_epoch_table_says_what_loss_and_train_mean(tiny_mnist, tmp_path, capsys, validate_train):
+    """Item 7: loss and train% meant the running numbers with --no-validate-train and an
+    evaluation pass without it, and nothing said which; the progress lines showed another loss."""
+    argv = ["train", *[a for a in TINY if a != "--no-progress"], "--data", str(tiny_mnist), "--runs-dir",
+            str(tmp_path), "--epochs", "1", "-b", "8"]
+    code, out, _ = run_main(capsys, argv + ([] if validate_train else ["--no-validate-train"]))
+    assert code == 0
+    legend = next(line for line in out.splitlines() if line.startswith("columns: "))
+    assert "loss: mean training loss over the epoch's steps" in legend and "updates: topology updates" in legend
+    if validate_train:
+        assert "train%: a full evaluation pass over the training set" in legend
+    else:
+        assert "train%: accuracy on the same steps, running (--no-validate-train)" in legend
+    progress = [line for line in out.splitlines() if "samples/s ETA" in line]
+    assert progress and all("mean so far: loss " in line for line in progress)
+
+
+def test_output_explains_its_words():
+    """Item 10: "entries x slice size", "Np" and "rewires" appeared without explanation."""
+    import torch
+
+    from dynsparse import DSR, Sparsifier
+    from dynsparse.flags import train_parser
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    s = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=DSR(), densities=0.5)
+    head = s.summary().splitlines()[0]
+    assert "slice size" not in head and "entries: mask entries" in head and "active: the weights they keep" in head
+    help_text = train_parser().format_help()
+    assert "number of weights pruned and regrown at each reallocation (the paper's Np)" in " ".join(help_text.split())
