@@ -142,12 +142,23 @@ def load_checkpoint(path: str | Path, device: torch.device, runs_dir: str | Path
     try:
         ckpt = torch.load(p, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        detail = (str(e).splitlines() or [""])[0][:200]
-        raise DynsparseError(f"checkpoint {p} is corrupt or unreadable ({type(e).__name__}"
-                             f"{': ' + detail if detail else ''})") from None
+        raise DynsparseError(f"checkpoint {p} is corrupt or unreadable ({_first_sentence(e)}); restore it, or "
+                             f"start over with --overwrite") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DynsparseError(f"{p} is not a dynsparse checkpoint")
     return ckpt, p
+
+
+def _first_sentence(e: Exception) -> str:
+    """The type and first sentence of torch's error. Its weights-only message goes on to advise
+    ``weights_only=False``, which would run code from the file: never passed on."""
+    text = (str(e).splitlines() or [""])[0]
+    if "weights_only" in text or "Weights only load failed" in text:
+        return f"{type(e).__name__}: not a file of plain tensors and containers"
+    sentence = text.split(". ")[0].rstrip(".")
+    if len(sentence) > 150:
+        sentence = sentence[:150].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {sentence}" if sentence else type(e).__name__
 
 
 def check_runs_dir(runs_dir: str | Path) -> None:

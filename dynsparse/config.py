@@ -91,7 +91,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # torch.set_num_threads when > 0; may change on resume
+    threads: int = 1  # torch.set_num_threads; may change on resume (issue 23: 1 holds up on shared cores)
     runs_dir: str = "runs"
     overwrite: bool = False
     progress: bool = True
@@ -174,10 +174,11 @@ class TrainConfig:
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")
         if self.batch_size < 1:
             raise DynsparseError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.threads < 0:
-            raise DynsparseError(f"--threads must be >= 0 (0: PyTorch's default), got {self.threads}")
+        if self.threads < 1:  # 0 meant PyTorch's default (every core), which collapses on shared cores
+            raise DynsparseError(f"--threads must be >= 1 (CPU threads per operation), got {self.threads}")
         if not self.hidden_sizes or any(not isinstance(h, int) or h < 1 for h in self.hidden_sizes):
-            raise DynsparseError(f"--hidden-sizes must be one or more positive integers, got {self.hidden_sizes}")
+            raise DynsparseError("--hidden-sizes must be one or more positive integers, got "
+                                 + ",".join(map(str, self.hidden_sizes)))
         if self.hidden_sizes != (300, 100) and self.model != "mnist_mlp":
             raise DynsparseError(f"--hidden-sizes is for mnist_mlp, not {self.model}")
         for flag, value in (("--lr", self.lr), ("--momentum", self.momentum), ("--weight-decay", self.weight_decay),

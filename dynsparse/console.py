@@ -2,7 +2,10 @@
 no number's meaning depends on a flag the reader has to remember (issue 23)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from dynsparse.config import TrainConfig
+from dynsparse.errors import DynsparseError
 
 COLUMNS = ("epoch", "lr", "loss", "train%", "test%", "top5%", "val%", "nonzero", "updates", "img/s", "time")
 WIDTHS = (5, 8, 7, 7, 7, 7, 7, 10, 7, 7, 6)
@@ -17,3 +20,13 @@ def epoch_header(cfg: TrainConfig) -> list[str]:
               "validation split; nonzero: weights not zero; updates: topology updates (reallocations) "
               "in the epoch; time: seconds, evaluation included")
     return [legend, " ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, WIDTHS))]
+
+
+def write_failed(e: DynsparseError, epoch: int, run_dir: Path) -> DynsparseError:
+    """A run's outputs could not be written after ``epoch``: say what the directory still holds
+    (before the first checkpoint, only the state before training)."""
+    kept = ("keeps its last complete checkpoint" if (run_dir / "checkpoint.pt").is_file() else
+            "holds no finished epoch yet, only the state before training (initial.pt), from which a resume "
+            "starts over")
+    return DynsparseError(f"{e}; the run stopped after training epoch {epoch}; {run_dir} {kept}: fix that, "
+                          f"then --resume {run_dir}")

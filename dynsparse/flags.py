@@ -106,7 +106,9 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                  "the measured crossover density, masked elsewhere); docs/truly_sparse.md")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
     (("--device",), dict(help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")),
-    (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads; 0: PyTorch's default)")),
+    (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads). 1 by default: more "
+                                             "threads than free cores make PyTorch many times slower (docs/performance.md); "
+                                             "on a machine of your own, try the number of physical cores")),
     (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
     (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),

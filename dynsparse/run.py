@@ -30,7 +30,7 @@ from dynsparse import distributed
 from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
                                   does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
-from dynsparse.console import epoch_header
+from dynsparse.console import epoch_header, write_failed
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
@@ -55,8 +55,7 @@ class _Run:
             raise DynsparseError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                                  f"{self.dist.world_size} processes")
         torch.manual_seed(cfg.seed)  # model initialization; everything later uses its own generators
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)  # before the evidence, which records it
+        torch.set_num_threads(cfg.threads)  # before the evidence, which records it
         self.schedules = load_schedules(cfg.schedule_file, default_lr=cfg.lr)
         self.data = build_data(cfg.dataset_name, resolve_data_root(cfg.data),
                                batch_size=cfg.batch_size // self.dist.world_size, device=self.device,
@@ -258,8 +257,7 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             try:
                 _write_outputs(run)
             except DynsparseError as e:
-                raise DynsparseError(f"{e}; the run stopped after training epoch {epoch}; {run.dir} keeps its last "
-                                     f"complete checkpoint: fix that, then --resume {run.dir}") from None
+                raise write_failed(e, epoch, run.dir) from None
             run.logger.log_dict(epoch_scalars(row), step=epoch)
         echo(f"{epoch:>5} {lr:>8.4g} {row['train_loss']:>7.4f} {row.get('train_top1', row['train_top1_running']):>7.2f} "
              f"{row['test_top1']:>7.2f} {row['test_top5']:>7.2f} {_cell(row.get('val_top1')):>7} "

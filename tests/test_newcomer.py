@@ -102,3 +102,60 @@ def test_output_explains_its_words():
     assert "slice size" not in head and "entries: mask entries" in head and "active: the weights they keep" in head
     help_text = train_parser().format_help()
     assert "number of weights pruned and regrown at each reallocation (the paper's Np)" in " ".join(help_text.split())
+
+
+def test_messages_suggest_and_name_flags(tmp_path, capsys):
+    """Item 9: --config's unknown key dumped 1,163 characters with no suggestion; --model
+    MNIST_MLP had none; --hidden-sizes 0,10 said "got (0, 10)"; widen_factor named the field;
+    --threads 0 was accepted."""
+    flags = tmp_path / "f.yaml"
+    flags.write_text("epochz: 3\n")
+    code, _, err = run_main(capsys, ["train", "--config", str(flags), "--dry-run"])
+    assert_one_line_error(code, err, "unknown key epochz (did you mean epochs?)", "dynsparse train --help")
+    assert len(err) < 300, err
+    code, _, err = run_main(capsys, ["train", "--model", "MNIST_MLP", "--dry-run"])
+    assert_one_line_error(code, err, "unknown model 'MNIST_MLP'", "did you mean mnist_mlp?")
+    code, _, err = run_main(capsys, ["train", "--hidden-sizes", "0,10", "--dry-run"])
+    assert_one_line_error(code, err, "--hidden-sizes must be one or more positive integers, got 0,10")
+    code, _, err = run_main(capsys, ["train", "--model", "cifar10_WideResNet", "--widen-factor", "0", "--dry-run"])
+    assert_one_line_error(code, err, "--widen-factor")
+    for bad in ("0", "-1"):
+        code, _, err = run_main(capsys, ["train", "--threads", bad, "--dry-run"])
+        assert_one_line_error(code, err, "--threads must be >= 1", f"got {bad}")
+
+
+def test_a_corrupt_checkpoint_is_one_whole_sentence_without_torchs_unsafe_advice(tiny_mnist, tmp_path, capsys):
+    """Item 9: the message was cut mid-sentence and ended with PyTorch's advice to load with
+    weights_only=False (unsafe, and wrong here)."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage" * 100)
+    import torch
+    torch.save({"format": "x"}, tmp_path / "whole.pt")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((tmp_path / "whole.pt").read_bytes()[:200])
+    for bad in (garbage, cut):
+        code, _, err = run_main(capsys, ["train", *TINY, "--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "r"),
+                                         "--resume", str(bad)])
+        assert_one_line_error(code, err, f"checkpoint {bad} is corrupt or unreadable", "start over with --overwrite")
+        assert "weights_only" not in err and "Re-running" not in err and err.rstrip().endswith("--overwrite"), err
+
+
+def test_a_full_disk_at_the_first_checkpoint_does_not_claim_a_complete_checkpoint(tiny_mnist, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Item 9: a full disk at the first checkpoint said the run "keeps its last complete
+    checkpoint" when only initial.pt existed."""
+    import errno
+    import os
+    real = os.fsync
+
+    def fsync(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".checkpoint.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    run = tmp_path / "runs" / "mnist_mlp_0"
+    code, _, err = run_main(capsys, ["train", *TINY, "--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "runs"),
+                                     "--epochs", "2"])
+    assert_one_line_error(code, err, "No space left on device", "holds no finished epoch yet",
+                          "initial.pt", f"--resume {run}")
+    assert "last complete checkpoint" not in err and not (run / "checkpoint.pt").exists()
