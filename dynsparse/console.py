@@ -6,9 +6,28 @@ from pathlib import Path
 
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
+from dynsparse.legacy import method_of
 
 COLUMNS = ("epoch", "lr", "loss", "train%", "test%", "top5%", "val%", "nonzero", "updates", "img/s", "time")
 WIDTHS = (5, 8, 7, 7, 7, 7, 7, 10, 7, 7, 6)
+
+
+def run_header(run, counts: dict) -> list[str]:
+    """What a run says before its first epoch: what trains on what, where the schedule comes from,
+    how ImageFolder data is read, and a warning when a CPU run will take hours."""
+    cfg, data = run.cfg, run.data
+    lines = [f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_learnable']:,} of "
+             f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device "
+             f"{run.device}" + (f" x {run.dist.world_size} processes" if run.dist.enabled else "")
+             + (f"; learning schedule from {run.schedules.source}" if cfg.schedule_file else "")]
+    if data.note:
+        lines.append(f"data: {data.note}")
+    if data.image_size and run.device.type == "cpu" and run.start_epoch < cfg.total_epochs:
+        from dynsparse.imagefolder import seconds_per_step, slow_cpu_warning
+        step = seconds_per_step(run.model, data.image_size, cfg.batch_size // run.dist.world_size, data.num_classes)
+        warning = slow_cpu_warning(step, len(data.train), cfg.total_epochs - run.start_epoch, data.image_size)
+        lines += [warning] if warning else []
+    return lines
 
 
 def epoch_header(cfg: TrainConfig) -> list[str]:

@@ -79,7 +79,8 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                          "({model}_{dataset}_{job_idx} with another --dataset)")),
     (("--no-augment",), dict(action="store_true", help="no CIFAR-10 data augmentation")),
     (("--data",), dict(metavar="DIR", help="data root (default: $DYNSPARSE_DATA, else ./data)")),
-    (("-j", "--workers"), dict(type=int, metavar="N", help="ImageNet loader worker processes")),
+    (("-j", "--workers"), dict(type=int, metavar="N", help="ImageFolder loader worker processes (default: the CPUs "
+                                                          "available, at most 8)")),
     (("--copy-mask-from",), dict(help="run or checkpoint whose masks to copy")),
     (("--resume",), dict(help="run directory or checkpoint to resume from")),
     (("--schedule-file",), dict(help="YAML with lr_schedule, rewire_period_schedule, DeepR_temperature_schedule")),
@@ -104,6 +105,8 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                  "+ mask, the default), csr (linear weights truly sparse: memory and CPU time "
                                  "shrink with density; same answers) or auto (csr for linear layers on CPU below "
                                  "the measured crossover density, masked elsewhere); docs/truly_sparse.md")),
+    (("--image-size",), dict(type=int, metavar="PX", help="ImageFolder crop size in pixels (default 0: the size of "
+                                                           "the data's images, at most 224)")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
     (("--device",), dict(help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")),
     (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads). 1 by default: more "
@@ -126,7 +129,7 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
 
 # The help's sections, in order, and the flags (by dest) each holds.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("data", "dataset", "workers", "validate_set", "no_augment", "no_validate_train"),
+    "data": ("data", "dataset", "workers", "image_size", "validate_set", "no_augment", "no_validate_train"),
     "model": ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes", "sparse_resnet_downsample"),
     "method and its settings": (
         "method", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers", "sub_kernel_granularity",

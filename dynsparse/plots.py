@@ -66,6 +66,11 @@ def _grid(plt, n: int, **kw):
     return fig, axes
 
 
+def _portable(model: str) -> str:
+    """A model name fit for a file name: ``torchvision:resnet18`` -> ``torchvision-resnet18``."""
+    return model.replace(":", "-").replace("/", "-")
+
+
 def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -117,7 +122,7 @@ def _accuracy_plot(plt, model: str, mrows: list[dict], style: dict, out: Path) -
         extra.append((Line2D([], [], marker="v", color="0.3", linestyle="none"), f"on the bottom edge: below {lo:.1f}% (see table)"))
     ax.legend(handles + [h for h, _ in extra], labels + [l for _, l in extra], fontsize=7,
               loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    path = _save(fig, out / f"accuracy_vs_params_{model}.png")
+    path = _save(fig, out / f"accuracy_vs_params_{_portable(model)}.png")
     plt.close(fig)
     return path
 
@@ -152,7 +157,7 @@ def _density_plot(plt, model: str, groups: dict, out: Path) -> list[Path]:
             ax.legend(fontsize=6)
     fig.suptitle(f"{model}: per-layer density under DSR (one seed per panel)")
     fig.tight_layout()
-    path = _save(fig, out / f"density_{model}.png")
+    path = _save(fig, out / f"density_{_portable(model)}.png")
     plt.close(fig)
     return [path]
 
@@ -193,6 +198,6 @@ def _curves_plot(plt, model: str, groups: dict, style: dict, out: Path) -> list[
         fig.legend([legend[l] for l in labels], labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"{model}: learning curves (y axis from {lo:.1f}%: lower values run off the bottom)")
     fig.tight_layout()
-    path = _save(fig, out / f"curves_{model}.png")
+    path = _save(fig, out / f"curves_{_portable(model)}.png")
     plt.close(fig)
     return [path]

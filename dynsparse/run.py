@@ -30,7 +30,7 @@ from dynsparse import distributed
 from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
                                   does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
-from dynsparse.console import epoch_header, write_failed
+from dynsparse.console import epoch_header, run_header, write_failed
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
@@ -60,7 +60,8 @@ class _Run:
         self.data = build_data(cfg.dataset_name, resolve_data_root(cfg.data),
                                batch_size=cfg.batch_size // self.dist.world_size, device=self.device,
                                validate_set=cfg.validate_set, augment=not cfg.no_augment, workers=cfg.workers,
-                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+                               image_size=cfg.image_size)
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, layers=cfg.layers,
                                   widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm,
                                   hidden_sizes=cfg.hidden_sizes, sparse_density=direct_sparse_density(cfg)).to(self.device)
@@ -207,12 +208,7 @@ def _evaluate(run: _Run, loader) -> dict[str, float]:
 
 def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     cfg, echo, data = run.cfg, run.echo, run.data
-    counts = param_counts(run.model, run.sparsifier)
-    echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_learnable']:,} of "
-         f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
-         + (f" x {run.dist.world_size} processes" if run.dist.enabled else "")
-         + (f"; learning schedule from {run.schedules.source}" if cfg.schedule_file else ""))
-    for line in epoch_header(cfg):
+    for line in run_header(run, param_counts(run.model, run.sparsifier)) + epoch_header(cfg):
         echo(line)
     lines = echo if cfg.progress and not sys.stdout.isatty() else None  # logs get a line every 10%, not a bar
     for epoch in range(run.start_epoch, cfg.total_epochs):

@@ -159,3 +159,77 @@ def test_a_full_disk_at_the_first_checkpoint_does_not_claim_a_complete_checkpoin
     assert_one_line_error(code, err, "No space left on device", "holds no finished epoch yet",
                           "initial.pt", f"--resume {run}")
     assert "last complete checkpoint" not in err and not (run / "checkpoint.pt").exists()
+
+
+def image_folder(root: Path, size: tuple[int, int] = (20, 24), per_class: int = 2) -> Path:
+    import torch
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (*size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    return root
+
+
+def test_imagefolder_images_keep_their_size_workers_fit_the_machine(tmp_path):
+    """Item 5: 64-px images were upscaled to 224-px crops, and 8 loader workers were started on 2
+    cores. The size now comes from the data (or --image-size), the workers from the machine."""
+    import torch
+
+    from dynsparse.data import build_data
+    from dynsparse.imagefolder import available_cpus
+    root = image_folder(tmp_path / "data")
+    bundle = build_data("imagenet", root, batch_size=2, device=torch.device("cpu"), workers=0)
+    x, _ = next(iter(bundle.train))
+    assert x.shape == (2, 3, 20, 20) and bundle.image_size == 20 and "20 px, the size of the images" in bundle.note
+    x, _ = next(iter(bundle.test))
+    assert x.shape == (2, 3, 20, 20)
+    bundle = build_data("imagenet", root, batch_size=2, device=torch.device("cpu"), workers=0, image_size=12)
+    assert next(iter(bundle.train))[0].shape == (2, 3, 12, 12) and "12 px (--image-size)" in bundle.note
+    bundle = build_data("imagenet", root, batch_size=2, device=torch.device("cpu"))
+    assert bundle.train.loader.num_workers == min(8, available_cpus())
+
+
+def test_torchvision_runs_get_portable_names_a_plain_dry_run_and_a_time_warning(tmp_path, capsys):
+    """Item 5: run folders and plot files got a colon (runs/torchvision:resnet18_0); the dry run
+    called the data "imagenet"; a CPU run of hours started without a word."""
+    from dynsparse import imagefolder
+    from dynsparse.config import TrainConfig
+    assert TrainConfig(model="torchvision:resnet18").run_name == "torchvision-resnet18_0"
+    root = image_folder(tmp_path / "data")
+    argv = ["train", "--model", "torchvision:resnet18", "--data", str(root), "--runs-dir", str(tmp_path / "runs"),
+            "--epochs", "30", "-b", "4", "--rewire", "--initial-sparsity-conv", "0.8", "--dry-run"]
+    code, out, _ = run_main(capsys, argv)
+    assert code == 0 and "ImageFolder data (train/, val/)" in out and "imagenet" not in out.split("device")[0]
+    assert "torchvision-resnet18_0 (new)" in out and "images       20 px, the size of the images" in out
+    assert "s per training step on this CPU" in out  # seconds, not hours, at 20 px
+    warning = imagefolder.slow_cpu_warning(19.0, 40, 30, 224)  # the README's example as measured on 2 cores
+    assert warning.startswith("warning: on this CPU the run takes at least about 8.4 hours")
+    assert imagefolder.slow_cpu_warning(0.5, 40, 30, 64) is None
+    code, _, err = run_main(capsys, ["train", "--image-size", "28", "--dry-run"])
+    assert_one_line_error(code, err, "--image-size", "ImageFolder data")
+
+
+@pytest.mark.slow
+def test_a_torchvision_run_says_its_image_size_and_lands_in_a_portable_folder(tmp_path, capsys):
+    root = image_folder(tmp_path / "data")
+    code, out, _ = run_main(capsys, ["train", "--model", "torchvision:resnet18", "--data", str(root), "--runs-dir",
+                                     str(tmp_path / "runs"), "--rewire", "--initial-sparsity-conv", "0.8", "--epochs",
+                                     "1", "-b", "2", "--no-progress", "-j", "0"])
+    assert code == 0 and "warning: on this CPU the run takes" not in out  # 1 epoch of 2 steps: seconds
+    assert "data: images 20 px, the size of the images" in out and (tmp_path / "runs" / "torchvision-resnet18_0").is_dir()
+
+
+def test_report_plot_files_have_no_colon(tmp_path):
+    from dynsparse.report import build_report
+    from test_report import fake_run
+    d = fake_run(tmp_path / "runs", "tv", "dsr", 0.8, 0, 50.0, 1000)
+    s = json.loads((d / "summary.json").read_text())
+    s["model"] = s["config"]["model"] = "torchvision:resnet18"
+    (d / "summary.json").write_text(json.dumps(s))
+    paths = build_report([tmp_path / "runs"], tmp_path / "out")
+    assert all(":" not in p.name for p in paths) and any(p.name == "curves_torchvision-resnet18.png" for p in paths)
