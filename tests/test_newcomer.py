@@ -233,3 +233,24 @@ def test_report_plot_files_have_no_colon(tmp_path):
     (d / "summary.json").write_text(json.dumps(s))
     paths = build_report([tmp_path / "runs"], tmp_path / "out")
     assert all(":" not in p.name for p in paths) and any(p.name == "curves_torchvision-resnet18.png" for p in paths)
+
+
+def test_benchmark_evidence_records_the_cpu_model_and_its_vector_extensions(tmp_path, monkeypatch):
+    """Item 3: two "2-core x86_64" machines gave 20.0x and 10.4x; the evidence did not say which
+    CPU (with AVX-512, AMX or not) made which number."""
+    import sys
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    sys.modules.pop("common", None)
+    import common
+    text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+            "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw avx512_vnni amx_tile amx_bf16\n")
+    info = common.cpu_info(text)
+    assert info["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert info["vector_extensions"] == ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+                                         "amx_tile", "amx_bf16"]
+    ev = common.evidence()
+    assert ev["cpu"]["model"] and isinstance(ev["cpu"]["vector_extensions"], list) and ev["load_average"] is not None
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    common.write_results("x", {"evidence": {**ev, "cpu": info}}, "# x\n")
+    assert "CPU: Intel(R) Xeon(R) Platinum 8480+; vector extensions: sse4_2, avx" in (tmp_path / "x.md").read_text()
+    assert json.loads((tmp_path / "x.json").read_text())["evidence"]["cpu"]["vector_extensions"][-1] == "amx_bf16"
