@@ -254,3 +254,30 @@ def test_benchmark_evidence_records_the_cpu_model_and_its_vector_extensions(tmp_
     common.write_results("x", {"evidence": {**ev, "cpu": info}}, "# x\n")
     assert "CPU: Intel(R) Xeon(R) Platinum 8480+; vector extensions: sse4_2, avx" in (tmp_path / "x.md").read_text()
     assert json.loads((tmp_path / "x.json").read_text())["evidence"]["cpu"]["vector_extensions"][-1] == "amx_bf16"
+
+
+def test_accuracy_plot_writes_a_huge_spread_and_spreads_equal_parameter_counts(tmp_path, monkeypatch):
+    """Item 10: on the committed MNIST runs one error bar (DeepR 0.98, +-10.6) spanned the whole
+    axis and the markers of the methods at one sparsity piled up at ~6k parameters."""
+    from dynsparse import plots
+    if not plots.available():
+        pytest.skip("matplotlib is not installed")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dynsparse.report import build_report
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    build_report([REPO / "docs" / "mnist" / "runs"], tmp_path / "out")
+    fig = next(f for f in kept if "accuracy against parameter count" in f.axes[0].get_title())
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    bars = [seg for coll in ax.collections for seg in getattr(coll, "get_segments", lambda: [])()
+            if len(seg) == 2 and seg[0][0] == seg[1][0] and seg[0][1] != seg[1][1]]  # drawn bars
+    assert bars and all(abs(s[1][1] - s[0][1]) <= hi - lo for s in bars)  # none crosses the whole band
+    assert all(min(s[0][1], s[1][1]) < hi and max(s[0][1], s[1][1]) > lo for s in bars)  # and each is seen
+    assert lo > 91.26  # DeepR 0.98 (91.26 +- 10.64) is below the band: a triangle, its bar not drawn
+    xs_at_6k = sorted({round(line.get_xdata()[i]) for line in ax.lines for i in range(len(line.get_xdata()))
+                       if 5500 < line.get_xdata()[i] < 7000})
+    assert len(xs_at_6k) >= 5, xs_at_6k  # the series at 0.98 sit at distinct x, not on one point
+    assert plots.dodge(0, 3) < plots.dodge(1, 3) == 1.0 < plots.dodge(2, 3)
