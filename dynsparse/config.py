@@ -102,6 +102,7 @@ class TrainConfig:
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
     dataset: str = ""  # "": the model's own; fashion_mnist for the MNIST models (DATASET_CHOICES)
     sparse_backend: str = "masked"  # issue 14: masked, csr (truly sparse linear layers) or auto
+    sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
     image_size: int = 0  # ImageFolder crop size; 0: from the data, at most 224 (dynsparse.imagefolder)
 
     def __post_init__(self) -> None:

@@ -105,6 +105,9 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                  "+ mask, the default), csr (linear weights truly sparse: memory and CPU time "
                                  "shrink with density; same answers) or auto (csr for linear layers on CPU below "
                                  "the measured crossover density, masked elsewhere); docs/truly_sparse.md")),
+    (("--sync-bn",), dict(action="store_true", help="under torchrun on GPUs: batch norm with the statistics of the "
+                                                    "global batch (SyncBatchNorm) instead of each process's shard; "
+                                                    "not on CPU, where PyTorch's SyncBatchNorm does not run")),
     (("--image-size",), dict(type=int, metavar="PX", help="ImageFolder crop size in pixels (default 0: the size of "
                                                            "the data's images, at most 224)")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
@@ -142,7 +145,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "schedule and optimizer": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule_file",
                                "stop_rewire_epoch", "seed"),
     "run and outputs": ("name", "job_idx", "runs_dir", "resume", "overwrite", "logger", "progress"),
-    "distributed and speed": ("device", "threads", "amp", "channels_last", "compile", "sparse_backend"),
+    "distributed and speed": ("device", "sync_bn", "threads", "amp", "channels_last", "compile", "sparse_backend"),
     "the original's compatibility flags": ("start_epoch", "print_freq"),
 }
 GROUP_OF = {dest: group for group, dests in GROUPS.items() for dest in dests}

@@ -65,6 +65,8 @@ class _Run:
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, layers=cfg.layers,
                                   widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm,
                                   hidden_sizes=cfg.hidden_sizes, sparse_density=direct_sparse_density(cfg)).to(self.device)
+        if cfg.sync_bn:
+            self.model = distributed.sync_batch_norm(self.model, self.dist, self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.nesterov and cfg.momentum <= 0:

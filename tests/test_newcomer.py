@@ -281,3 +281,62 @@ def test_accuracy_plot_writes_a_huge_spread_and_spreads_equal_parameter_counts(t
                        if 5500 < line.get_xdata()[i] < 7000})
     assert len(xs_at_6k) >= 5, xs_at_6k  # the series at 0.98 sit at distinct x, not on one point
     assert plots.dodge(0, 3) < plots.dodge(1, 3) == 1.0 < plots.dodge(2, 3)
+
+
+def torchrun(args: list[str], cwd: Path):
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "main.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_bad_input_is_said_once_and_last(tiny_mnist, tmp_path):
+    """Item 8: a bad-input error was printed once per rank, above about 40 lines of torchrun's
+    traceback. Now rank 0 prints it, and torchrun's summary ends with it (its root cause)."""
+    done = torchrun(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "-b", "33"],
+                    tmp_path)
+    assert done.returncode != 0
+    line = "dynsparse: error: --batch-size 33 (the global batch) must be divisible by the 2 processes"
+    out = done.stdout + done.stderr
+    assert out.count(line) == 2, out  # printed by rank 0, and shown again by torchrun's summary
+    assert sum(l.startswith("dynsparse") for l in out.splitlines()) == 1, out  # rank 1 said nothing
+    summary = out.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0" in summary and f"traceback : {line}" in summary
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sync_bn_is_refused_on_cpu_with_a_reason_and_accepted_in_one_process(tiny_mnist, tmp_path, capsys):
+    """Item 8: batch-norm statistics are per rank; --sync-bn (SyncBatchNorm) is offered for GPUs.
+    PyTorch's SyncBatchNorm raises on CPU tensors under a process group, so on CPU it is refused
+    before anything is written."""
+    done = torchrun(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "-b", "32",
+                     "--sync-bn"], tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "dynsparse: error: --sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run " \
+        "on CPU" in out and not (tmp_path / "runs").exists()
+    # one process sees the whole batch: nothing to synchronize, the flag changes nothing
+    code, _, _ = run_main(capsys, ["train", *TINY, "--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "one"),
+                                   "--epochs", "1", "--sync-bn"])
+    assert code == 0
+
+
+def test_sync_bn_converts_batch_norm_on_cuda_and_refuses_cpu_ranks():
+    import torch
+
+    from dynsparse import distributed
+    from dynsparse.errors import DynsparseError
+    from dynsparse.models import create_model
+    model = create_model("mnist_mlp")
+    one = distributed.DistInfo(0, 1, 0)
+    assert distributed.sync_batch_norm(model, one, torch.device("cpu")) is model
+    two = distributed.DistInfo(0, 2, 0)
+    with pytest.raises(DynsparseError, match="--sync-bn needs GPUs"):
+        distributed.sync_batch_norm(model, two, torch.device("cpu"))
+    synced = distributed.sync_batch_norm(model, two, torch.device("cuda"))  # conversion itself needs no GPU
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm1d for m in synced.modules())
