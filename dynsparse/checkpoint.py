@@ -39,9 +39,21 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     out = []
     for key in sorted(set(saved) | set(new)):
         old, now = saved.get(key, defaults.get(key)), new.get(key, defaults.get(key))
-        if key not in RESUME_MAY_CHANGE and old != now:
+        if key not in RESUME_MAY_CHANGE and old != now and not (key == "schedule_file" and _same_file(old, now)):
             out.append(f"{_flag(key)} {old!r} -> {now!r}")
     return out
+
+
+def _same_file(old, now) -> bool:
+    """Two schedule paths that name the same file: a run saved the name it was given
+    (``mnist_schedule.yaml``), a newer one the bundled copy that name resolved to."""
+    from dynsparse.schedule import resolve_schedule_path
+    if not old or not now:
+        return False
+    try:
+        return resolve_schedule_path(old).resolve() == resolve_schedule_path(now).resolve()
+    except DynsparseError:
+        return False
 
 
 class ConfigMismatch(DynsparseError):
@@ -59,6 +71,16 @@ def check_same_config(saved: dict | None, new: dict, where: Path) -> None:
                              f"{'; '.join(diff)}. Use the run's own flags, or --overwrite or a new --name to "
                              f"start a new run (only {', '.join(sorted(_flag(k) for k in RESUME_MAY_CHANGE))} "
                              f"may change on resume)")
+
+
+def check_not_shorter(ckpt: dict, total_epochs: int, where: Path) -> None:
+    """Refuse to continue a run with fewer epochs than it has trained: that would rewrite its
+    configuration to a length its history contradicts (issue 23)."""
+    done = int(ckpt.get("epoch", 0))
+    if done > total_epochs:
+        raise ConfigMismatch(f"{where} already has {done} trained epochs; --epochs {total_epochs} would shorten it. "
+                             f"Pass --epochs {done} or more to continue it, or --overwrite or a new --name for a "
+                             f"shorter run; nothing was changed")
 
 
 def describe_mismatch(saved: dict, here: dict) -> str:
@@ -120,12 +142,23 @@ def load_checkpoint(path: str | Path, device: torch.device, runs_dir: str | Path
     try:
         ckpt = torch.load(p, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        detail = (str(e).splitlines() or [""])[0][:200]
-        raise DynsparseError(f"checkpoint {p} is corrupt or unreadable ({type(e).__name__}"
-                             f"{': ' + detail if detail else ''})") from None
+        raise DynsparseError(f"checkpoint {p} is corrupt or unreadable ({_first_sentence(e)}); restore it, or "
+                             f"start over with --overwrite") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DynsparseError(f"{p} is not a dynsparse checkpoint")
     return ckpt, p
+
+
+def _first_sentence(e: Exception) -> str:
+    """The type and first sentence of torch's error. Its weights-only message goes on to advise
+    ``weights_only=False``, which would run code from the file: never passed on."""
+    text = (str(e).splitlines() or [""])[0]
+    if "weights_only" in text or "Weights only load failed" in text:
+        return f"{type(e).__name__}: not a file of plain tensors and containers"
+    sentence = text.split(". ")[0].rstrip(".")
+    if len(sentence) > 150:
+        sentence = sentence[:150].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {sentence}" if sentence else type(e).__name__
 
 
 def check_runs_dir(runs_dir: str | Path) -> None:

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from dynsparse import __version__
+from dynsparse import __version__, torchrun
 from dynsparse.errors import DynsparseError
 from dynsparse.flags import SuggestingParser, parse_train_args
 
@@ -65,7 +65,9 @@ def _interrupted(e: KeyboardInterrupt, command: str) -> int:
         hint = f"resume with the same flags and --resume {run_dir}"
     else:
         hint = "nothing was saved yet; run the same command again"
-    print(f"dynsparse: {why}; {hint}", file=sys.stderr)
+    if not torchrun.is_quiet_rank():  # under torchrun rank 0 speaks for the job
+        print(f"dynsparse: {why}; {hint}", file=sys.stderr)
+        torchrun.record(f"dynsparse: {why}; {hint}")
     return 143 if isinstance(e, Terminated) else 130
 
 
@@ -116,7 +118,7 @@ def _main(argv: list[str]) -> int:
             return 0
         return 2
     except DynsparseError as e:
-        print(f"dynsparse: error: {e}", file=sys.stderr)
+        torchrun.say_error(f"dynsparse: error: {e}")  # once per torchrun job, also in its summary
         return 2
 
 

@@ -71,7 +71,7 @@ class TrainConfig:
     job_idx: int = 0
     no_augment: bool = False
     data: str = ""
-    workers: int = 8
+    workers: int | None = None  # None: min(8, the CPUs available) (issue 23; the original: 8)
     copy_mask_from: str = ""
     resume: str = ""
     schedule_file: str | None = None
@@ -91,7 +91,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # torch.set_num_threads when > 0; may change on resume
+    threads: int = 1  # torch.set_num_threads; may change on resume (issue 23: 1 holds up on shared cores)
     runs_dir: str = "runs"
     overwrite: bool = False
     progress: bool = True
@@ -102,6 +102,8 @@ class TrainConfig:
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
     dataset: str = ""  # "": the model's own; fashion_mnist for the MNIST models (DATASET_CHOICES)
     sparse_backend: str = "masked"  # issue 14: masked, csr (truly sparse linear layers) or auto
+    sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
+    image_size: int = 0  # ImageFolder crop size; 0: from the data, at most 224 (dynsparse.imagefolder)
 
     def __post_init__(self) -> None:
         # configs come back from JSON as lists, from the command line as "300,100"
@@ -142,7 +144,8 @@ class TrainConfig:
         # another data set is in the default name, so it never lands in the MNIST run's directory
         if self.name:
             return self.name
-        return f"{self.model}_{self.dataset}_{self.job_idx}" if self.dataset else f"{self.model}_{self.job_idx}"
+        model = self.model.replace(":", "-")  # torchvision:resnet18: no colon in a file name (Windows, scp, URLs)
+        return f"{model}_{self.dataset}_{self.job_idx}" if self.dataset else f"{model}_{self.job_idx}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,12 +175,18 @@ class TrainConfig:
         if self.epochs < 1 or not 0 <= self.start_epoch <= self.total_epochs:
             raise DynsparseError(f"need --epochs >= 1 and 0 <= --start-epoch <= the number of epochs, got "
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")
+        if self.image_size < 0 or (self.image_size and self.dataset_name != "imagenet"):
+            raise DynsparseError(f"--image-size must be >= 1 (0: from the data) and is for ImageFolder data "
+                                 f"(imagenet_resnet50, torchvision:NAME, timm:NAME), got {self.image_size} for {self.model}")
+        if self.workers is not None and self.workers < 0:
+            raise DynsparseError(f"-j/--workers must be >= 0 (0: load in the main process), got {self.workers}")
         if self.batch_size < 1:
             raise DynsparseError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.threads < 0:
-            raise DynsparseError(f"--threads must be >= 0 (0: PyTorch's default), got {self.threads}")
+        if self.threads < 1:  # 0 meant PyTorch's default (every core), which collapses on shared cores
+            raise DynsparseError(f"--threads must be >= 1 (CPU threads per operation), got {self.threads}")
         if not self.hidden_sizes or any(not isinstance(h, int) or h < 1 for h in self.hidden_sizes):
-            raise DynsparseError(f"--hidden-sizes must be one or more positive integers, got {self.hidden_sizes}")
+            raise DynsparseError("--hidden-sizes must be one or more positive integers, got "
+                                 + ",".join(map(str, self.hidden_sizes)))
         if self.hidden_sizes != (300, 100) and self.model != "mnist_mlp":
             raise DynsparseError(f"--hidden-sizes is for mnist_mlp, not {self.model}")
         for flag, value in (("--lr", self.lr), ("--momentum", self.momentum), ("--weight-decay", self.weight_decay),

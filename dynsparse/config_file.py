@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 
-from dynsparse.errors import DynsparseError
+from dynsparse.errors import DynsparseError, did_you_mean
 from dynsparse.io import read_yaml
 
 # keys that make no sense in a file of flags
@@ -87,10 +87,9 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         raise DynsparseError(f"--config {p} must be a mapping of flags to values (epochs: 20), not a {type(data).__name__}")
     keys = _keys(parser)
     unknown = [str(k) for k in data if str(k) not in keys]
-    if unknown:
-        valid = sorted({next(o for o in a.option_strings if o.startswith("--"))[2:] for a in keys.values()},
-                       key=str.lower)
-        raise DynsparseError(f"--config {p}: unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
-                             f"valid keys (the flags without dashes): {', '.join(valid)}")
+    if unknown:  # one suggestion per key: the whole list of keys is `dynsparse train --help`
+        said = ", ".join(f"{k} ({did_you_mean(k, keys).removeprefix('; ') or 'no flag like it'})" for k in unknown)
+        raise DynsparseError(f"--config {p}: unknown key{'s' * (len(unknown) > 1)} {said}; valid keys are the "
+                             f"flags without dashes, listed by dynsparse train --help")
     return {keys[str(k)].dest: _value(str(k), v, keys[str(k)], f"--config {p}") for k, v in data.items()
             if not (_is_const(keys[str(k)]) and v is False)}

@@ -25,7 +25,7 @@ def _init_conv_and_bn(model: nn.Module) -> None:
 def _check_channels(channels: list[int], widen_factor: float) -> None:
     if widen_factor <= 0 or min(channels) < 1:
         raise DynsparseError(
-            f"widen_factor must be > 0 and large enough to leave every layer at least one "
+            f"widen_factor (--widen-factor) must be > 0 and large enough to leave every layer at least one "
             f"channel, got {widen_factor} (channels {channels})"
         )
 

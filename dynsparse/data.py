@@ -154,16 +154,17 @@ class TensorLoader:
 # --------------------------------------------------------------------------- entry point
 
 def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.device,
-               validate_set: bool = False, augment: bool = True, workers: int = 8,
+               validate_set: bool = False, augment: bool = True, workers: int | None = None,
                seed: int = 0, download: bool = True, rank: int = 0, world_size: int = 1,
-               eval_batch_size: int | None = None) -> DataBundle:
+               eval_batch_size: int | None = None, image_size: int = 0) -> DataBundle:
     """The loaders of ``dataset`` (one of :data:`DATASET_NAMES`) read from ``root``.
 
     ``validate_set`` holds out the last 10,000 (MNIST, Fashion-MNIST, ImageNet) or 5,000
     (CIFAR-10) training samples as ``val``. ``augment=False`` turns off training augmentation (CIFAR-10 crop and
     flip; ImageNet random-resized-crop and flip, replaced by the evaluation resize and centre
     crop). (Fashion-)MNIST has no augmentation. ``workers`` is used by ImageNet only: the
-    others need no worker processes. ``download`` applies to all but ImageNet. ``eval_batch_size``
+    others need no worker processes (None: the CPUs available, at most 8); ``image_size`` is the
+    ImageNet crop (0: from the data, :mod:`dynsparse.imagefolder`). ``download`` applies to all but ImageNet. ``eval_batch_size``
     defaults to ``batch_size``.
     """
     if dataset not in DATASET_NAMES:
@@ -173,6 +174,9 @@ def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.devic
         raise DynsparseError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
     if not 0 <= rank < world_size:
         raise DynsparseError(f"rank must be in [0, world_size), got {rank} of {world_size}")
+    if workers is None:
+        from dynsparse.imagefolder import default_workers
+        workers = default_workers()
     if seed < 0 or workers < 0:
         raise DynsparseError(f"seed and workers must be >= 0, got {seed} and {workers}")
     device = torch.device(device)
@@ -187,7 +191,7 @@ def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.devic
         from dynsparse.imagenet import build_imagenet
         return build_imagenet(root, batch_size=batch_size, eval_batch_size=eval_batch_size,
                               device=device, holdout=holdout, augment=augment, workers=workers,
-                              seed=seed, rank=rank, world_size=world_size)
+                              seed=seed, rank=rank, world_size=world_size, image_size=image_size)
 
     if dataset == "mnist":
         train_x, train_y, test_x, test_y = load_mnist(root, download=download)

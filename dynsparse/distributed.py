@@ -201,6 +201,17 @@ class SparseDataParallel(torch.nn.Module):
             offset += g.numel()
 
 
+def sync_batch_norm(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``--sync-bn``: every batch norm takes its statistics over all processes' shards. One
+    process already sees the whole batch; on CPU PyTorch's SyncBatchNorm refuses to run."""
+    if not info.enabled:
+        return model
+    if device.type != "cuda":
+        raise DynsparseError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU (gloo); without it "
+                             "each process normalizes with its own shard's batch statistics (README, torchrun)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
     """The model as trained under several processes: DDP, or :class:`SparseDataParallel` when it
     holds CSR weights. On CPU DDP sums in rank order (bit-exact resume with any number of ranks)."""

@@ -16,9 +16,10 @@ from dynsparse.config import TrainConfig
 from dynsparse.data import resolve_data_root
 from dynsparse.datasets import CIFAR10_DIR, CIFAR10_FILES, MNIST_FILES
 from dynsparse.errors import DynsparseError
+from dynsparse.imagefolder import count_images, default_workers, image_size, seconds_per_step, slow_cpu_warning
 from dynsparse.legacy import build_sparsifier, direct_sparse_density, method_label, method_of, param_counts
 from dynsparse.models import create_model
-from dynsparse.schedule import load_schedules
+from dynsparse.schedule import BUNDLED_DIR, load_schedules
 
 # classes and training samples of each data set, as the loaders will find them
 KNOWN = {"mnist": (10, 60_000), "fashion_mnist": (10, 60_000), "cifar10": (10, 50_000), "imagenet": (1000, 1_281_167)}
@@ -62,6 +63,13 @@ def _num_classes(dataset: str, root: Path) -> tuple[int, str]:
     return classes, f"{classes} classes" + (" (assumed: no class folders found)" if dataset == "imagenet" else "")
 
 
+def _steps(schedule, start: int, end: int) -> str:
+    """A piecewise-constant schedule over epochs [start, end): ``0.1 (epochs 0-13), 0.02 (14-17)``."""
+    marks = [start] + [e for e in schedule.epochs if start < e < end]
+    return ", ".join(f"{schedule(a):g} (epoch{'s' * (b - a > 1)} {a}{f'-{b - 1}' if b - a > 1 else ''})"
+                     for a, b in zip(marks, marks[1:] + [max(end, start + 1)]))
+
+
 def describe(cfg: TrainConfig) -> tuple[str, str | None]:
     """The dry-run summary of ``cfg`` and the data problem (None when the data is there)."""
     dataset = cfg.dataset_name
@@ -70,6 +78,8 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
     classes, classes_text = _num_classes(dataset, root)
     problem = data_problem(dataset, root)
     num_train = KNOWN[dataset][1] - (_HOLDOUT[dataset] if cfg.validate_set else 0)
+    if dataset == "imagenet" and problem is None:  # ImageFolder data: its own count, not ImageNet's
+        num_train = max(count_images(root) - (_HOLDOUT[dataset] if cfg.validate_set else 0), 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the model a run would start from
         model = create_model(cfg.model, num_classes=classes, layers=cfg.layers, widen_factor=cfg.widen_factor,
@@ -93,12 +103,21 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
         f"method       {method_of(cfg)}" + (f" ({method_label(cfg)})" if method_label(cfg) != method_of(cfg) else ""),
         f"model        {cfg.model}: {counts['params_total']:,} parameters, {counts['params_learnable']:,} learnable "
         f"({100 * counts['params_learnable'] / max(counts['params_total'], 1):.2f}%)",
-        f"data         {dataset} in {root}: " + ("found" if problem is None else "MISSING") + f"; {classes_text}",
+        f"data         {'ImageFolder data (train/, val/)' if dataset == 'imagenet' else dataset} in {root}: "
+        + ("found" if problem is None else "MISSING") + f"; {classes_text}",
         f"device       {device}" + (f" (from --device {cfg.device})" if cfg.device != device else ""),
         f"run dir      {run_dir} ({state})",
-        f"schedule     {cfg.total_epochs} epochs, batch {cfg.batch_size}, lr {schedules.lr(cfg.start_epoch):g} "
-        f"at epoch {cfg.start_epoch}" + (f" (from {cfg.schedule_file})" if cfg.schedule_file else ""),
+        f"schedule     {cfg.total_epochs} epoch{'s' * (cfg.total_epochs != 1)}, batch {cfg.batch_size}, "
+        f"lr {_steps(schedules.lr, cfg.start_epoch, cfg.total_epochs)}" + (f" (from {schedules.source}" + (", the copy bundled with dynsparse" if
+                              Path(schedules.source).parent == BUNDLED_DIR else "") + ")" if cfg.schedule_file else ""),
     ]
+    if dataset == "imagenet":
+        size, why = image_size(root, cfg.image_size)
+        lines.append(f"images       {why}; {default_workers() if cfg.workers is None else cfg.workers} loader workers")
+        if device == "cpu":
+            step = seconds_per_step(model, size, cfg.batch_size, classes)
+            lines += [slow_cpu_warning(step, math.ceil(num_train / cfg.batch_size), cfg.total_epochs, size)
+                      or f"time         about {step:.2f} s per training step on this CPU"]
     layers = getattr(sparsifier, "params", None)
     if layers:
         lines.append(f"{'sparse layer':<40} {'shape':>18} {'density':>8} {'active':>11} {'of':>11}")

@@ -11,11 +11,13 @@ import dataclasses
 import difflib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from dynsparse.config import TrainConfig
 from dynsparse.config_file import peek_config, read_config_file
 from dynsparse.errors import DynsparseError
 from dynsparse.legacy import METHODS, check
+from dynsparse.schedule import resolve_schedule_path
 from dynsparse.sparse.budget import BUDGETS
 
 DEFAULTS = TrainConfig()
@@ -51,7 +53,7 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--prune-target-sparsity-conv",), dict(type=float, help="prune mode: target sparsity of conv layers")),
     (("--prune-iterations",), dict(type=int, help="prune mode: number of prunes")),
     (("--post-prune-epochs",), dict(type=int, help="prune mode: epochs to train after the last prune")),
-    (("--n-prune-params",), dict(type=int, help="DSR: entries to reallocate per reallocation (Np)")),
+    (("--n-prune-params",), dict(type=int, help="DSR: number of weights pruned and regrown at each reallocation (the paper's Np)")),
     (("--threshold-prune",), dict(action="store_true", help="DSR: prune below a global adaptive threshold")),
     (("--prune",), dict(action="store_true", help="gradual magnitude pruning of a (trained) model")),
     (("--validate-set",), dict(action="store_true", help="hold out a validation split to select the best epoch")),
@@ -77,7 +79,8 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                          "({model}_{dataset}_{job_idx} with another --dataset)")),
     (("--no-augment",), dict(action="store_true", help="no CIFAR-10 data augmentation")),
     (("--data",), dict(metavar="DIR", help="data root (default: $DYNSPARSE_DATA, else ./data)")),
-    (("-j", "--workers"), dict(type=int, metavar="N", help="ImageNet loader worker processes")),
+    (("-j", "--workers"), dict(type=int, metavar="N", help="ImageFolder loader worker processes (default: the CPUs "
+                                                          "available, at most 8)")),
     (("--copy-mask-from",), dict(help="run or checkpoint whose masks to copy")),
     (("--resume",), dict(help="run directory or checkpoint to resume from")),
     (("--schedule-file",), dict(help="YAML with lr_schedule, rewire_period_schedule, DeepR_temperature_schedule")),
@@ -102,9 +105,16 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                  "+ mask, the default), csr (linear weights truly sparse: memory and CPU time "
                                  "shrink with density; same answers) or auto (csr for linear layers on CPU below "
                                  "the measured crossover density, masked elsewhere); docs/truly_sparse.md")),
+    (("--sync-bn",), dict(action="store_true", help="under torchrun on GPUs: batch norm with the statistics of the "
+                                                    "global batch (SyncBatchNorm) instead of each process's shard; "
+                                                    "not on CPU, where PyTorch's SyncBatchNorm does not run")),
+    (("--image-size",), dict(type=int, metavar="PX", help="ImageFolder crop size in pixels (default 0: the size of "
+                                                           "the data's images, at most 224)")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
     (("--device",), dict(help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")),
-    (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads; 0: PyTorch's default)")),
+    (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads). 1 by default: more "
+                                             "threads than free cores make PyTorch many times slower (docs/performance.md); "
+                                             "on a machine of your own, try the number of physical cores")),
     (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
     (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),
@@ -122,7 +132,7 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
 
 # The help's sections, in order, and the flags (by dest) each holds.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("data", "dataset", "workers", "validate_set", "no_augment", "no_validate_train"),
+    "data": ("data", "dataset", "workers", "image_size", "validate_set", "no_augment", "no_validate_train"),
     "model": ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes", "sparse_resnet_downsample"),
     "method and its settings": (
         "method", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers", "sub_kernel_granularity",
@@ -135,7 +145,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "schedule and optimizer": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule_file",
                                "stop_rewire_epoch", "seed"),
     "run and outputs": ("name", "job_idx", "runs_dir", "resume", "overwrite", "logger", "progress"),
-    "distributed and speed": ("device", "threads", "amp", "channels_last", "compile", "sparse_backend"),
+    "distributed and speed": ("device", "sync_bn", "threads", "amp", "channels_last", "compile", "sparse_backend"),
     "the original's compatibility flags": ("start_epoch", "print_freq"),
 }
 GROUP_OF = {dest: group for group, dests in GROUPS.items() for dest in dests}
@@ -190,6 +200,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["schedule_file"] and not Path(values["schedule_file"]).is_file():
+        # a name of a bundled schedule: record the file used, not a path that does not exist (issue 23)
+        values["schedule_file"] = str(resolve_schedule_path(values["schedule_file"]))
     cfg = TrainConfig(**values)
     cfg.validate()
     check(cfg)

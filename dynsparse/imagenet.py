@@ -71,8 +71,10 @@ class ImageList(Dataset):
     Indexed by ``(index, sample_seed)`` pairs from :class:`EpochSampler`; with ``train`` the
     seed drives the random crop and flip, otherwise it is ignored."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], train: bool) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], train: bool, crop: int | None = None,
+                 resize: int | None = None) -> None:
         self.samples, self.train = samples, train
+        self.crop, self.resize = crop or CROP_SIZE, resize or RESIZE_SIZE
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,14 +86,14 @@ class ImageList(Dataset):
         if self.train:
             g = torch.Generator().manual_seed(sample_seed)
             top, left, h, w = resized_crop_params(*img.size, g)
-            img = TF.resized_crop(img, top, left, h, w, [CROP_SIZE, CROP_SIZE],
+            img = TF.resized_crop(img, top, left, h, w, [self.crop, self.crop],
                                   interpolation=InterpolationMode.BILINEAR, antialias=True)
             if torch.rand((), generator=g) < 0.5:
                 img = TF.hflip(img)
         else:
-            img = TF.resize(img, RESIZE_SIZE, interpolation=InterpolationMode.BILINEAR,
+            img = TF.resize(img, self.resize, interpolation=InterpolationMode.BILINEAR,
                             antialias=True)
-            img = TF.center_crop(img, [CROP_SIZE, CROP_SIZE])
+            img = TF.center_crop(img, [self.crop, self.crop])
         return TF.pil_to_tensor(img), target
 
 
@@ -163,13 +165,13 @@ def _scan(directory: Path) -> torchvision.datasets.ImageFolder:
 
 def build_imagenet(root: Path, *, batch_size: int, eval_batch_size: int, device: torch.device,
                    holdout: int, augment: bool, workers: int, seed: int, rank: int,
-                   world_size: int) -> DataBundle:
+                   world_size: int, image_size: int = 0) -> DataBundle:
     """The ImageNet :class:`DataBundle` (see :func:`dynsparse.data.build_data`).
 
     ``holdout`` > 0 moves the last ``holdout`` training images (in ``ImageFolder``'s sorted
     order) into ``val``. Only the training loader keeps its workers alive between epochs: the
     evaluation loaders run once per epoch, and idle workers would each hold a copy of the
-    sample list."""
+    sample list. ``image_size``: the crop size, 0 for :func:`dynsparse.imagefolder.image_size`'s."""
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         raise DynsparseError(f"ImageNet not found: missing {' and '.join(m + '/' for m in missing)}"
@@ -187,11 +189,14 @@ def build_imagenet(root: Path, *, batch_size: int, eval_batch_size: int, device:
                              f"images, but {os.path.abspath(root / 'train')} has only "
                              f"{len(samples)}")
     n = len(samples) - holdout
+    from dynsparse.imagefolder import image_size as size_of, resize_size
+    crop, why = size_of(root, image_size, cap=CROP_SIZE)
+    resize = RESIZE_SIZE if crop == CROP_SIZE else resize_size(crop)
 
     def loader(items: Sequence[tuple[str, int]], train: bool) -> ImageLoader:
         sampler = EpochSampler(len(items), shuffle=train, seed=seed, rank=rank,
                                world_size=world_size)
-        return ImageLoader(ImageList(items, train=train and augment), sampler,
+        return ImageLoader(ImageList(items, train=train and augment, crop=crop, resize=resize), sampler,
                            batch_size=batch_size if train else eval_batch_size, device=device,
                            workers=workers, persistent=train)
 
@@ -202,4 +207,6 @@ def build_imagenet(root: Path, *, batch_size: int, eval_batch_size: int, device:
         train_eval=loader(samples[:n], train=False),
         num_classes=len(train_set.classes),
         num_train=n,
+        note=f"images {why}, {workers} loader workers",
+        image_size=crop,
     )

@@ -40,6 +40,8 @@ class DataBundle:
     train_eval: Loader  # the training set like test: for the per-epoch train accuracy pass
     num_classes: int
     num_train: int
+    note: str = ""  # what a run should say about how the data is read (ImageFolder: the image size)
+    image_size: int = 0  # ImageFolder: the crop size in pixels
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -132,7 +132,7 @@ def create_model(name: str, *, num_classes: int = 10, layers: int = 28, widen_fa
     if name not in _BUILDERS:
         raise unknown_choice("model", name, MODEL_NAMES)
     if widen_factor <= 0:
-        raise DynsparseError(f"widen_factor must be > 0, got {widen_factor}")
+        raise DynsparseError(f"widen_factor (--widen-factor) must be > 0, got {widen_factor}")
     if num_classes < 1:
         raise DynsparseError(f"num_classes must be >= 1, got {num_classes}")
     if sparse_density is not None:  # mnist_mlp's hidden layers built in CSR form (--sparse-backend)

@@ -3,7 +3,9 @@
 * ``accuracy_vs_params_{model}.png``: final test top-1 (mean +- std over seeds) against learnable
   parameters, one series per method, published numbers as crosses in the method's colour (one
   legend entry for all of them). The y axis shows the band where most results lie; means below
-  it are drawn as triangles on the bottom edge.
+  it are drawn as triangles on the bottom edge, without error bar; a spread wider than the band
+  is written beside its point instead of drawn; the series are spread sideways by a few percent so that
+  methods of equal parameter count do not hide each other.
 * ``density_{model}.png``: per-layer density over training of one DSR run per sparsity (Fig. 3).
 * ``curves_{model}.png``: test top-1 per epoch (mean over seeds), one panel per sparsity, epochs
   numbered from 0 as the console and ``metrics.jsonl`` number them.
@@ -44,6 +46,11 @@ def styles(labels: list[str]) -> dict[str, dict]:
     return out
 
 
+def dodge(i: int, n: int, step: float = 0.04) -> float:
+    """The factor that moves series ``i`` of ``n`` sideways on a log axis, centred on 1."""
+    return (1 + step) ** (i - (n - 1) / 2)
+
+
 def y_band(values: list[float]) -> tuple[float, float]:
     """The y range that shows where most values lie: up to the best, down to twice the spread of
     the upper three quarters below it (all of them when they already fit)."""
@@ -64,6 +71,11 @@ def _grid(plt, n: int, **kw):
     for ax in axes[n:]:
         ax.axis("off")
     return fig, axes
+
+
+def _portable(model: str) -> str:
+    """A model name fit for a file name: ``torchvision:resnet18`` -> ``torchvision-resnet18``."""
+    return model.replace(":", "-").replace("/", "-")
 
 
 def _save(fig, path: Path) -> Path:
@@ -91,12 +103,22 @@ def _accuracy_plot(plt, model: str, mrows: list[dict], style: dict, out: Path) -
     fig, ax = plt.subplots(figsize=(8, 5))
     values = [r["test_top1_mean"] for r in mrows] + [r["published_top1"] for r in mrows if r["published_top1"]]
     lo, hi = y_band(values)
-    below = False
-    for method, st in style.items():
+    below, clipped = False, False
+    for i, (method, st) in enumerate(style.items()):
         pts = sorted((r["params_learnable"], r["test_top1_mean"], r["test_top1_std"], r["published_top1"])
                      for r in mrows if r["method"] == method)
         xs, ys, es, pubs = zip(*pts)
+        # methods at one sparsity have about the same parameter count: spread them sideways
+        # (a few percent on the log axis) so that their markers do not hide each other
+        xs = tuple(x * dodge(i, len(style)) for x in xs)
+        # an error bar taller than the band would cross the whole plot: its spread is written
+        # instead; a mean below the band is a triangle on the edge, without a bar (see the table)
+        big = [(x, y, e) for x, y, e in zip(xs, ys, es) if 2 * e > hi - lo and y >= lo]
+        es = tuple(0.0 if 2 * e > hi - lo or y < lo else e for y, e in zip(ys, es))
         ax.errorbar(xs, ys, yerr=es, capsize=3, label=method, markersize=5, **st)
+        for x, y, e in big:
+            clipped = True
+            ax.annotate(f"+-{e:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=st["color"])
         low = [(x, lo) for x, y in zip(xs, ys) if y < lo]
         if low:
             below = True
@@ -107,17 +129,19 @@ def _accuracy_plot(plt, model: str, mrows: list[dict], style: dict, out: Path) -
             ax.scatter(*zip(*pub), marker="x", s=50, color=st["color"], clip_on=False, zorder=5)
     ax.set_ylim(lo, hi)
     ax.set_xscale("log")
-    ax.set_xlabel("learnable parameters (log scale)")
+    ax.set_xlabel("learnable parameters (log scale; methods spread sideways by a few % to stay visible)")
     ax.set_ylabel("final test top-1 (%), mean +- std over seeds")
     ax.set_title(f"{model}: accuracy against parameter count")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     extra = [(Line2D([], [], marker="x", color="0.3", linestyle="none"), "published (method's colour)")]
+    if clipped:
+        extra.append((Line2D([], [], color="none"), "+-N: std too wide to draw (no bar)"))
     if below:
         extra.append((Line2D([], [], marker="v", color="0.3", linestyle="none"), f"on the bottom edge: below {lo:.1f}% (see table)"))
     ax.legend(handles + [h for h, _ in extra], labels + [l for _, l in extra], fontsize=7,
               loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    path = _save(fig, out / f"accuracy_vs_params_{model}.png")
+    path = _save(fig, out / f"accuracy_vs_params_{_portable(model)}.png")
     plt.close(fig)
     return path
 
@@ -152,7 +176,7 @@ def _density_plot(plt, model: str, groups: dict, out: Path) -> list[Path]:
             ax.legend(fontsize=6)
     fig.suptitle(f"{model}: per-layer density under DSR (one seed per panel)")
     fig.tight_layout()
-    path = _save(fig, out / f"density_{model}.png")
+    path = _save(fig, out / f"density_{_portable(model)}.png")
     plt.close(fig)
     return [path]
 
@@ -193,6 +217,6 @@ def _curves_plot(plt, model: str, groups: dict, style: dict, out: Path) -> list[
         fig.legend([legend[l] for l in labels], labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"{model}: learning curves (y axis from {lo:.1f}%: lower values run off the bottom)")
     fig.tight_layout()
-    path = _save(fig, out / f"curves_{model}.png")
+    path = _save(fig, out / f"curves_{_portable(model)}.png")
     plt.close(fig)
     return [path]

@@ -65,6 +65,27 @@ def _table() -> dict[tuple[str, str, float | None], tuple[float, Source]]:
 
 PUBLISHED = _table()
 
+# The architecture each model's published numbers were measured on (LeNet-300-100, WRN-28-2,
+# ResNet-50 at width 1): a run of another shape is another network and gets no published number.
+PUBLISHED_NAME = {"mnist_mlp": "LeNet-300-100", "cifar10_WideResNet": "WRN-28-2", "imagenet_resnet50": "ResNet-50"}
+
+
+def architecture(model: str, cfg: dict, *, thin_dense: bool = False) -> str | None:
+    """The shape of a run's network when it is not the one its model's published numbers were
+    measured on (``"MLP 784-500-500-10"``, ``"WRN-16-2"``, ``"ResNet-50 x2"``), else None.
+    ``thin_dense``: the width is the method's own setting (its label already names it)."""
+    if model == "mnist_mlp":
+        sizes = tuple(cfg.get("hidden_sizes") or (300, 100))
+        return None if sizes == (300, 100) else "MLP 784-" + "-".join(map(str, sizes)) + "-10"
+    width = float(cfg.get("widen_factor", 10.0))
+    if model == "cifar10_WideResNet":
+        layers = int(cfg.get("layers", 28))
+        same = layers == 28 and (thin_dense or width == 2.0)
+        return None if same else f"WRN-{layers}-{width:g}"
+    if model == "imagenet_resnet50":
+        return None if thin_dense or width == 1.0 else f"ResNet-50 x{width:g}"
+    return None
+
 
 def published(model: str, method: str, sparsity: float | None) -> tuple[float, Source] | None:
     """The published top-1 for this model/method/sparsity, with its :class:`Source`, or None.

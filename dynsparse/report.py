@@ -35,7 +35,7 @@ from dynsparse.errors import DynsparseError
 from dynsparse.flops import model_layer_flops, training_multiplier
 from dynsparse.io import atomic_write_text
 from dynsparse.legacy import METHODS
-from dynsparse.published import published
+from dynsparse.published import PUBLISHED_NAME, architecture, published
 from dynsparse.schedule import load_schedules
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,9 @@ def base_label(s: dict) -> str:
         qualifiers.append("no BN")
     if cfg.get("dataset"):  # another data set than the model's own (--dataset fashion_mnist)
         qualifiers.insert(0, cfg["dataset"])
+    shape = architecture(s["model"], cfg, thin_dense=s.get("label") == "thin dense")
+    if shape:  # another network than the published one: named, and never beside a published number
+        qualifiers.insert(0, shape)
     return f"{label} ({', '.join(qualifiers)})" if qualifiers else label
 
 
@@ -208,11 +211,14 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
         val_m = statistics.fmean(with_val) if len(with_val) == len(runs) else None
         oracle_m = statistics.fmean(r["best_test_top1"] for r in runs)
         params = statistics.fmean(r.get("params_learnable", r["params_nonzero"]) for r in runs)
-        dataset = (runs[0].get("config") or {}).get("dataset") or ""
-        # published numbers are for each model's own data set, never for a --dataset run
-        pub = None if dataset else published(model, runs[0]["_base_label"], sparsity)
+        cfg0 = runs[0].get("config") or {}
+        dataset = cfg0.get("dataset") or ""
+        shape = architecture(model, cfg0, thin_dense=runs[0].get("label") == "thin dense")
+        # published numbers are for each model's own data set and published shape, never another
+        pub = None if dataset or shape else published(model, runs[0]["_base_label"], sparsity)
         mults = [m for m in map(flops_multiplier, runs) if m is not None]
-        rows.append({"model": model, "dataset": dataset or model_dataset(model) or "", "method": label, "sparsity": sparsity, "seeds": len(runs),
+        rows.append({"model": model, "dataset": dataset or model_dataset(model) or "", "method": label,
+                     "architecture": shape or PUBLISHED_NAME.get(model, model), "sparsity": sparsity, "seeds": len(runs),
                      "epochs": runs[0]["_settings"]["trained_epochs"],
                      "test_top1_mean": round(acc_m, 3), "test_top1_std": round(acc_s, 3),
                      "test_top1_at_best_val_mean": _round(val_m), "oracle_best_test_top1_mean": round(oracle_m, 3),

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from dynsparse import distributed
-from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_runs_dir, check_same_config, does_not_fit, holds_run,
-                                  load_checkpoint, prepare_run_dir)
+from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
+                                  does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
+from dynsparse.console import epoch_header, run_header, write_failed
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
@@ -54,16 +55,18 @@ class _Run:
             raise DynsparseError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                                  f"{self.dist.world_size} processes")
         torch.manual_seed(cfg.seed)  # model initialization; everything later uses its own generators
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)  # before the evidence, which records it
+        torch.set_num_threads(cfg.threads)  # before the evidence, which records it
         self.schedules = load_schedules(cfg.schedule_file, default_lr=cfg.lr)
         self.data = build_data(cfg.dataset_name, resolve_data_root(cfg.data),
                                batch_size=cfg.batch_size // self.dist.world_size, device=self.device,
                                validate_set=cfg.validate_set, augment=not cfg.no_augment, workers=cfg.workers,
-                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+                               seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+                               image_size=cfg.image_size)
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, layers=cfg.layers,
                                   widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm,
                                   hidden_sizes=cfg.hidden_sizes, sparse_density=direct_sparse_density(cfg)).to(self.device)
+        if cfg.sync_bn:
+            self.model = distributed.sync_batch_norm(self.model, self.dist, self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.nesterov and cfg.momentum <= 0:
@@ -160,6 +163,7 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
             continuing = path.parent.resolve() == run.dir.resolve() and path.name in ("checkpoint.pt", "initial.pt")
             if continuing:  # before anything is written: a refused resume leaves the run as it was
                 check_same_config(ckpt.get("config"), cfg.to_dict(), run.dir)
+                check_not_shorter(ckpt, cfg.total_epochs, run.dir)
             run.restore(ckpt, exact=continuing)
             run.echo(f"{'continuing' if continuing else 'starting from'} {path} at epoch {run.start_epoch}")
         if cfg.copy_mask_from and not continuing:
@@ -206,12 +210,8 @@ def _evaluate(run: _Run, loader) -> dict[str, float]:
 
 def _train_loop(run: _Run, debug_distributed: bool) -> dict:
     cfg, echo, data = run.cfg, run.echo, run.data
-    counts = param_counts(run.model, run.sparsifier)
-    echo(f"run {run.dir}: {cfg.model}, method {method_of(cfg)}, {counts['params_learnable']:,} of "
-         f"{counts['params_total']:,} parameters learnable, {data.num_train:,} training samples, device {run.device}"
-         + (f" x {run.dist.world_size} processes" if run.dist.enabled else ""))
-    echo(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train%':>7} {'test%':>7} {'top5%':>7} {'val%':>7} {'nonzero':>10} "
-         f"{'rewires':>7} {'img/s':>7} {'time':>6}")
+    for line in run_header(run, param_counts(run.model, run.sparsifier)) + epoch_header(cfg):
+        echo(line)
     lines = echo if cfg.progress and not sys.stdout.isatty() else None  # logs get a line every 10%, not a bar
     for epoch in range(run.start_epoch, cfg.total_epochs):
         t0 = time.perf_counter()
@@ -255,8 +255,7 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             try:
                 _write_outputs(run)
             except DynsparseError as e:
-                raise DynsparseError(f"{e}; the run stopped after training epoch {epoch}; {run.dir} keeps its last "
-                                     f"complete checkpoint: fix that, then --resume {run.dir}") from None
+                raise write_failed(e, epoch, run.dir) from None
             run.logger.log_dict(epoch_scalars(row), step=epoch)
         echo(f"{epoch:>5} {lr:>8.4g} {row['train_loss']:>7.4f} {row.get('train_top1', row['train_top1_running']):>7.2f} "
              f"{row['test_top1']:>7.2f} {row['test_top5']:>7.2f} {_cell(row.get('val_top1')):>7} "

@@ -89,11 +89,11 @@ class _Meter:
         rate = self.samples / max(now - self.start, 1e-9)
         if show_bar:
             self.last_postfix = now
-            self.bar.set_postfix_str(f"loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s", refresh=False)
+            self.bar.set_postfix_str(f"mean loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s", refresh=False)
         if at_mark:
             eta = (now - self.start) / (step + 1) * (self.total - step - 1)
             self.lines(f"{self.desc}: {100 * (step + 1) / self.total:3.0f}% ({step + 1}/{self.total} steps) "
-                       f"loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+                       f"mean so far: loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier=None,

@@ -117,8 +117,8 @@ def test_threads_flag_may_change_on_resume():
     assert parse_train_args(["--threads", "1"])[0].threads == 1
     assert "threads" in RESUME_MAY_CHANGE
     assert config_differences({"threads": 1}, {"threads": 2}) == []
-    with pytest.raises(DynsparseError, match="--threads must be >= 0"):
-        parse_train_args(["--threads", "-1"])
+    with pytest.raises(DynsparseError, match="--threads must be >= 1"):
+        parse_train_args(["--threads", "0"])
 
 
 def test_config_file_with_command_line_precedence(tmp_path):
@@ -136,7 +136,7 @@ def test_config_file_with_command_line_precedence(tmp_path):
 
 
 @pytest.mark.parametrize("content,needles", [
-    ("epochz: 3\n", ["unknown key epochz", "valid keys", "epochs", "initial-sparsity-fc"]),
+    ("epochz: 3\n", ["unknown key epochz (did you mean epochs?)", "valid keys", "dynsparse train --help"]),
     ("epochs: many\n", ["epochs", "many"]),
     ("rewire: 3\n", ["rewire is a switch"]),
     ("amp: fp8\n", ["--amp must be off or bf16"]),
@@ -157,7 +157,7 @@ def test_progress_lines_every_tenth_of_an_epoch():
     train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), desc="epoch 0",
                     progress_lines=lines.append)
     assert len(lines) == 9, lines
-    assert lines[0].startswith("epoch 0:  10% (2/20 steps) loss ") and lines[-1].startswith("epoch 0:  90% (18/20")
+    assert lines[0].startswith("epoch 0:  10% (2/20 steps) mean so far: loss ") and lines[-1].startswith("epoch 0:  90% (18/20")
     assert all(re.search(r"acc \d+\.\d\d% [\d,]+ samples/s ETA \d+:\d\d$", line) for line in lines)
 
 

@@ -239,3 +239,38 @@ def test_export_runs_copies_summaries_and_dsr_events_and_rejects_bad_input(tmp_p
     for args in ([], [str(tmp_path / "nothing"), str(tmp_path / "o2")]):
         bad = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip()
+
+
+def test_a_widened_mlp_is_its_own_labelled_row_with_no_published_number(tmp_path):
+    """Issue 23 item 1: the committed MNIST runs plus a --hidden-sizes 500,500 DSR run at 0.98. The
+    widened run is another network: its row names its shape in md, csv, json and the plot legend,
+    and carries no published number; the LeNet-300-100 DSR row keeps its own."""
+    runs = tmp_path / "runs"
+    committed = Path(__file__).resolve().parent.parent / "docs" / "mnist" / "runs"
+    fake_run(runs, "wide_dsr", "dsr", 0.98, 0, 93.5, 16000, hidden_sizes=[500, 500])
+    paths = build_report([committed, runs], tmp_path / "report", title="t")
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())
+    wide = [r for r in rows if "784-500-500-10" in r["method"]]
+    assert len(wide) == 1 and wide[0]["runs"] == ["wide_dsr"], [r["method"] for r in rows]
+    assert wide[0]["method"] == "dsr (MLP 784-500-500-10)" and wide[0]["architecture"] == "MLP 784-500-500-10"
+    assert wide[0]["published_top1"] is None and wide[0]["delta_vs_published"] is None
+    plain = [r for r in rows if r["method"] == "dsr" and r["sparsity"] == 0.98]
+    assert plain and plain[0]["published_top1"] == 98.14 and plain[0]["architecture"] == "LeNet-300-100"
+    assert "wide_dsr" not in plain[0]["runs"]
+    csv_rows = [r for r in csv.DictReader((tmp_path / "report" / "results.csv").open()) if "500-500" in r["method"]]
+    assert csv_rows and csv_rows[0]["published_top1"] == "" and csv_rows[0]["architecture"] == "MLP 784-500-500-10"
+    md_line = next(l for l in (tmp_path / "report" / "report.md").read_text().splitlines() if "500-500" in l)
+    assert md_line.startswith("| dsr (MLP 784-500-500-10) | 0.98 |") and "SL-MNIST" not in md_line
+    if plots.available():  # the accuracy plot's legend names the shape (its label is the row's method)
+        assert any(p.name.startswith("accuracy_vs_params") for p in paths)
+        assert "dsr (MLP 784-500-500-10)" in plots.styles([r["method"] for r in rows])
+
+
+def test_architecture_names_only_shapes_that_are_not_the_published_ones():
+    from dynsparse.published import architecture
+    assert architecture("mnist_mlp", {}) is None and architecture("mnist_mlp", {"hidden_sizes": [300, 100]}) is None
+    assert architecture("mnist_mlp", {"hidden_sizes": [3000, 3000]}) == "MLP 784-3000-3000-10"
+    assert architecture("cifar10_WideResNet", {"layers": 28, "widen_factor": 2}) is None
+    assert architecture("cifar10_WideResNet", {"layers": 16, "widen_factor": 2}) == "WRN-16-2"
+    assert architecture("cifar10_WideResNet", {"layers": 28, "widen_factor": 1}, thin_dense=True) is None
+    assert architecture("imagenet_resnet50", {"widen_factor": 2}) == "ResNet-50 x2"

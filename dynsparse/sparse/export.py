@@ -59,7 +59,8 @@ def summary(s) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 2, "-" * len(lines[0]))
-    head = f"{type(s.policy).__name__}, step {s.step_count}: weights = active entries x slice size; nonzero <= active"
+    head = (f"{type(s.policy).__name__}, step {s.step_count}: entries: mask entries (one may cover a slice of "
+            f"weights, e.g. a 3x3 kernel); active: the weights they keep; nonzero <= active")
     return "\n".join([head, *lines])
 
 
