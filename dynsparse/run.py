@@ -33,6 +33,7 @@ from dynsparse.config import TrainConfig
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
+from dynsparse.sparse.compact import pack_state
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from dynsparse.legacy import (build_penalty, build_sparsifier, direct_sparse_density, method_label, method_of,
                               param_counts)
@@ -85,10 +86,11 @@ class _Run:
         self.logger = create_logger(None, self.dir)  # the real one once the run directory is ready
 
     def state(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sparsifier": self.sparsifier.state_dict(),
-                "history": self.history, "events": self.events}
+        # sparse weights and their optimizer state by active entries only: the file follows the nonzeros
+        return pack_state({"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
+                           "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "sparsifier": self.sparsifier.state_dict(),
+                           "history": self.history, "events": self.events}, self.sparsifier)
 
     def restore(self, ckpt: dict, *, exact: bool) -> None:
         try:
