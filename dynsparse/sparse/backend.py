@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
-from dynsparse.sparse.csr import CSRWeight, csr_linear_from_linear, prefer_csr
+from dynsparse.sparse.csr import CSRWeight, csr_linear_from_linear, dense_state_dict, prefer_csr
 from dynsparse.sparse.csr_param import CSRParam
 from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
 from dynsparse.sparse.masks import SparseParam, effective_granularity
@@ -109,7 +109,26 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
             out[name] = CSRParam(name, module.weight)
         else:
             out[name] = SparseParam(name, p, g, mask, active)
+    if any(sp.storage == "csr" for sp in out.values()):
+        save_pretrained_dense(model)
     return out
+
+
+def save_pretrained_dense(model: nn.Module) -> None:
+    """A HuggingFace model with CSR layers: its ``save_pretrained`` (which ``Trainer.save_model``
+    calls) writes the ordinary architecture's dense weights, which ``from_pretrained`` loads; the
+    CSR ``state_dict`` (values and indices) would load as a randomly initialized model."""
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save) or getattr(save, "dynsparse_dense", False):
+        return
+
+    def save_pretrained(*args, state_dict=None, **kwargs):
+        if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
+            state_dict = dense_state_dict(model)
+        return save(*args, state_dict=state_dict, **kwargs)
+
+    save_pretrained.dynsparse_dense = True
+    model.save_pretrained = save_pretrained
 
 
 def _adopt(name: str, weight: CSRWeight, density: float | None, init: str | None) -> CSRParam:
