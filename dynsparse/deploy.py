@@ -37,7 +37,8 @@ def _architecture(cfg: dict, model_state: dict) -> tuple[dict, dict[str, torch.S
     from dynsparse.models import create_model
     arch = {k: cfg.get(k) for k in ARCH_FIELDS if k in cfg}
     # the classifier's width: the last 1-D float tensor of the state (its bias, or the logits' norm)
-    last = [v for v in model_state.values() if torch.is_tensor(v) and v.dim() == 1 and v.is_floating_point()]
+    last = [v for k, v in model_state.items() if torch.is_tensor(v) and v.dim() == 1 and v.is_floating_point()
+            and not (k.endswith(".values") and k[:-len("values")] + "crow_indices" in model_state)]
     arch["num_classes"] = int(last[-1].numel()) if last else 10
     with torch.device("meta"):
         model = create_model(arch["model"], num_classes=arch["num_classes"], layers=arch.get("layers", 28),
@@ -157,7 +158,7 @@ def load_sparse(path: str | Path, dense: bool = False) -> dict[str, torch.Tensor
 def _sparse_entry(tensors: dict, name: str, shape: torch.Size, dense: bool) -> torch.Tensor:
     crow, col, values = (tensors[f"{name}.{k}"] for k in ("crow_indices", "col_indices", "values"))
     rows, cols = shape[0], shape.numel() // shape[0]
-    csr = torch.sparse_csr_tensor(crow.long(), col.long(), values, (rows, cols))
+    csr = torch.sparse_csr_tensor(crow.long(), col.long(), values, (rows, cols), check_invariants=True)
     if dense or len(shape) != 2:
         return csr.to_dense().view(shape)
     return csr
