@@ -127,14 +127,12 @@ def sparse_inference(model: nn.Module, state: dict[str, torch.Tensor] | None = N
     if backend not in BACKENDS:
         raise DynsparseError(f"unknown inference backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
     state = dict(state or {})
-    converted: set[int] = set()
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             key = f"{parent_name}.{name}" if parent_name else name
             layer = _convert(child, key, state, backend, batch_size)
             if layer is not None:
                 setattr(parent, name, layer)
-                converted.add(id(layer))
     if state:
         dense = {k: v for k, v in state.items() if not v.is_sparse_csr}
         missing = [k for k in model.state_dict() if k not in dense and not any(k.startswith(p) for p in _csr_prefixes(model))]
@@ -145,7 +143,7 @@ def sparse_inference(model: nn.Module, state: dict[str, torch.Tensor] | None = N
     if fold_batch_norm:
         for parent, a, _, b in _pairs(model):
             lin, bn = getattr(parent, a), getattr(parent, b)
-            if id(lin) in converted and isinstance(bn, nn.BatchNorm1d) and bn.track_running_stats \
+            if isinstance(lin, SparseInferenceLinear) and isinstance(bn, nn.BatchNorm1d) and bn.track_running_stats \
                     and bn.running_var is not None and bn.running_var.device.type != "meta":
                 _fold(lin, bn)
                 setattr(parent, b, nn.Identity())
