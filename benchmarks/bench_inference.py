@@ -5,14 +5,14 @@ mask), side by side in one process, interleaved repeat by repeat.
 Models: one 4096x4096 linear layer, and the 784-10000-10000-10 MLP (batch norm, folded into the
 CSR layers); densities 0.1, 0.01, 0.001 of every hidden linear weight (the MLP's 10-way output
 layer stays dense, as it is in training); batches 1, 8, 64. Latency: median and p99 over the
-repeats (p99 of a few dozen repeats is close to their maximum) of the thread's CPU time per forward
+repeats (3 timed forwards per arm and round after an untimed one, rounds interleaved; p99 of a few dozen is close to their maximum) of the thread's CPU time per forward
 (with 1 thread, the forward's cost without the waits for a core of a shared machine) and of the
 wall time. Memory: the model's own bytes
 (parameters, buffers, masks) and the peak RSS of a subprocess that builds only that arm (the CSR
 arm without any dense tensor) and runs the forwards, above the interpreter's baseline. A density
 sweep of the layer gives the crossover below which CSR answers faster (``INFERENCE_CROSSOVER``).
 
-Run: python benchmarks/bench_inference.py [--repeats 15] [--threads 1]   (CPU, a few minutes)
+Run: python benchmarks/bench_inference.py [--repeats 10] [--threads 1]   (CPU, a few minutes)
 Writes benchmarks/results/inference.json and .md, with commit, command and the machine's load.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ BATCHES = (1, 8, 64)
 SWEEP = (0.5, 0.3, 0.2, 0.1, 0.05)
 MLP_HIDDEN = (10000, 10000)
 ARMS = ("dense", "masked", "csr")
+INNER = 3  # timed forwards per arm and round, after one untimed
 
 
 def load() -> str:
@@ -130,12 +131,13 @@ def time_arms(arms: dict[str, nn.Module], in_f: int, batch: int, repeats: int) -
     wall: dict[str, list[float]] = {k: [] for k in arms}
     cpu: dict[str, list[float]] = {k: [] for k in arms}
     with torch.no_grad():
-        for r in range(repeats + 2):  # two warm-up rounds
-            for name, m in arms.items():  # interleaved: slow phases hit every arm alike
-                w0, c0 = time.perf_counter(), time.thread_time()
-                m(x)
-                c1, w1 = time.thread_time(), time.perf_counter()
-                if r >= 2:
+        for _ in range(repeats):
+            for name, m in arms.items():  # rounds interleaved: slow phases hit every arm alike
+                m(x)  # untimed: a server answering requests keeps its model warm in the caches,
+                for _ in range(INNER):  # while the previous arm (a dense 64 MiB weight) flushed them
+                    w0, c0 = time.perf_counter(), time.thread_time()
+                    m(x)
+                    c1, w1 = time.thread_time(), time.perf_counter()
                     wall[name].append(w1 - w0)
                     cpu[name].append(c1 - c0)
     return {k: {"median_ms": 1e3 * statistics.median(cpu[k]), "p99_ms": 1e3 * pct(cpu[k], 0.99),
@@ -155,7 +157,7 @@ def crossover(ratios: dict[float, float]) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=10, help="rounds; each times 3 forwards per arm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "DENSITY", "ARM"))
     a = ap.parse_args()
@@ -168,7 +170,7 @@ def main() -> None:
             built = {arm: build(model, density, arm) for arm in ARMS}
             arms = {arm: m for arm, (m, _) in built.items()}
             for batch in BATCHES:
-                reps = a.repeats if model == "layer" or batch < 64 else max(5, a.repeats // 3)
+                reps = a.repeats if model == "layer" or batch < 64 else max(3, a.repeats // 3)
                 t = time_arms(arms, in_f, batch, reps)
                 rows.append({"model": model, "density": density, "batch": batch, "repeats": reps, "times": t,
                              "model_bytes": {arm: b for arm, (_, b) in built.items()},
@@ -188,7 +190,7 @@ def main() -> None:
     for batch in BATCHES:
         ratios = {}
         for density in SWEEP:
-            t = time_arms({"dense": dense_layer, "csr": build("layer", density, "csr")[0]}, 4096, batch, max(5, a.repeats // 2))
+            t = time_arms({"dense": dense_layer, "csr": build("layer", density, "csr")[0]}, 4096, batch, max(3, a.repeats // 3))
             ratios[density] = t["dense"]["median_ms"] / t["csr"]["median_ms"]
         sweep[batch] = {"ratios": ratios, "crossover_density": crossover({**ratios, **{
             r["density"]: r["speedup_vs_dense"] for r in rows if r["model"] == "layer" and r["batch"] == batch}})}
