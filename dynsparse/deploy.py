@@ -125,7 +125,7 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as e:  # safetensors raises its own error type for damaged headers and data
         detail = (str(e).splitlines() or [""])[0][:160]
         raise DynsparseError(f"{p} is not a readable safetensors file ({type(e).__name__}"
@@ -175,8 +175,7 @@ def load_model(path: str | Path, *, backend: str = "auto", batch_size: int = 1):
     CSR (:func:`~dynsparse.sparse.inference.sparse_inference`), in eval mode."""
     from dynsparse.models import create_model
     from dynsparse.sparse.inference import sparse_inference
-    tensors, meta = read_file(path)
-    arch = json.loads(meta["architecture"])
+    arch = json.loads(read_file(path)[1]["architecture"])
     with torch.device("meta"):
         model = create_model(arch["model"], num_classes=arch["num_classes"], layers=arch.get("layers", 28),
                              widen_factor=arch.get("widen_factor", 10.0), batch_norm=not arch.get("no_batch_norm"),

@@ -33,13 +33,13 @@ from dynsparse.config import TrainConfig
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
-from dynsparse.sparse.compact import pack_state
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from dynsparse.legacy import (build_penalty, build_sparsifier, direct_sparse_density, method_label, method_of,
                               param_counts)
 from dynsparse.loggers import create_logger, epoch_scalars
 from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules
+from dynsparse.sparse.compact import pack_state
 from dynsparse.train import Diverged, evaluate, set_lr, summarize, train_one_epoch
 
 

@@ -60,12 +60,12 @@ class SparseInferenceLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "SparseInferenceLinear":
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SparseInferenceLinear:
         csr = weight.detach().to_sparse_csr()
         return cls(csr.crow_indices(), csr.col_indices(), csr.values(), tuple(weight.shape), bias)
 
     @classmethod
-    def from_csr(cls, csr: torch.Tensor, bias: torch.Tensor | None = None) -> "SparseInferenceLinear":
+    def from_csr(cls, csr: torch.Tensor, bias: torch.Tensor | None = None) -> SparseInferenceLinear:
         return cls(csr.crow_indices(), csr.col_indices(), csr.values(), tuple(csr.shape), bias)
 
     def _matrix(self) -> torch.Tensor:
