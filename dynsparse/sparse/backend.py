@@ -14,6 +14,7 @@ their topology.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Mapping
 
 import torch
@@ -117,18 +118,16 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
 def save_pretrained_dense(model: nn.Module) -> None:
     """A HuggingFace model with CSR layers: its ``save_pretrained`` (which ``Trainer.save_model``
     calls) writes the ordinary architecture's dense weights, which ``from_pretrained`` loads; the
-    CSR ``state_dict`` (values and indices) would load as a randomly initialized model."""
-    save = getattr(model, "save_pretrained", None)
-    if not callable(save) or getattr(save, "dynsparse_dense", False):
-        return
+    CSR ``state_dict`` (values and indices) would load as a randomly initialized model. Bound as
+    a method, so that a deep copy of the model saves the copy."""
+    if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
 
-    def save_pretrained(*args, state_dict=None, **kwargs):
-        if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
-            state_dict = dense_state_dict(model)
-        return save(*args, state_dict=state_dict, **kwargs)
 
-    save_pretrained.dynsparse_dense = True
-    model.save_pretrained = save_pretrained
+def _save_pretrained_dense(self: nn.Module, *args, state_dict=None, **kwargs):
+    if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
+        state_dict = dense_state_dict(self)
+    return type(self).save_pretrained(self, *args, state_dict=state_dict, **kwargs)
 
 
 def _adopt(name: str, weight: CSRWeight, density: float | None, init: str | None) -> CSRParam:

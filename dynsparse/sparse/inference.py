@@ -27,10 +27,11 @@ BACKENDS = ("auto", "csr")
 MKL_MAX_ROWS = 8  # up to this batch MKL's CSR x dense product beats embedding_bag (the benchmark)
 
 # Density below which a CSR layer answers faster than the dense one (MKL), by batch size, for a
-# 4096x4096 layer, 1 thread, float32: measured by `python benchmarks/bench_inference.py`, which
-# writes "crossover_density" into benchmarks/results/inference.json (see docs/deploy.md for the
-# commit and machine load of the run these come from). ``auto`` reads this table.
-INFERENCE_CROSSOVER: dict[int, float] = {1: 0.3, 8: 0.3, 64: 0.2}
+# 4096x4096 layer, 1 thread, float32: the "crossover" of `python benchmarks/bench_inference.py
+# --repeats 10` (benchmarks/results/inference.json; commit and machine load there and in
+# docs/deploy.md). At batch 8 and 64 CSR was still faster at 0.5, the densest density swept, so
+# ``auto`` stops there: denser layers stay dense. ``auto`` reads this table.
+INFERENCE_CROSSOVER: dict[int, float] = {1: 0.365, 8: 0.5, 64: 0.5}
 
 
 def prefer_sparse(density: float, batch_size: int) -> bool:
@@ -84,7 +85,8 @@ class SparseInferenceLinear(nn.Module):
             yt = spmm(self.crow_indices, self.col_indices, self.values, x2.t().contiguous())
         if self.bias is not None:
             yt = yt.add_(self.bias.unsqueeze(1))
-        return yt.t().reshape(*lead, self.out_features)
+        # a transposed view: no copy, and the next CSR layer takes it as its operand without one
+        return yt.t() if x.dim() == 2 else yt.t().reshape(*lead, self.out_features)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
