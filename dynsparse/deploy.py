@@ -93,10 +93,21 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "sparse") -> dic
         raise DynsparseError(f"unknown export format {fmt!r}; valid choices: {', '.join(FORMATS)}")
     from safetensors.torch import save
     state, sparse, meta, path = trained_state(run_dir)
+    tensors, shapes, nonzeros = file_tensors(state, sparse if fmt == "sparse" else set())
+    meta = {**meta, "format": SPARSE_FORMAT if fmt == "sparse" else DENSE_FORMAT, "sparse": json.dumps(shapes)}
+    data = save(tensors, metadata=meta)
+    atomic_write_bytes(out, data)
+    return {"file": str(out), "bytes": len(data), "checkpoint": str(path), "format": fmt,
+            "sparse_weights": len(sparse), "nonzeros": nonzeros if fmt == "sparse" else None}
+
+
+def file_tensors(state: dict[str, torch.Tensor], sparse: set[str]) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """The tensors of an export file: each tensor named in ``sparse`` as nonzeros + int32 CSR
+    indices where that is smaller, every other as is; with the sparse shapes and nonzero count."""
     tensors: dict[str, torch.Tensor] = {}
     shapes, nonzeros = {}, 0
     for key, t in state.items():
-        if fmt == "sparse" and key in sparse:
+        if key in sparse:
             rows = t.reshape(t.shape[0], -1)
             nz = torch.nonzero(rows)
             nonzeros += nz.shape[0]
@@ -109,11 +120,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "sparse") -> dic
                 shapes[key] = list(t.shape)
                 continue
         tensors[key] = t.contiguous()
-    meta = {**meta, "format": SPARSE_FORMAT if fmt == "sparse" else DENSE_FORMAT, "sparse": json.dumps(shapes)}
-    data = save(tensors, metadata=meta)
-    atomic_write_bytes(out, data)
-    return {"file": str(out), "bytes": len(data), "checkpoint": str(path), "format": fmt,
-            "sparse_weights": len(sparse), "nonzeros": nonzeros if fmt == "sparse" else None}
+    return tensors, shapes, nonzeros
 
 
 def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -2,6 +2,7 @@
 ``sparse_inference``, and a CSR model saved by HuggingFace / Lightning."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 
@@ -245,11 +246,14 @@ def test_huggingface_save_of_a_csr_model_reloads_with_from_pretrained(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
+    copy.deepcopy(model).save_pretrained(str(tmp_path / "copy"))  # a copy saves itself, densely too
     reloaded = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "saved")).eval()
     assert isinstance(reloaded.bert.encoder.layer[0].output.dense, nn.Linear)
     ids = torch.randint(4, 40, (3, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)
+    copied = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "copy")).eval()
+    assert torch.equal(copied.bert.encoder.layer[0].output.dense.weight, reloaded.bert.encoder.layer[0].output.dense.weight)
     w = reloaded.bert.encoder.layer[0].output.dense.weight
     assert 0.2 < float(w.ne(0).float().mean()) <= 0.3  # the sparse weights, not a fresh initialization
 
