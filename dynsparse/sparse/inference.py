@@ -28,10 +28,11 @@ MKL_MAX_ROWS = 8  # up to this batch MKL's CSR x dense product beats embedding_b
 
 # Density below which a CSR layer answers faster than the dense one (MKL), by batch size, for a
 # 4096x4096 layer, 1 thread, float32: the "crossover" of `python benchmarks/bench_inference.py
-# --repeats 10` (benchmarks/results/inference.json; commit and machine load there and in
-# docs/deploy.md). At batch 8 and 64 CSR was still faster at 0.5, the densest density swept, so
-# ``auto`` stops there: denser layers stay dense. ``auto`` reads this table.
-INFERENCE_CROSSOVER: dict[int, float] = {1: 0.365, 8: 0.5, 64: 0.5}
+# --repeats 10` (benchmarks/results/inference.json), 0.365 at batch 1 in a run at commit ec68341
+# (load average 11) and 0.446 at 6599ad6 (load 8): 0.4. At batch 8 and 64 CSR was still faster at
+# 0.5, the densest density swept (1.1x and 1.2-1.7x), so ``auto`` stops there: denser layers stay
+# dense. docs/deploy.md has the tables. ``auto`` reads this table.
+INFERENCE_CROSSOVER: dict[int, float] = {1: 0.4, 8: 0.5, 64: 0.5}
 
 
 def prefer_sparse(density: float, batch_size: int) -> bool:
