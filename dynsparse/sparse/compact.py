@@ -146,6 +146,9 @@ def unpack_state(state: dict) -> dict:
     records = state.get("compact")
     if not records:
         return state
+    if any(t.device.type == "meta" for r in records.values() for t in r.get("index", {}).values()):
+        raise DynsparseError("a compact checkpoint keeps its sparse tensors by their indices, which the 'meta' device "
+                             "does not hold: load it on the CPU (map_location='cpu') and move the tensors after")
     try:
         state = dict(state)
         model, masks = dict(state["model"]), dict(state["sparsifier"]["masks"])
