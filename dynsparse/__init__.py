@@ -10,13 +10,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from dynsparse.deploy import export_run, load_model, load_sparse
 from dynsparse.errors import DynsparseError
 from dynsparse.models import create_model, sparse_parameter_names
 from dynsparse.sparse import (BUDGETS, DSR, POLICIES, SET, SNFS, AtEpochEnds, DeepR, DropGrow, EveryStep,
                               GradualPruning, MEST, Never, Periodic, Policy, RigL, Sparsifier, Static, When, create_policy,
                               erk_densities, make_densities, register_policy, select_weights)
+from dynsparse.sparse.inference import sparse_inference
 
 __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "DynsparseError", "EveryStep", "GradualPruning",
            "MEST", "Never", "POLICIES", "Periodic", "Policy", "RigL", "SET", "SNFS", "Sparsifier", "Static", "When",
-           "__version__", "create_model", "create_policy", "erk_densities", "make_densities", "register_policy",
-           "select_weights", "sparse_parameter_names"]
+           "__version__", "create_model", "create_policy", "erk_densities", "export_run", "load_model",
+           "load_sparse", "make_densities", "register_policy", "select_weights", "sparse_inference",
+           "sparse_parameter_names"]

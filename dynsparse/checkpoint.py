@@ -12,8 +12,11 @@ from pathlib import Path
 import torch
 
 from dynsparse.errors import DynsparseError
+from dynsparse.sparse.compact import unpack_state
 
-CHECKPOINT_FORMAT = "dynsparse-checkpoint-v1"
+# v2: sparse tensors may be stored by their active entries (dynsparse.sparse.compact); v1 files still load
+CHECKPOINT_FORMAT = "dynsparse-checkpoint-v2"
+READABLE_FORMATS = ("dynsparse-checkpoint-v1", CHECKPOINT_FORMAT)
 
 RESUME_MAY_CHANGE = frozenset({
     "epochs", "start_epoch", "resume", "overwrite", "progress", "print_freq", "data", "runs_dir", "workers",
@@ -144,9 +147,15 @@ def load_checkpoint(path: str | Path, device: torch.device, runs_dir: str | Path
     except Exception as e:  # torch raises many types for a damaged file
         raise DynsparseError(f"checkpoint {p} is corrupt or unreadable ({_first_sentence(e)}); restore it, or "
                              f"start over with --overwrite") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise DynsparseError(f"{p} is not a dynsparse checkpoint")
-    return ckpt, p
+    return unpack_state(ckpt), p
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint (file or run directory) in the plain layout: dense tensors and masks, whether it
+    was saved compact (v2) or not (v1). ``torch.load`` of a v2 file gives the compact layout."""
+    return load_checkpoint(path, torch.device(map_location))[0]
 
 
 def _first_sentence(e: Exception) -> str:

@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run directories, or directories that contain them")
     report.add_argument("--out", default="report", help="output directory (default: report)")
     report.add_argument("--title", default="dynsparse report", help="title of the markdown report")
+    export = sub.add_parser("export", help="write a run's trained model as a safetensors file (sparse or dense)",
+                            description="Write the trained model of a run (its last checkpoint) as safetensors: "
+                                        "'sparse' keeps each sparse weight as its nonzeros + int32 CSR indices, "
+                                        "'dense' is the plain state_dict of the ordinary architecture.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint.pt)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the file to write (e.g. model.safetensors)")
+    export.add_argument("--format", dest="export_format", choices=("sparse", "dense"), default="sparse",
+                        help="sparse (default; read back with dynsparse.load_sparse) or dense")
     return parser
 
 
@@ -111,6 +119,11 @@ def _main(argv: list[str]) -> int:
                                 dry_run=ns.dry_run)
             print(outcome_summary(outcome, dry_run=ns.dry_run))
             return 1 if any(v.startswith("failed") for v in outcome.values()) else 0
+        if ns.command == "export":
+            from dynsparse.deploy import export_run
+            done = export_run(ns.run_dir, ns.out, ns.export_format)
+            print(f"wrote {done['file']} ({done['bytes']:,} bytes, {done['format']}) from {done['checkpoint']}")
+            return 0
         if ns.command == "report":
             from dynsparse.report import build_report
             paths = build_report(ns.runs, ns.out, title=ns.title)

@@ -40,6 +40,7 @@ from dynsparse.legacy import (build_penalty, build_sparsifier, direct_sparse_den
 from dynsparse.loggers import create_logger, epoch_scalars
 from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules
+from dynsparse.sparse.compact import pack_state
 from dynsparse.train import Diverged, evaluate, set_lr, summarize, train_one_epoch
 
 
@@ -88,10 +89,11 @@ class _Run:
         self.logger = create_logger(None, self.dir)  # the real one once the run directory is ready
 
     def state(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sparsifier": self.sparsifier.state_dict(),
-                "history": self.history, "events": self.events}
+        # sparse weights and their optimizer state by active entries only: the file follows the nonzeros
+        return pack_state({"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
+                           "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "sparsifier": self.sparsifier.state_dict(),
+                           "history": self.history, "events": self.events}, self.sparsifier)
 
     def restore(self, ckpt: dict, *, exact: bool) -> None:
         try:

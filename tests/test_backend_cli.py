@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import write_mnist
+from dynsparse.checkpoint import read_checkpoint
 from dynsparse.cli import main
 
 METHODS = {
@@ -48,7 +49,7 @@ def test_csr_backend_through_the_cli_matches_masked(mnist_root, tmp_path, method
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
         assert ra["test_top1"] == pytest.approx(rb["test_top1"], abs=1.0)
     assert a["params_total"] == b["params_total"] and a["params_learnable"] == b["params_learnable"]
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt = read_checkpoint(run / "checkpoint.pt")
     assert "fc1.weight.values" in ckpt["model"] and "fc1.weight" not in ckpt["model"]
     assert b["config"]["sparse_backend"] == "csr"
 
@@ -95,7 +96,7 @@ def test_wide_mlp_is_built_in_csr_form_without_a_dense_weight(mnist_root, tmp_pa
     assert max(made) == 30000 * 10  # only the output layer was ever a dense nn.Linear
     summary = json.loads((tmp_path / "wide" / "summary.json").read_text())
     assert summary["params_sparse_total"] == 784 * 30000 + 30000 * 30000 + 30000 * 10
-    ckpt = torch.load(tmp_path / "wide" / "checkpoint.pt", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / "wide" / "checkpoint.pt")
     assert ckpt["model"]["fc_int.weight.values"].numel() == int(1e-4 * 30000 * 30000 + 0.1)
     assert not any(isinstance(v, torch.Tensor) and v.numel() >= 30000 * 30000 for v in ckpt["model"].values())
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dynsparse.checkpoint import read_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,8 +46,8 @@ def test_two_ranks_hold_identical_masks_and_weights(method, tiny_mnist, tmp_path
     proc = launch(2, flags(tiny_mnist, tmp_path, "ddp", method), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
-    r0 = torch.load(run / "debug_rank0.pt", weights_only=True)
-    r1 = torch.load(run / "debug_rank1.pt", weights_only=True)
+    r0 = read_checkpoint(run / "debug_rank0.pt")
+    r1 = read_checkpoint(run / "debug_rank1.pt")
     strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]
     assert strip(r0["history"]) == strip(r1["history"])
     for k in r0["model"]:
@@ -93,8 +95,8 @@ def test_csr_backend_under_two_ranks_matches_masked(method, tiny_mnist, tmp_path
                       tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[backend] = tmp_path / "runs" / backend
-    r0 = torch.load(runs["csr"] / "debug_rank0.pt", weights_only=True)
-    r1 = torch.load(runs["csr"] / "debug_rank1.pt", weights_only=True)
+    r0 = read_checkpoint(runs["csr"] / "debug_rank0.pt")
+    r1 = read_checkpoint(runs["csr"] / "debug_rank1.pt")
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
     assert "fc1.weight.values" in r0["model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dynsparse.checkpoint import read_checkpoint
 from dynsparse.models import create_model
 
 
@@ -37,8 +38,8 @@ SPARSE = ("fc1.weight", "fc_int.weight", "fc2.weight")
 def test_copied_mask_starts_from_the_unmasked_fresh_init(tiny_mnist, tmp_path):
     _run(tiny_mnist, tmp_path, "--rewire", "--name", "x", "--seed", "5")
     _run(tiny_mnist, tmp_path, "--copy-mask-from", str(tmp_path / "x"), "--name", "y", "--seed", "3")
-    masks = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
-    start = torch.load(tmp_path / "y" / "initial.pt", weights_only=True)
+    masks = read_checkpoint(tmp_path / "x" / "checkpoint.pt")["sparsifier"]["masks"]
+    start = read_checkpoint(tmp_path / "y" / "initial.pt")
     fresh = _fresh(3)
     for n in SPARSE:
         m, w = masks[n], start["model"][n]
@@ -54,9 +55,9 @@ def test_copied_mask_with_resume_initial_starts_from_the_other_runs_init(tiny_mn
          "--name", "x", "--seed", "5")
     _run(tiny_mnist, tmp_path, "--copy-mask-from", str(tmp_path / "x"), "--resume", str(tmp_path / "x_initial"),
          "--name", "y", "--seed", "3")
-    masks = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
-    start = torch.load(tmp_path / "y" / "initial.pt", weights_only=True)["model"]
-    x_initial = torch.load(tmp_path / "x" / "initial.pt", weights_only=True)
+    masks = read_checkpoint(tmp_path / "x" / "checkpoint.pt")["sparsifier"]["masks"]
+    start = read_checkpoint(tmp_path / "y" / "initial.pt")["model"]
+    x_initial = read_checkpoint(tmp_path / "x" / "initial.pt")
     fresh_x = _fresh(5)
     for n in SPARSE:
         m = masks[n]
@@ -197,7 +198,7 @@ def test_a_checkpoint_copy_is_saved_at_the_stop_rewire_epoch(tiny_mnist, tmp_pat
     _run(tiny_mnist, tmp_path, "--rewire", "--name", "x", "--epochs", "3", "--stop-rewire-epoch", "1")
     names = sorted(p.name for p in (tmp_path / "x").iterdir() if "StopRewiring" in p.name)
     assert names == ["checkpoint_StopRewiringPoint_1.pt"]
-    ckpt = torch.load(tmp_path / "x" / names[0], weights_only=True)
+    ckpt = read_checkpoint(tmp_path / "x" / names[0])
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2  # saved after training epoch 1
 
 
@@ -205,8 +206,8 @@ def test_copied_mask_into_a_csr_run_takes_the_topology_and_fresh_values(tiny_mni
     _run(tiny_mnist, tmp_path, "--rewire", "--name", "x", "--seed", "5")  # masked
     _run(tiny_mnist, tmp_path, "--copy-mask-from", str(tmp_path / "x"), "--name", "y", "--seed", "3",
          "--sparse-backend", "csr")
-    masks = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
-    start = torch.load(tmp_path / "y" / "initial.pt", weights_only=True)
+    masks = read_checkpoint(tmp_path / "x" / "checkpoint.pt")["sparsifier"]["masks"]
+    start = read_checkpoint(tmp_path / "y" / "initial.pt")
     fresh = _fresh(3)
     for n in SPARSE:
         flat = torch.nonzero(masks[n].reshape(-1)).view(-1)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from dynsparse.checkpoint import read_checkpoint
 from dynsparse.legacy import method_of
 from dynsparse.cli import parse_train_args
 from dynsparse.config import TrainConfig
@@ -132,8 +133,8 @@ def check(cfg: TrainConfig, summary: dict) -> None:
     if cfg.copy_mask_from:
         run_dir = Path(cfg.runs_dir) / cfg.run_name
         source = Path(cfg.copy_mask_from)
-        initial = torch.load(run_dir / "initial.pt", weights_only=True)["sparsifier"]["masks"]
-        copied = torch.load(source / "checkpoint.pt", weights_only=True)["sparsifier"]["masks"]
+        initial = read_checkpoint(run_dir / "initial.pt")["sparsifier"]["masks"]
+        copied = read_checkpoint(source / "checkpoint.pt")["sparsifier"]["masks"]
         assert all(torch.equal(initial[k], copied[k]) for k in copied)
 
 

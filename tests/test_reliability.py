@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import dynsparse.run as run_module
 import dynsparse.train as train_module
 from dynsparse import datasets
+from dynsparse.checkpoint import read_checkpoint
 from dynsparse.cli import main, parse_train_args
 from dynsparse.errors import DynsparseError
 from dynsparse.run import run_training
@@ -191,7 +192,7 @@ def test_full_disk_at_start_and_at_an_epoch_end_checkpoint(tiny_mnist, tmp_path,
     full_disk(monkeypatch, lambda name, n: name == "checkpoint.pt" and n == 2)  # the end of epoch 1
     err = one_line_error(capsys, ["train", *argv_for(tiny_mnist, runs, "--overwrite")], "No space left on device")
     assert f"--resume {run}" in err and not temporaries(run)
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last complete one
+    assert read_checkpoint(run / "checkpoint.pt")["epoch"] == 1  # the last complete one
     monkeypatch.undo()
     assert main(["train", *argv_for(tiny_mnist, runs, "--resume", str(run))]) == 0
 
@@ -225,8 +226,8 @@ def test_run_interrupted_in_its_first_epoch_resumes_exactly(tiny_mnist, tmp_path
     assert not (run / "checkpoint.pt").exists() and (run / "initial.pt").exists()
     monkeypatch.undo()
     run_training(cfg(tiny_mnist, tmp_path / "b", *flags, "--resume", str(run)))
-    a = torch.load(tmp_path / "a" / "mnist_mlp_0" / "checkpoint.pt", weights_only=True)
-    b = torch.load(run / "checkpoint.pt", weights_only=True)
+    a = read_checkpoint(tmp_path / "a" / "mnist_mlp_0" / "checkpoint.pt")
+    b = read_checkpoint(run / "checkpoint.pt")
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert a["events"] == b["events"]
 
@@ -260,7 +261,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tiny_mnist, tmp_path):
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and f"--resume {run}" in err and "Traceback" not in err
     assert not temporaries(run)
-    done = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]
+    done = read_checkpoint(run / "checkpoint.pt")["epoch"]
     s = run_training(cfg(tiny_mnist, tmp_path / "runs", "--epochs", str(done + 1), "--resume", str(run)))
     assert [r["epoch"] for r in s["history"]] == list(range(done + 1))
 
@@ -279,7 +280,7 @@ def test_divergence_stops_within_a_few_steps_with_the_step_number(tiny_mnist, tm
     one_line_error(capsys, ["train", *argv_for(tiny_mnist, tmp_path, "--epochs", "20")],
                    "non-finite loss at training step 5 (step 1 of epoch 1")
     assert calls["train"] <= 6 + train_module.CHECK_EVERY
-    assert torch.load(tmp_path / "mnist_mlp_0" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert read_checkpoint(tmp_path / "mnist_mlp_0" / "checkpoint.pt")["epoch"] == 1
 
 
 # ---- 5. resume with 3 processes is exact ----------------------------------------------------------
@@ -294,8 +295,8 @@ def test_three_process_resume_is_bit_identical(tiny_mnist, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     second = launch(3, [*cut, "-b", "48", "--resume", str(tmp_path / "runs" / "cut")], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    a = torch.load(tmp_path / "runs" / "straight" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "runs" / "cut" / "checkpoint.pt", weights_only=True)
+    a = read_checkpoint(tmp_path / "runs" / "straight" / "checkpoint.pt")
+    b = read_checkpoint(tmp_path / "runs" / "cut" / "checkpoint.pt")
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert all(torch.equal(v, b["sparsifier"]["masks"][k]) for k, v in a["sparsifier"]["masks"].items())
@@ -359,7 +360,7 @@ def test_losing_a_rank_stops_the_job_and_it_resumes(tiny_mnist, tmp_path):
     said = [line for line in died.stderr.splitlines() if line.startswith("dynsparse: ")]
     assert any("lost another process of this job" in line or "terminated (SIGTERM)" in line for line in said) \
         and any(f"--resume {run}" in line for line in said), died.stderr[-3000:]
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1 and not temporaries(run)
+    assert read_checkpoint(run / "checkpoint.pt")["epoch"] == 1 and not temporaries(run)
     resumed = launch(2, [*args, "--resume", str(run)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["epoch"] for r in json.loads((run / "summary.json").read_text())["history"]] == [0, 1, 2]

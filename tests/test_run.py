@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dynsparse.checkpoint import read_checkpoint
 from dynsparse.cli import main, parse_train_args
 from dynsparse.errors import DynsparseError
 from dynsparse.run import run_training
@@ -58,8 +59,8 @@ def test_resume_is_exact(tiny_mnist, tmp_path):
     straight = run_training(cfg_for(tiny_mnist, tmp_path / "a", *DSR_FLAGS))
     run_training(cfg_for(tiny_mnist, tmp_path / "b", *DSR_FLAGS, "--epochs", "1"))
     resumed = run_training(cfg_for(tiny_mnist, tmp_path / "b", *DSR_FLAGS, "--resume", str(tmp_path / "b" / "mnist_mlp_0")))
-    a = torch.load(tmp_path / "a" / "mnist_mlp_0" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "mnist_mlp_0" / "checkpoint.pt", weights_only=True)
+    a = read_checkpoint(tmp_path / "a" / "mnist_mlp_0" / "checkpoint.pt")
+    b = read_checkpoint(tmp_path / "b" / "mnist_mlp_0" / "checkpoint.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     for k, v in a["sparsifier"]["masks"].items():
@@ -78,11 +79,11 @@ def test_existing_run_is_not_overwritten_silently(tiny_mnist, tmp_path):
 
 def test_resume_from_another_run_takes_its_weights(tiny_mnist, tmp_path):
     run_training(cfg_for(tiny_mnist, tmp_path, "--epochs", "1", "--initial-sparsity-fc", "0"))
-    src = torch.load(tmp_path / "mnist_mlp_0" / "checkpoint.pt", weights_only=True)
+    src = read_checkpoint(tmp_path / "mnist_mlp_0" / "checkpoint.pt")
     s = run_training(cfg_for(tiny_mnist, tmp_path, "--epochs", "1", "--initial-sparsity-fc", "0", "--job-idx", "1",
                              "--resume", str(tmp_path / "mnist_mlp_0"), "--lr", "0", "--momentum", "0",
                              "--nesterov", "False", "--weight-decay", "0"))
-    dst = torch.load(tmp_path / "mnist_mlp_1" / "checkpoint.pt", weights_only=True)
+    dst = read_checkpoint(tmp_path / "mnist_mlp_1" / "checkpoint.pt")
     assert torch.equal(src["model"]["fc1.weight"], dst["model"]["fc1.weight"])  # lr 0: weights unchanged
     assert s["epochs"] == 1
 
@@ -127,7 +128,7 @@ def test_bf16_autocast_and_channels_last_train(tiny_cifar, tmp_path):
                                "--amp", "bf16", "--channels-last", "--no-progress"])
     s = run_training(cfg)
     assert s["config"]["amp"] == "bf16" and s["params_sparse"] < s["params_sparse_total"]
-    ckpt = torch.load(tmp_path / cfg.run_name / "checkpoint.pt", weights_only=True)
+    ckpt = read_checkpoint(tmp_path / cfg.run_name / "checkpoint.pt")
     assert ckpt["model"]["block1.layer.0.conv1.weight"].dtype == torch.float32  # weights stay float32
     with pytest.raises(DynsparseError, match="--amp must be off or bf16"):
         parse_train_args(["--amp", "fp8"])

@@ -14,13 +14,14 @@ their topology.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
-from dynsparse.sparse.csr import CSRWeight, csr_linear_from_linear, prefer_csr
+from dynsparse.sparse.csr import CSRWeight, csr_linear_from_linear, dense_state_dict, prefer_csr
 from dynsparse.sparse.csr_ops import CSR_DTYPES, dtype_message
 from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
 from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
@@ -118,7 +119,24 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
             out[name] = CSRParam(name, module.weight)
         else:
             out[name] = SparseParam(name, p, g, mask, active)
+    if any(sp.storage == "csr" for sp in out.values()):
+        save_pretrained_dense(model)
     return out
+
+
+def save_pretrained_dense(model: nn.Module) -> None:
+    """A HuggingFace model with CSR layers: its ``save_pretrained`` (which ``Trainer.save_model``
+    calls) writes the ordinary architecture's dense weights, which ``from_pretrained`` loads; the
+    CSR ``state_dict`` (values and indices) would load as a randomly initialized model. Bound as
+    a method, so that a deep copy of the model saves the copy."""
+    if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
+
+
+def _save_pretrained_dense(self: nn.Module, *args, state_dict=None, **kwargs):
+    if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
+        state_dict = dense_state_dict(self)
+    return type(self).save_pretrained(self, *args, state_dict=state_dict, **kwargs)
 
 
 def _adopt(name: str, weight: CSRWeight, density: float | None, init: str | None) -> CSRParam:
