@@ -43,6 +43,7 @@ from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
+from dynsparse.sparse.sharded import whole_masks
 from dynsparse.sparse.when import Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class Sparsifier:
             self.apply_masks(optimizer_state=False)
         last = self.total_steps is not None and self.step_count >= self.total_steps
         if not last and self.policy.when.due(self.step_count, self.epoch):
-            self._record(*self.policy.update(self))
+            self._record(*self._update())
         self._arm_capture()
 
     @torch.no_grad()
@@ -188,7 +189,11 @@ class Sparsifier:
             if self._hooks is not None:
                 _export.check_off_mask_zero(self)
             self.epoch_end_updates += 1
-            self._record(*self.policy.update(self))
+            self._record(*self._update())
+
+    def _update(self) -> tuple[int, int]:
+        with whole_masks(self.params.values()):  # FSDP2-sharded tensors decide on the whole mask
+            return self.policy.update(self)
 
     def _record(self, pruned: int, grown: int) -> None:
         for sp in self.params.values():  # a policy that drops and grows by hand, not through DropGrow

@@ -1,0 +1,137 @@
+"""Training runs for tests/test_fsdp.py: the same tiny model and data, unsharded (one process,
+``python tests/fsdp_worker.py OUT ...``) or FSDP2-sharded under torchrun (``--fsdp``). Writes, on
+rank 0, the losses of every step and the whole masks after every topology update, per policy.
+
+``--save DIR`` / ``--resume DIR``: a distributed checkpoint (model, optimizer, sparsifier) after
+``--steps`` steps / continue from one (any number of ranks) for ``--steps`` more.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dynsparse.sparse import DSR, SET, SNFS, Periodic, RigL, Sparsifier, Static  # noqa: E402
+
+POLICIES = {
+    "set": lambda: SET(fraction=0.2, when=Periodic(5)),
+    "rigl": lambda: RigL(fraction=0.3, when=Periodic(5, end_fraction=0.75)),
+    "dsr": lambda: DSR(n_prune=15, when=Periodic(5)),
+    "snfs": lambda: SNFS(fraction=0.4, when=Periodic(5, end_fraction=0.75)),
+    "static": Static,
+    "set-initial": lambda: SET(fraction=0.2, when=Periodic(5)),  # new weights drawn, written per shard
+}
+BATCH = 12  # divides by 2 and 3: the ranks' half or third batches average to the whole batch's gradient
+
+
+def build(policy: str, fsdp: bool):
+    torch.manual_seed(0)
+    # 10, 7 and 5 rows: uneven shards over 2 and 3 ranks (one rank of 3 holds 1 row of the 5)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 5),
+                          nn.Tanh(), nn.Linear(5, 3))
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    opt = (torch.optim.Adam(model.parameters(), lr=0.01) if policy in ("rigl", "static")
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    s = Sparsifier(model, opt, policy=POLICIES[policy](), densities=0.5, total_steps=400, seed=3,
+                   new_weights="initial" if policy == "set-initial" else "zero")
+    return model, opt, s
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(BATCH, 6, generator=g)
+    return x, torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def whole_masks(s) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, sp in s.params.items():
+        t = sp.topology()
+        out[n] = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return out
+
+
+def train(model, opt, s, steps: int, start: int, rank: int, world: int, fsdp: bool):
+    losses, updates = [], []
+    per = BATCH // world if fsdp else BATCH
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        x, y = (x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]) if fsdp else (x, y)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        if fsdp:
+            dist.all_reduce(total)
+            total /= world
+        losses.append(float(total))
+        if s.events and s.events[-1].step == s.step_count:
+            updates.append((s.step_count, whole_masks(s)))
+    return losses, updates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--save")
+    ap.add_argument("--resume")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)  # float64: sums in another order stay far below any decision
+    rank, world = 0, 1
+    if a.fsdp:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for policy in a.policies.split(","):
+        model, opt, s = build(policy, a.fsdp)
+        start = 0
+        if a.resume:
+            start = load(Path(a.resume) / policy, model, opt, s)
+        losses, updates = train(model, opt, s, a.steps, start, rank, world, a.fsdp)
+        if a.save:
+            save(Path(a.save) / policy, model, opt, s)
+        results[policy] = {"losses": losses, "updates": updates, "export": s.export(), "summary": s.summary(),
+                           "step_count": s.step_count, "world": world}
+    if rank == 0:
+        torch.save(results, a.out)
+    if a.fsdp:
+        dist.destroy_process_group()
+
+
+def save(path: Path, model, opt, s) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd, "sparsifier": s.state_dict()}, checkpoint_id=str(path))
+
+
+def load(path: Path, model, opt, s) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd, "sparsifier": s.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    s.load_state_dict(state["sparsifier"])
+    return s.step_count
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
