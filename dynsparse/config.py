@@ -102,6 +102,7 @@ class TrainConfig:
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
     dataset: str = ""  # "": the model's own; fashion_mnist for the MNIST models (DATASET_CHOICES)
     sparse_backend: str = "masked"  # issue 14: masked, csr (truly sparse linear layers) or auto
+    fsdp: bool = False  # issue 26: parameters sharded by FSDP2 under torchrun (dynsparse.fsdp)
 
     def __post_init__(self) -> None:
         # configs come back from JSON as lists, from the command line as "300,100"

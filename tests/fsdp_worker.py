@@ -107,7 +107,9 @@ def main() -> None:
         if a.save:
             save(Path(a.save) / policy, model, opt, s)
         results[policy] = {"losses": losses, "updates": updates, "export": s.export(), "summary": s.summary(),
-                           "step_count": s.step_count, "world": world}
+                           "step_count": s.step_count, "world": world,
+                           "momentum": {n: m.full_tensor() if hasattr(m, "full_tensor") else m
+                                        for n, m in getattr(s.policy, "momentum", {}).items()}}
     if rank == 0:
         torch.save(results, a.out)
     if a.fsdp:

@@ -7,6 +7,7 @@ saved on 2 ranks resumes on 3 with the answers of the uninterrupted unsharded ru
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_three(reference, tmp_path):
                            "updates": first[policy]["updates"] + second[policy]["updates"]}}
         assert second[policy]["step_count"] == 200 and second[policy]["world"] == 3
         assert_same_run(reference, joined, policy)
+    for name, m in reference["snfs"]["momentum"].items():  # SNFS's dense momentum came through the checkpoint
+        assert torch.allclose(second["snfs"]["momentum"][name], m, rtol=0, atol=1e-12), name
 
 
 # ---- one process (a world of one rank): fast checks of the sharded storage -------------------------
@@ -125,3 +128,57 @@ def test_sharded_masks_keep_weights_gradients_and_momentum_zero_off_the_mask(one
         assert sp.num_active == int(0.3 * sp.num_entries + 0.1)
     assert s.num_active_weights() == 18 + 9
     assert isinstance(s.export()["0.weight"], torch.Tensor) and not isinstance(s.export()["0.bias"], DTensor)
+
+
+# ---- dynsparse train --fsdp -------------------------------------------------------------------------
+def cli(nproc: int, tmp_path: Path, data: Path, name: str, extra: list[str]) -> dict:
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 2\n")
+    args = ["--data", str(data), "--runs-dir", str(tmp_path / "runs"), "--name", name, "-b", "12", "--no-progress",
+            "--schedule-file", str(schedule), "--nesterov", "False", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "main.py"), *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         str(REPO / "main.py"), *args, "--fsdp", "--debug-distributed"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+
+
+DSR_FLAGS = ["--rewire", "--threshold-prune", "--rewire-scaling", "--n-prune-params", "40"]
+
+
+@pytest.mark.slow
+def test_cli_fsdp_mnist_mlp_matches_one_process_and_resumes_on_three_ranks(tiny_mnist, tmp_path):
+    mlp = ["--initial-sparsity-fc", "0.9", "--no-batch-norm", *DSR_FLAGS]
+    one = cli(1, tmp_path, tiny_mnist, "one", [*mlp, "--epochs", "3"])
+    cli(2, tmp_path, tiny_mnist, "sharded", [*mlp, "--epochs", "2"])
+    two = cli(3, tmp_path, tiny_mnist, "sharded", [*mlp, "--epochs", "3", "--resume", str(tmp_path / "runs" / "sharded")])
+    assert [r["epoch"] for r in two["history"]] == [0, 1, 2] and two["evidence"]["world_size"] == 3
+    assert two["reallocations"] == one["reallocations"] >= 6
+    assert (two["total_pruned"], two["params_nonzero"]) == (one["total_pruned"], one["params_nonzero"])
+    for ra, rb in zip(one["history"], two["history"]):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
+        assert rb["densities"] == ra["densities"]
+
+
+@pytest.mark.slow
+def test_cli_fsdp_wide_resnet_with_rigl(tiny_cifar, tmp_path):
+    wrn = ["--model", "cifar10_WideResNet", "--layers", "10", "--widen-factor", "1", "--initial-sparsity-conv", "0.8",
+           "--rigl", "--update-period", "1", "--epochs", "1"]
+    s = cli(2, tmp_path, tiny_cifar, "wrn", wrn)
+    assert s["reallocations"] >= 2 and s["params_nonzero"] < s["params_total"]
+
+
+def test_cli_fsdp_refuses_csr_and_a_single_process(tmp_path):
+    from dynsparse.flags import parse_train_args
+    from dynsparse.fsdp import check, prepare
+    cfg, _ = parse_train_args(["--fsdp", "--sparse-backend", "csr", "--rewire"])
+    with pytest.raises(DynsparseError, match="CSR.*single-device: use --sparse-backend masked"):
+        check(cfg, "set")
+    cfg, _ = parse_train_args(["--fsdp", "--DeepR"])
+    with pytest.raises(DynsparseError, match="--fsdp is tested with dense, dsr, rigl, set, snfs, static; not with deepr"):
+        prepare(cfg, nn.Linear(2, 2), type("Info", (), {"enabled": False})())
+    cfg, _ = parse_train_args(["--fsdp", "--rigl"])
+    with pytest.raises(DynsparseError, match="launch with torchrun"):
+        prepare(cfg, nn.Linear(2, 2), type("Info", (), {"enabled": False})())

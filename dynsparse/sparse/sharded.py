@@ -199,3 +199,17 @@ def whole_masks(params):
 def full_weight(p: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a possibly sharded parameter (to draw initial masks from)."""
     return p.full_tensor() if is_sharded(p) else p
+
+
+def reshard_like(saved, template):
+    """``saved`` (whole tensors, e.g. a sparsifier ``state_dict`` written by one process) with
+    every tensor that is a DTensor in ``template`` (the live sharded state) cut to this rank's
+    rows and placed like it: what ``load_state_dict`` of sharded storage and policies expects."""
+    if isinstance(saved, dict) and isinstance(template, dict):
+        return {k: reshard_like(v, template[k]) if k in template else v for k, v in saved.items()}
+    if is_sharded(template) and torch.is_tensor(saved) and not is_sharded(saved):
+        if tuple(saved.shape) != tuple(template.shape):
+            return saved  # e.g. a CSR index list: the storage's own load takes whole forms
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(saved.to(template.dtype), template.device_mesh, template.placements)
+    return saved
