@@ -30,11 +30,11 @@ POLICIES = {
 BATCH = 12  # divides by 2 and 3: the ranks' half or third batches average to the whole batch's gradient
 
 
-def build(policy: str, fsdp: bool):
+def build(policy: str, fsdp: bool, device: str = "cpu"):
     torch.manual_seed(0)
     # 10, 7 and 5 rows: uneven shards over 2 and 3 ranks (one rank of 3 holds 1 row of the 5)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 5),
-                          nn.Tanh(), nn.Linear(5, 3))
+                          nn.Tanh(), nn.Linear(5, 3)).to(device)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
         for layer in model:
@@ -62,11 +62,11 @@ def whole_masks(s) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(model, opt, s, steps: int, start: int, rank: int, world: int, fsdp: bool):
+def train(model, opt, s, steps: int, start: int, rank: int, world: int, fsdp: bool, device: str = "cpu"):
     losses, updates = [], []
     per = BATCH // world if fsdp else BATCH
     for step in range(start, start + steps):
-        x, y = batch(step)
+        x, y = (t.to(device) for t in batch(step))
         x, y = (x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]) if fsdp else (x, y)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -78,7 +78,7 @@ def train(model, opt, s, steps: int, start: int, rank: int, world: int, fsdp: bo
             total /= world
         losses.append(float(total))
         if s.events and s.events[-1].step == s.step_count:
-            updates.append((s.step_count, whole_masks(s)))
+            updates.append((s.step_count, {k: v.cpu() for k, v in whole_masks(s).items()}))
     return losses, updates
 
 
@@ -90,25 +90,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--save")
     ap.add_argument("--resume")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # float64: sums in another order stay far below any decision
     rank, world = 0, 1
     if a.fsdp:
-        dist.init_process_group("gloo")
+        if a.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{torch.cuda.current_device()}" if a.device == "cuda" else "cpu"
     results = {}
     for policy in a.policies.split(","):
-        model, opt, s = build(policy, a.fsdp)
+        model, opt, s = build(policy, a.fsdp, device)
         start = 0
         if a.resume:
             start = load(Path(a.resume) / policy, model, opt, s)
-        losses, updates = train(model, opt, s, a.steps, start, rank, world, a.fsdp)
+        losses, updates = train(model, opt, s, a.steps, start, rank, world, a.fsdp, device)
         if a.save:
             save(Path(a.save) / policy, model, opt, s)
-        results[policy] = {"losses": losses, "updates": updates, "export": s.export(), "summary": s.summary(),
+        results[policy] = {"losses": losses, "updates": updates, "export": {k: v.cpu() for k, v in s.export().items()}, "summary": s.summary(),
                            "step_count": s.step_count, "world": world,
-                           "momentum": {n: m.full_tensor() if hasattr(m, "full_tensor") else m
+                           "momentum": {n: (m.full_tensor() if hasattr(m, "full_tensor") else m).cpu()
                                         for n, m in getattr(s.policy, "momentum", {}).items()}}
     if rank == 0:
         torch.save(results, a.out)

@@ -156,10 +156,14 @@ def test_cli_fsdp_mnist_mlp_matches_one_process_and_resumes_on_three_ranks(tiny_
     two = cli(3, tmp_path, tiny_mnist, "sharded", [*mlp, "--epochs", "3", "--resume", str(tmp_path / "runs" / "sharded")])
     assert [r["epoch"] for r in two["history"]] == [0, 1, 2] and two["evidence"]["world_size"] == 3
     assert two["reallocations"] == one["reallocations"] >= 6
-    assert (two["total_pruned"], two["params_nonzero"]) == (one["total_pruned"], one["params_nonzero"])
+    # float32: gradients averaged over 2 or 3 shards differ from one process's in the last bits, and
+    # DSR's threshold drop flips the odd weight at the threshold (the float64 tests above are exact)
+    assert two["total_pruned"] == pytest.approx(one["total_pruned"], rel=0.01)
+    assert two["params_nonzero"] == pytest.approx(one["params_nonzero"], rel=0.01)
     for ra, rb in zip(one["history"], two["history"]):
-        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
-        assert rb["densities"] == ra["densities"]
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-3)
+        for name, d in ra["densities"].items():
+            assert rb["densities"][name] == pytest.approx(d, abs=0.01), name
 
 
 @pytest.mark.slow
@@ -182,3 +186,25 @@ def test_cli_fsdp_refuses_csr_and_a_single_process(tmp_path):
     cfg, _ = parse_train_args(["--fsdp", "--rigl"])
     with pytest.raises(DynsparseError, match="launch with torchrun"):
         prepare(cfg, nn.Linear(2, 2), type("Info", (), {"enabled": False})())
+
+
+@pytest.mark.slow
+def test_gpt_example_under_torchrun(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(REPO / "examples" / "gpt_fsdp_rigl.py"), "--steps", "50"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 2 and losses[1] < losses[0] < 4.3  # ln(64) = 4.16 at the start: it learns
+    assert "topology changes 1" in proc.stdout and "sparse tensors" in proc.stdout and "0.3000" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (FSDP2 over NCCL)")
+def test_sharded_training_on_two_gpus_matches_one_gpu(tmp_path):
+    # NCCL: the same equivalence as on CPU with gloo, against the unsharded run on one GPU
+    ref = run_worker(tmp_path / "ref.pt", 0, "--steps", "100", "--device", "cuda")
+    got = run_worker(tmp_path / "nccl.pt", 2, "--steps", "100", "--device", "cuda")
+    for policy in POLICIES:
+        assert_same_run(ref, got, policy)
