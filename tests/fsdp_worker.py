@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dynsparse.sparse import DSR, SET, SNFS, Periodic, RigL, Sparsifier, Static  # noqa: E402
+from dynsparse.sparse import DSR, MEST, SET, SNFS, Periodic, RigL, Sparsifier, Static  # noqa: E402
 
 POLICIES = {
     "set": lambda: SET(fraction=0.2, when=Periodic(5)),
@@ -25,6 +25,7 @@ POLICIES = {
     "dsr": lambda: DSR(n_prune=15, when=Periodic(5)),
     "snfs": lambda: SNFS(fraction=0.4, when=Periodic(5, end_fraction=0.75)),
     "static": Static,
+    "mest": lambda: MEST(fraction=0.3, when=Periodic(5, end_fraction=0.75)),
     "set-initial": lambda: SET(fraction=0.2, when=Periodic(5)),  # new weights drawn, written per shard
 }
 BATCH = 12  # divides by 2 and 3: the ranks' half or third batches average to the whole batch's gradient

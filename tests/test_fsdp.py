@@ -46,7 +46,7 @@ def assert_same_run(ref: dict, got: dict, policy: str) -> None:
     assert g["losses"] == pytest.approx(r["losses"], rel=1e-12, abs=1e-12), policy
 
 
-POLICIES = ["set", "rigl", "dsr", "snfs", "static", "set-initial"]
+POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial"]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,13 @@ def test_csr_backend_is_refused_on_a_sharded_model(one_rank):
     model = sharded_mlp()
     with pytest.raises(DynsparseError, match="backend 'csr' is single-device.*use backend 'masked'"):
         Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=SET(), densities=0.3, backend="csr")
+
+
+def test_deepr_is_refused_on_a_sharded_model(one_rank):
+    from dynsparse.sparse import DeepR
+    model = sharded_mlp()
+    with pytest.raises(DynsparseError, match="DeepR does not support FSDP2-sharded parameters"):
+        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=DeepR(), densities=0.3)
 
 
 def test_sharded_masks_keep_weights_gradients_and_momentum_zero_off_the_mask(one_rank):

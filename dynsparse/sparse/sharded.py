@@ -183,6 +183,13 @@ def check_placement(name: str, param: DTensor) -> None:
                              "sparse training supports FSDP2's fully_shard on a 1-D mesh (Shard(0)) only")
 
 
+def check_policy(policy, params: dict) -> None:
+    """Refuse a policy that works on per-rank views it cannot have here (``shardable = False``)."""
+    if not getattr(policy, "shardable", True) and any(isinstance(sp, ShardedParam) for sp in params.values()):
+        raise DynsparseError(f"{type(policy).__name__} does not support FSDP2-sharded parameters; sharded training "
+                             "is tested with SET, RigL, DSR, SNFS, MEST and static masks")
+
+
 @contextlib.contextmanager
 def whole_masks(params):
     """Every sharded tensor holds its whole mask inside (a policy's update), its rows after."""

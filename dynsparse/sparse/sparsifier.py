@@ -43,7 +43,7 @@ from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
-from dynsparse.sparse.sharded import whole_masks
+from dynsparse.sparse.sharded import check_policy, whole_masks
 from dynsparse.sparse.when import Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class Sparsifier:
         # SparseParam (masked) or CSRParam: the same primitives, so policies never know which
         self.params = build_params(model, optimizer, densities, init=init, granularity=granularity,
                                    generator=self.generator, backend=backend, batch_size=batch_size)
+        check_policy(policy, self.params)
         self.apply_masks()
         policy.when = with_total_steps(policy.when, total_steps)
         policy.attach(self)
