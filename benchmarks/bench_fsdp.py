@@ -45,6 +45,7 @@ def _bytes(ts) -> int:
 
 def worker(a) -> None:
     import torch.distributed as dist
+
     from dynsparse.sparse import DSR, SET, Periodic, RigL, Sparsifier
     torch.set_num_threads(1)
     sharded = "RANK" in os.environ
@@ -71,7 +72,7 @@ def worker(a) -> None:
         inside: list[float] = []
         update = s._update
 
-        def timed_update():
+        def timed_update(update=update, inside=inside):
             t0 = time.perf_counter()
             result = update()
             inside.append(time.perf_counter() - t0)
@@ -149,7 +150,7 @@ def main() -> None:
 
 def markdown(p: dict) -> str:
     mb = 1 / 2**20
-    lines = [f"# FSDP2 on CPU (gloo): topology change vs training step, memory per rank\n",
+    lines = ["# FSDP2 on CPU (gloo): topology change vs training step, memory per rank\n",
              f"MLP width {p['width']}, global batch {p['batch']}, density 0.1, update every 5 steps, {p['steps']} steps "
              f"(5 warm-up). Load average before/after: {p['load_before'][0]:.1f} / {p['load_after'][0]:.1f} "
              f"(machine shared with other work). Commit {p['evidence']['commit'][:10]}, torch {p['evidence']['torch']}.\n",

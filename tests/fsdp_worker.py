@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dynsparse.sparse import DSR, MEST, SET, SNFS, Periodic, RigL, Sparsifier, Static  # noqa: E402
+from dynsparse.sparse import DSR, MEST, SET, SNFS, Periodic, RigL, Sparsifier, Static
 
 POLICIES = {
     "set": lambda: SET(fraction=0.2, when=Periodic(5)),

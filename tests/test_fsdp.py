@@ -117,6 +117,7 @@ def test_deepr_is_refused_on_a_sharded_model(one_rank):
 
 def test_sharded_masks_keep_weights_gradients_and_momentum_zero_off_the_mask(one_rank):
     from torch.distributed.tensor import DTensor
+
     from dynsparse.sparse.sharded import ShardedParam
     model = sharded_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
