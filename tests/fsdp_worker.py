@@ -33,9 +33,10 @@ BATCH = 12  # divides by 2 and 3: the ranks' half or third batches average to th
 
 def build(policy: str, fsdp: bool, device: str = "cpu"):
     torch.manual_seed(0)
-    # 10, 7 and 5 rows: uneven shards over 2 and 3 ranks (one rank of 3 holds 1 row of the 5)
+    # 10, 7, 5 and 2 rows: uneven shards over 2 and 3 ranks (of 3 ranks, one holds 1 row of the 5
+    # and one no row of the last layer's 2)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 5),
-                          nn.Tanh(), nn.Linear(5, 3)).to(device)
+                          nn.Tanh(), nn.Linear(5, 2)).to(device)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
         for layer in model:
@@ -52,7 +53,7 @@ def build(policy: str, fsdp: bool, device: str = "cpu"):
 def batch(step: int):
     g = torch.Generator().manual_seed(step)
     x = torch.randn(BATCH, 6, generator=g)
-    return x, torch.randint(0, 3, (BATCH,), generator=g)
+    return x, torch.randint(0, 2, (BATCH,), generator=g)
 
 
 def whole_masks(s) -> dict[str, torch.Tensor]:

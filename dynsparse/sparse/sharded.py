@@ -134,9 +134,10 @@ class ShardedParam(SparseParam):
         if not is_sharded(t):
             return super().scores(t)
         local = t.to_local().detach().abs()
-        per_row = local.reshape(local.shape[0], -1) if self.granularity == t.dim() else \
-            local.flatten(self.granularity).mean(-1).reshape(local.shape[0], -1)
-        return self._gather_rows(per_row).reshape(-1)
+        if self.granularity != t.dim():
+            local = local.flatten(self.granularity).mean(-1)
+        # explicit row length: a rank may hold no row at all (fewer rows than ranks)
+        return self._gather_rows(local.reshape(local.shape[0], math.prod(self.mask_shape[1:]))).reshape(-1)
 
     def activate(self, flat_idx: torch.Tensor, values: torch.Tensor | None = None) -> None:
         self.mask.view(-1)[flat_idx] = True
