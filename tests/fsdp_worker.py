@@ -27,33 +27,48 @@ POLICIES = {
     "static": Static,
     "mest": lambda: MEST(fraction=0.3, when=Periodic(5, end_fraction=0.75)),
     "set-initial": lambda: SET(fraction=0.2, when=Periodic(5)),  # new weights drawn, written per shard
+    "rigl-conv": lambda: RigL(fraction=0.3, when=Periodic(5, end_fraction=0.75)),  # masks per kernel slice
 }
+
+
+class ConvNet(nn.Module):
+    """A conv layer (7 filters: 3, 2 and 2 per rank of 3) masked per kernel slice, then a linear one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 7, (1, 2)), nn.Linear(14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(x.view(-1, 2, 1, 3))).flatten(1))
 BATCH = 12  # divides by 2 and 3: the ranks' half or third batches average to the whole batch's gradient
 
 
 def build(policy: str, fsdp: bool, device: str = "cpu"):
     torch.manual_seed(0)
-    # 10, 7, 5 and 2 rows: uneven shards over 2 and 3 ranks (of 3 ranks, one holds 1 row of the 5
-    # and one no row of the last layer's 2)
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 5),
-                          nn.Tanh(), nn.Linear(5, 2)).to(device)
+    # 10, 7, 4 and 3 rows: uneven shards over 2 and 3 ranks (of 3 ranks, one holds 1 row of the 7
+    # and one no row of the 4). 3 classes: with 2, cross-entropy gives the two output rows gradients
+    # of equal magnitude, and RigL's growth would choose between exact ties
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 4),
+                          nn.Tanh(), nn.Linear(4, 3)).to(device)
+    if policy == "rigl-conv":
+        model = ConvNet().to(device)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-        for layer in model:
-            if isinstance(layer, nn.Linear):
+        for layer in model.children():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
                 fully_shard(layer)
         fully_shard(model)
-    opt = (torch.optim.Adam(model.parameters(), lr=0.01) if policy in ("rigl", "static")
+    opt = (torch.optim.Adam(model.parameters(), lr=0.01) if policy in ("rigl", "static", "rigl-conv")
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     s = Sparsifier(model, opt, policy=POLICIES[policy](), densities=0.5, total_steps=400, seed=3,
-                   new_weights="initial" if policy == "set-initial" else "zero")
+                   new_weights="initial" if policy == "set-initial" else "zero", granularity=2 if "conv" in policy else 4)
     return model, opt, s
 
 
 def batch(step: int):
     g = torch.Generator().manual_seed(step)
     x = torch.randn(BATCH, 6, generator=g)
-    return x, torch.randint(0, 2, (BATCH,), generator=g)
+    return x, torch.randint(0, 3, (BATCH,), generator=g)
 
 
 def whole_masks(s) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ def assert_same_run(ref: dict, got: dict, policy: str) -> None:
     assert g["losses"] == pytest.approx(r["losses"], rel=1e-12, abs=1e-12), policy
 
 
-POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial"]
+POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial", "rigl-conv"]
 
 
 @pytest.fixture(scope="module")
