@@ -140,7 +140,9 @@ def main() -> None:
                     "--batch", str(a.batch)]
             cmd = [sys.executable, *args] if world == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *args]
-            subprocess.run(cmd, check=True, env=env, capture_output=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
             runs["unsharded" if world == 1 else f"fsdp{world}"] = json.loads(out.read_text())
     payload = {"evidence": evidence(), "load_before": load_before, "load_after": os.getloadavg(),
                "width": a.width, "steps": a.steps, "batch": a.batch, "runs": runs}
