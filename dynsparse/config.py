@@ -104,6 +104,7 @@ class TrainConfig:
     sparse_backend: str = "masked"  # issue 14: masked, csr (truly sparse linear layers) or auto
     sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
     image_size: int = 0  # ImageFolder crop size; 0: from the data, at most 224 (dynsparse.imagefolder)
+    fsdp: bool = False  # issue 26: parameters sharded by FSDP2 under torchrun (dynsparse.fsdp)
 
     def __post_init__(self) -> None:
         # configs come back from JSON as lists, from the command line as "300,100"

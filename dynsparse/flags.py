@@ -110,6 +110,8 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                     "not on CPU, where PyTorch's SyncBatchNorm does not run")),
     (("--image-size",), dict(type=int, metavar="PX", help="ImageFolder crop size in pixels (default 0: the size of "
                                                            "the data's images, at most 224)")),
+    (("--fsdp",), dict(action="store_true", help="under torchrun: shard the parameters over the ranks with FSDP2 "
+                        "(fully_shard) instead of DDP; masked backend; docs/distributed.md")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
     (("--device",), dict(help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")),
     (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads). 1 by default: more "
@@ -145,7 +147,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "schedule and optimizer": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule_file",
                                "stop_rewire_epoch", "seed"),
     "run and outputs": ("name", "job_idx", "runs_dir", "resume", "overwrite", "logger", "progress"),
-    "distributed and speed": ("device", "sync_bn", "threads", "amp", "channels_last", "compile", "sparse_backend"),
+    "distributed and speed": ("device", "sync_bn", "threads", "amp", "channels_last", "compile", "sparse_backend",
+                              "fsdp"),
     "the original's compatibility flags": ("start_epoch", "print_freq"),
 }
 GROUP_OF = {dest: group for group, dests in GROUPS.items() for dest in dests}

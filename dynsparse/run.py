@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dynsparse import distributed
+from dynsparse import distributed, fsdp
 from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
                                   does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
 from dynsparse.config import TrainConfig
@@ -70,6 +70,8 @@ class _Run:
             self.model = distributed.sync_batch_norm(self.model, self.dist, self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.fsdp:  # before the optimizer, which must hold the sharded parameters
+            fsdp.prepare(cfg, self.model, self.dist)
         if cfg.nesterov and cfg.momentum <= 0:
             raise DynsparseError("--nesterov True needs --momentum > 0; pass --nesterov False for plain SGD")
         tied = build_sparsifier(cfg, self.model, None, self.schedules) if cfg.tied else None
@@ -79,7 +81,7 @@ class _Run:
                                                    steps_per_epoch=len(self.data.train))
         self.penalty = build_penalty(cfg, self.sparsifier)
         self.autocast = torch.bfloat16 if cfg.amp == "bf16" else None
-        self.train_model = distributed.wrap(self.model, self.dist, self.device)
+        self.train_model = self.model if cfg.fsdp else distributed.wrap(self.model, self.dist, self.device)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.start_epoch = cfg.start_epoch
@@ -89,19 +91,18 @@ class _Run:
         self.logger = create_logger(None, self.dir)  # the real one once the run directory is ready
 
     def state(self) -> dict:
+        state = {"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
+                 **fsdp.states(self), "history": self.history, "events": self.events}
         # sparse weights and their optimizer state by active entries only: the file follows the nonzeros
-        return pack_state({"format": CHECKPOINT_FORMAT, "epoch": self.start_epoch, "config": self.cfg.to_dict(),
-                           "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                           "sparsifier": self.sparsifier.state_dict(),
-                           "history": self.history, "events": self.events}, self.sparsifier)
+        # (under --fsdp the gathered whole tensors are saved as they are)
+        return state if self.cfg.fsdp else pack_state(state, self.sparsifier)
 
     def restore(self, ckpt: dict, *, exact: bool) -> None:
         try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            saved = fsdp.load_states(self, ckpt)
         except (RuntimeError, ValueError, KeyError) as e:
             raise does_not_fit(ckpt, self.cfg.to_dict(), self.model.state_dict(), e) from None
-        self.sparsifier.restore(ckpt.get("sparsifier"), exact=exact)  # loaded weights and optimizer state obey the masks
+        self.sparsifier.restore(saved, exact=exact)  # loaded weights and optimizer state obey the masks
         if exact:
             self.start_epoch, self.history, self.events = int(ckpt["epoch"]), list(ckpt["history"]), list(ckpt["events"])
 
@@ -174,6 +175,7 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
             raise DynsparseError(f"{run.dir} already holds a run: pass --resume {run.dir} to continue it, "
                                  f"--overwrite to start over, or --name/--job-idx for a new run")
         distributed.barrier(run.dist)  # every rank has looked at the run directory before rank 0 changes it
+        initial = None if continuing else run.state()  # every rank: under --fsdp it gathers
         if run.dist.is_main:
             prepare_run_dir(run.dir, clear=not continuing or path.name == "initial.pt",
                             keep=("initial.pt",) if continuing else ())
@@ -181,11 +183,11 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
             atomic_write_json(run.dir / "config.json", {"config": cfg.to_dict(), "method": method_of(cfg),
                                                         "schedule": run.schedules.source, **run.evidence})
             if not continuing:
-                atomic_torch_save(run.dir / "initial.pt", run.state())
+                atomic_torch_save(run.dir / "initial.pt", initial)
             run.logger = create_logger(cfg.logger, run.dir, start_step=run.start_epoch if continuing else 0,
                                        config=cfg.to_dict())
         if debug_distributed:
-            run.sparsifier.after_update = lambda: distributed.check_consistency(run.model, run.sparsifier, run.dist,
+            run.sparsifier.after_update = lambda: fsdp.check_consistency(run.model, run.sparsifier, run.dist,
                                                                       f"after step {run.sparsifier.step_count}")
         summary = _train_loop(run, debug_distributed)
         if debug_distributed and run.dist.enabled:  # every rank's final state, for inspection
@@ -235,7 +237,7 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
         distributed.broadcast_buffers(run.model, run.dist)
         run.sparsifier.end_epoch()
         if debug_distributed:
-            distributed.check_consistency(run.model, run.sparsifier, run.dist, f"at the end of epoch {epoch}")
+            fsdp.check_consistency(run.model, run.sparsifier, run.dist, f"at the end of epoch {epoch}")
         events = [e.as_dict() for e in run.sparsifier.drain_events()]
         run.events.extend(events)
         if not math.isfinite(train["loss"]):
@@ -253,9 +255,10 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
         row["time_s"] = time.perf_counter() - t0
         run.history.append(row)
         run.start_epoch = epoch + 1
+        state = run.state()  # every rank: under --fsdp it gathers the whole tensors
         if run.dist.is_main:
             try:
-                _write_outputs(run)
+                _write_outputs(run, state)
             except DynsparseError as e:
                 raise write_failed(e, epoch, run.dir) from None
             run.logger.log_dict(epoch_scalars(row), step=epoch)
@@ -281,12 +284,12 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _write_outputs(run: _Run) -> None:
+def _write_outputs(run: _Run, state: dict) -> None:
     # the checkpoint first: logs never show an epoch that a resume would train again
-    atomic_torch_save(run.dir / "checkpoint.pt", run.state())
+    atomic_torch_save(run.dir / "checkpoint.pt", state)
     epoch = run.start_epoch - 1
     if epoch == run.cfg.stop_rewire_epoch:  # the original's {run}_StopRewiringPoint_{epoch} copy (issue 11)
-        atomic_torch_save(run.dir / f"checkpoint_StopRewiringPoint_{epoch}.pt", run.state())
+        atomic_torch_save(run.dir / f"checkpoint_StopRewiringPoint_{epoch}.pt", state)
     atomic_write_text(run.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
     if run.events:
         atomic_write_text(run.dir / "reallocations.jsonl", "".join(json.dumps(e) + "\n" for e in run.events))

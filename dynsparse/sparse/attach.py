@@ -26,6 +26,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from dynsparse.sparse.sharded import is_sharded
+
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -113,7 +115,9 @@ class StepHooks:
         world = _world_size()
         for name, off in self.captured.items():
             g = self.s.params[name].param.grad
-            if world > 1:  # the masked part was all-reduced by DDP; this part was not (every rank, same order)
+            # the masked part was all-reduced by DDP; this part was not (every rank, same order).
+            # FSDP2 reduce-scatters the whole gradient before this hook: nothing to add then
+            if world > 1 and not is_sharded(off):
                 off.div_(world)
                 dist.all_reduce(off)
             if g is None:

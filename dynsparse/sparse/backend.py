@@ -26,6 +26,7 @@ from dynsparse.sparse.csr_ops import CSR_DTYPES, dtype_message
 from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
 from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
 from dynsparse.sparse.masks import SparseParam, effective_granularity
+from dynsparse.sparse.sharded import ShardedParam, full_weight, is_sharded
 
 log = logging.getLogger(__name__)
 BACKENDS = ("masked", "csr", "auto")
@@ -96,6 +97,9 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
         if not 0.0 < density <= 1.0:
             raise DynsparseError(f"density of {name} must be in (0, 1] (sparsity in [0, 1)), got {density}")
         p = named[name]
+        if is_sharded(p) and backend == "csr":
+            raise DynsparseError(f"backend 'csr' is single-device: {name} is sharded by FSDP2 (a DTensor); use backend 'masked'")
+        sharded, p = is_sharded(p), full_weight(p)  # masks are drawn from the whole tensor, as on one device
         g = effective_granularity(p, granularity)
         kept = None
         if init == "from_weights":
@@ -109,7 +113,9 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
         if active == 0:
             raise DynsparseError(f"{name} would keep no entry at density {density} ({mask.numel()} entries)")
         owner = _linear_owner(model, name)
-        if _wants_csr(backend, name, p, density, owner, batch_size):
+        if sharded:  # each rank keeps its rows of the mask (backend 'auto' keeps sharded tensors masked)
+            out[name] = ShardedParam.from_full(name, named[name], g, mask, active)
+        elif _wants_csr(backend, name, p, density, owner, batch_size):
             parent, child, linear = owner
             module = csr_linear_from_linear(linear, mask)
             setattr(parent, child, module)

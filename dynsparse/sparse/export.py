@@ -10,6 +10,7 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.select import aliases
+from dynsparse.sparse.sharded import full_weight
 
 
 def _off_mask_nonzero(s) -> list[int]:
@@ -69,6 +70,7 @@ def export(s) -> dict[str, torch.Tensor]:
     """The model's ``state_dict`` (every name of a shared tensor included) with masks applied; a
     CSR weight ``<name>.values`` + indices becomes the dense ``<name>`` of the ``nn.Linear`` it
     stands for, so the dense architecture loads it."""
+    # (every rank takes part: the whole tensors of FSDP2-sharded parameters are gathered)
     masked = {id(sp.param): sp.masked_weight() for sp in s.params.values() if sp.storage == "masked"}
     csr = {name for name, sp in s.params.items() if sp.storage == "csr"}
     params = dict(s.model.named_parameters(remove_duplicate=False))
@@ -80,7 +82,7 @@ def export(s) -> dict[str, torch.Tensor]:
                 out[owner] = s.params[owner].masked_weight()
             continue
         p = params.get(key)
-        out[key] = masked[id(p)].clone() if p is not None and id(p) in masked else value.detach().clone()
+        out[key] = masked[id(p)].clone() if p is not None and id(p) in masked else full_weight(value.detach()).clone()
     return out
 
 

@@ -43,6 +43,7 @@ from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
+from dynsparse.sparse.sharded import check_policy, whole_masks
 from dynsparse.sparse.when import EveryStep, Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Sparsifier:
         # SparseParam (masked) or CSRParam: the same primitives, so policies never know which
         self.params = build_params(model, optimizer, densities, init=init, granularity=granularity,
                                    generator=self.generator, backend=backend, batch_size=batch_size)
+        check_policy(policy, self.params)
         self.apply_masks()
         policy.when = with_total_steps(policy.when, total_steps)
         policy.attach(self)
@@ -183,7 +185,7 @@ class Sparsifier:
             self.apply_masks(optimizer_state=False)
         last = self.total_steps is not None and self.step_count >= self.total_steps
         if not last and self.policy.when.due(self.step_count, self.epoch):
-            self._record(*self.policy.update(self))
+            self._record(*self._update())
         self._arm_capture()
 
     @torch.no_grad()
@@ -193,7 +195,11 @@ class Sparsifier:
             if self._hooks is not None:
                 _export.check_off_mask_zero(self)
             self.epoch_end_updates += 1
-            self._record(*self.policy.update(self))
+            self._record(*self._update())
+
+    def _update(self) -> tuple[int, int]:
+        with whole_masks(self.params.values()):  # FSDP2-sharded tensors decide on the whole mask
+            return self.policy.update(self)
 
     def _record(self, pruned: int, grown: int) -> None:
         for sp in self.params.values():  # a policy that drops and grows by hand, not through DropGrow

@@ -26,6 +26,8 @@ class DeepR(DropGrow):
 
     record_events = False
 
+    shardable = False  # adds noise through flat gradient indices: not on FSDP2-sharded tensors
+
     def __init__(self, eta: float = 0.001, temperature: Callable[[int], float] = lambda epoch: 0.0,
                  when: When | None = None) -> None:
         super().__init__(when if when is not None else EveryStep())

@@ -34,6 +34,9 @@ class SNFS(RigL):
 
     def attach(self, s: Sparsifier) -> None:
         self._params = s.params  # where the weights live, for a loaded momentum
+        # allocated up front (0 * beta + g is g exactly), so that a state_dict taken before the
+        # first step already holds every momentum: torch.distributed.checkpoint loads into it
+        self.momentum = {n: torch.zeros_like(sp.param) for n, sp in s.params.items() if sp.storage == "masked"}
 
     def wants_dense_grad(self, s: Sparsifier) -> bool:
         return True  # the momentum is dense, every step
