@@ -61,31 +61,40 @@ def _build() -> dict:
     # wide, batch 128) are then read from L2 by every channel of the block, instead of the whole
     # input being streamed from L3 once per channel (measured ~1.5-2x slower).
     @njit(**opts)
-    def forward(xp, crow, off, val, stride, y, nt):
-        # xp: padded input [C, Hp, Wp, B]; off[e]: offset of entry e's (ic, ki, kj) in xp
+    def forward(x, crow, xoff, ki_e, kj_e, val, stride, pad, y, nt):
+        # xoff[e]: offset of entry e's input channel plane in x; borders clipped per entry and row
         c_out, ho, wo, b = y.shape
-        wp = xp.shape[2]
-        xf = xp.reshape(-1)
+        _, h, w, _ = x.shape
+        xf = x.reshape(-1)
         yf = y.reshape(-1)
         n, ub, sb = U(wo * b), U(b), U(stride * b)
         cb = (c_out + nt - 1) // nt
         for t in prange(nt):
             acc = np.empty(wo * b, np.float32)  # one output row, in L1 while every entry adds to it
             for p in range(ho):
-                base = p * stride * wp * b
                 for oc in range(t * cb, min(c_out, (t + 1) * cb)):
                     acc[:] = 0.0
                     for e in range(crow[oc], crow[oc + 1]):
+                        ih = p * stride - pad + ki_e[e]
+                        if ih < 0 or ih >= h:
+                            continue
+                        kj = kj_e[e]
+                        # output columns q whose input column q*stride - pad + kj lies in [0, w)
+                        q0 = max(0, (pad - kj + stride - 1) // stride)
+                        q1 = min(wo, (w - 1 + pad - kj) // stride + 1)
+                        if q1 <= q0:
+                            continue
                         wv = val[e]
-                        o = U(base + off[e])
+                        src = U(xoff[e] + (ih * w + q0 * stride - pad + kj) * b)
+                        dst = U(q0 * b)
                         if stride == 1:
-                            for i in range(n):
-                                acc[i] += wv * xf[o + i]
+                            for i in range(U((q1 - q0) * b)):
+                                acc[dst + i] += wv * xf[src + i]
                         else:
-                            for q in range(U(wo)):
-                                oq, aq = o + q * sb, q * ub
+                            for q in range(U(q1 - q0)):
+                                sq, dq = src + q * sb, dst + q * ub
                                 for i in range(ub):
-                                    acc[aq + i] += wv * xf[oq + i]
+                                    acc[dq + i] += wv * xf[sq + i]
                     yb = U((oc * ho + p) * wo * b)
                     for i in range(n):
                         yf[yb + i] = acc[i]
@@ -130,31 +139,39 @@ def _build() -> dict:
                         dxf[xb + i] = acc[i]
 
     @njit(**opts)
-    def weight_grad(xp, dy, crow, off, stride, dval, nt):
+    def weight_grad(x, dy, crow, xoff, ki_e, kj_e, stride, pad, dval, nt):
         c_out, ho, wo, b = dy.shape
-        wp = xp.shape[2]
-        xf = xp.reshape(-1)
+        _, h, w, _ = x.shape
+        xf = x.reshape(-1)
         dyf = dy.reshape(-1)
-        n, ub, sb = U(wo * b), U(b), U(stride * b)
+        ub, sb = U(b), U(stride * b)
         cb = (c_out + nt - 1) // nt
         for t in prange(nt):  # each thread owns its channels' entries of dval: no atomics
             for e in range(crow[min(c_out, t * cb)], crow[min(c_out, (t + 1) * cb)]):
                 dval[e] = 0.0
             for p in range(ho):
-                base = p * stride * wp * b
                 for oc in range(t * cb, min(c_out, (t + 1) * cb)):
-                    d = U((oc * ho + p) * wo * b)  # this row of dy stays in L1 across the entries
+                    d = (oc * ho + p) * wo * b  # this row of dy stays in L1 across the entries
                     for e in range(crow[oc], crow[oc + 1]):
-                        o = U(base + off[e])
+                        ih = p * stride - pad + ki_e[e]
+                        if ih < 0 or ih >= h:
+                            continue
+                        kj = kj_e[e]
+                        q0 = max(0, (pad - kj + stride - 1) // stride)
+                        q1 = min(wo, (w - 1 + pad - kj) // stride + 1)
+                        if q1 <= q0:
+                            continue
+                        src = U(xoff[e] + (ih * w + q0 * stride - pad + kj) * b)
+                        dq0 = U(d + q0 * b)
                         acc = np.float32(0.0)
                         if stride == 1:
-                            for i in range(n):
-                                acc += dyf[d + i] * xf[o + i]
+                            for i in range(U((q1 - q0) * b)):
+                                acc += dyf[dq0 + i] * xf[src + i]
                         else:
-                            for q in range(U(wo)):
-                                oq, dq = o + q * sb, d + q * ub
+                            for q in range(U(q1 - q0)):
+                                sq, dq = src + q * sb, dq0 + q * ub
                                 for i in range(ub):
-                                    acc += dyf[dq + i] * xf[oq + i]
+                                    acc += dyf[dq + i] * xf[sq + i]
                         dval[e] += acc
 
     return {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad}
@@ -187,16 +204,14 @@ def csc_of(crow: torch.Tensor, col: torch.Tensor, c_in: int, khw: int):
     return crow_t, (rows * khw + k)[perm], perm
 
 
-def _offsets(col, ccol_t, kh, kw, hp, wp, ho, wo, b):
-    """Flat offsets of every entry into the padded input (forward, weight gradient) and, in
-    transposed order, of its output channel's plane in ``dy``, with its ``ki`` and ``kj``."""
+def _offsets(col, ccol_t, kh, kw, h, w, ho, wo, b):
+    """Per entry: its input channel's plane offset in ``x``, ``ki``, ``kj``; and in transposed
+    order: its output channel's plane offset in ``dy``, ``ki``, ``kj``. O(nnz) per call."""
     col = col.long()
     khw = kh * kw
-    ic, ki, kj = col // khw, (col % khw) // kw, col % kw
-    off = ((ic * hp + ki) * wp + kj) * b
-    kt = ccol_t % khw
-    dyoff = (ccol_t // khw) * (ho * wo * b)
-    return off, dyoff, kt // kw, kt % kw
+    kc, kt = col % khw, ccol_t % khw
+    return ((col // khw) * (h * w * b), kc // kw, kc % kw,
+            (ccol_t // khw) * (ho * wo * b), kt // kw, kt % kw)
 
 
 class _SparseConv(torch.autograd.Function):
@@ -210,31 +225,32 @@ class _SparseConv(torch.autograd.Function):
         ho, wo = conv_out_size(h, kh, stride, pad), conv_out_size(w, kw, stride, pad)
         if ho < 1 or wo < 1:
             raise DynsparseError(f"sparse conv input {h}x{w} is smaller than its {kh}x{kw} kernel")
-        # zero borders once, so the kernels' inner loops have no bounds checks
-        xp = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad)) if pad else x.contiguous()
-        hp, wp = h + 2 * pad, w + 2 * pad
-        off, dyoff, ki_t, kj_t = _offsets(col, ccol_t, kh, kw, hp, wp, ho, wo, b)
+        # borders are clipped per entry in the kernels: no padded copy (a fresh 10 MB buffer per
+        # layer and call, whose first-touch page faults cost more than the kernel at density 0.01)
+        x = x.contiguous()
+        idx = _offsets(col, ccol_t, kh, kw, h, w, ho, wo, b)
         y = torch.empty(c_out, ho, wo, b, dtype=torch.float32)
-        kernels()["forward"](xp.numpy(), crow.numpy(), off.numpy(), values.detach().contiguous().numpy(), stride,
-                             y.numpy(), _threads())
-        ctx.save_for_backward(xp, values, crow, crow_t, perm, off, dyoff, ki_t, kj_t)
-        ctx.conf = (stride, pad, h, w)
+        kernels()["forward"](x.numpy(), crow.numpy(), *(i.numpy() for i in idx[:3]),
+                             values.detach().contiguous().numpy(), stride, pad, y.numpy(), _threads())
+        ctx.save_for_backward(x, values, crow, crow_t, perm, *idx)
+        ctx.conf = (stride, pad)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xp, values, crow, crow_t, perm, off, dyoff, ki_t, kj_t = ctx.saved_tensors
-        stride, pad, h, w = ctx.conf
+        x, values, crow, crow_t, perm, xoff, ki_e, kj_e, dyoff, ki_t, kj_t = ctx.saved_tensors
+        stride, pad = ctx.conf
         dy = dy.contiguous()
         k = kernels()
         dx = dval = None
         if ctx.needs_input_grad[0]:
-            dx = torch.empty(xp.shape[0], h, w, xp.shape[3], dtype=torch.float32)
+            dx = torch.empty_like(x)
             k["input_grad"](dy.numpy(), crow_t.numpy(), dyoff.numpy(), ki_t.numpy(), kj_t.numpy(),
                             values.detach()[perm].contiguous().numpy(), stride, pad, dx.numpy(), _threads())
         if ctx.needs_input_grad[1]:
             dval = torch.empty_like(values)
-            k["weight_grad"](xp.numpy(), dy.numpy(), crow.numpy(), off.numpy(), stride, dval.numpy(), _threads())
+            k["weight_grad"](x.numpy(), dy.numpy(), crow.numpy(), xoff.numpy(), ki_e.numpy(), kj_e.numpy(), stride, pad,
+                             dval.numpy(), _threads())
         return dx, dval, None, None, None, None, None, None, None, None
 
 
