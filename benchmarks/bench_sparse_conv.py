@@ -10,11 +10,15 @@ only at the active entries) at batch 128, on 1 and 2 threads, for the WRN-28-2 s
 The sparse side gets its input already ``[C, H, W, B]`` (the layout stays batch-innermost through
 a network); the dense side gets NCHW. Goals (issue 27): >= 2x at density 0.1, >= 3.5x at 0.05.
 
-Usage: python benchmarks/bench_sparse_conv.py [--repeats 7] [--threads 1 2]
+With --wrn (or --wrn-only): a whole WRN-28-2 training step, batch 128, 32x32 inputs, block convs
+at density 0.1 and 0.05, dense vs masked vs CSR (see bench_wrn); goals >= 1.5x / >= 2.5x dense.
+
+Usage: python benchmarks/bench_sparse_conv.py [--repeats 7] [--threads 1 2] [--wrn | --wrn-only]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import subprocess
@@ -29,7 +33,9 @@ import itertools
 
 from common import evidence, interleaved, median, write_results
 
+from dynsparse.convnets import WideResNet
 from dynsparse.sparse.conv_kernels import csc_of, kernels, sparse_conv2d, to_cbhw
+from dynsparse.sparse.csr_conv import CSRWideResNet
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 SHAPES = {  # name: c_in, c_out, k, stride, pad, h
@@ -109,6 +115,59 @@ def bench_shape(shape, batch: int, repeats: int) -> dict:
     return out
 
 
+def bench_wrn(batch: int, repeats: int, densities=(0.1, 0.05)) -> dict:
+    """One WRN-28-2 training step (forward, backward, SGD-momentum update), CIFAR-10 shapes:
+    dense (oneDNN), masked (dense + mask multiplies, what the masked engine does) and CSR
+    (sparse block convs batch-innermost) at each density of the block convs (uniform over the
+    layers: sparsity 0.9 / 0.95 of the sparse parameters; DSR would move entries between layers)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    wrn = WideResNet(depth=28, widen_factor=2, num_classes=10)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    names = wrn.sparse_parameter_names()
+
+    def step_fn(model, masks=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        params = dict(model.named_parameters())
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            for n, m in (masks or {}).items():
+                params[n].grad.mul_(m)
+            opt.step()
+            if masks:
+                with torch.no_grad():
+                    for n, m in masks.items():
+                        params[n].mul_(m)
+        return step, opt
+
+    cases, opts, state = {}, {}, {}
+    cases["dense"], opts["dense"] = step_fn(wrn)
+    for d in densities:
+        masks = {n: (torch.rand(p.shape, generator=g) < d).float() for n, p in wrn.named_parameters() if n in names}
+        masked = copy.deepcopy(wrn)
+        cases[f"masked {d}"], opts[f"masked {d}"] = step_fn(masked, masks)
+        csr = CSRWideResNet(copy.deepcopy(wrn), {n: m.bool() for n, m in masks.items()})
+        cases[f"csr {d}"], opts[f"csr {d}"] = step_fn(csr)
+    for fn in cases.values():
+        fn()
+    times = {k: median(ts) for k, ts in interleaved(cases, repeats).items()}
+    for k, opt in opts.items():  # weights + optimizer state, as the model holds them
+        model_params = [p for group in opt.param_groups for p in group["params"]]
+        nbytes = sum(p.numel() * p.element_size() for p in model_params)
+        nbytes += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        state[k] = nbytes
+    out = {"dense_ms": times["dense"] * 1e3, "weights_and_optimizer_bytes": {"dense": state["dense"]}, "density": {}}
+    for d in densities:
+        out["density"][str(d)] = {
+            "masked_ms": times[f"masked {d}"] * 1e3, "csr_ms": times[f"csr {d}"] * 1e3,
+            "csr_vs_dense": times["dense"] / times[f"csr {d}"], "csr_vs_masked": times[f"masked {d}"] / times[f"csr {d}"],
+            "masked_bytes": state[f"masked {d}"], "csr_bytes": state[f"csr {d}"]}
+    return out
+
+
 def markdown(payload: dict) -> str:
     ev, cpu = payload["evidence"], payload["cpu"]
     lines = ["# Truly sparse Conv2d layers vs dense (oneDNN), forward + backward, batch 128", "",
@@ -130,6 +189,17 @@ def markdown(payload: dict) -> str:
             for d, s in r["sparse"].items():
                 lines.append(f"| {d} | {s['ms']:.1f} | {s['speedup']:.2f}x | {s['gflops']:.1f} |")
             lines.append("")
+    for threads, r in payload.get("wrn", {}).items():
+        lines += [(f"## WRN-28-2 training step, batch {payload['batch']}, CIFAR-10 shapes, {threads} thread(s): "
+                  f"dense {r['dense_ms']:.0f} ms"), "",
+                  ("Block convs sparse at a uniform density (the first conv, shortcuts and fc dense, as in the "
+                  "paper); masked = dense products + mask multiplies; csr = compiled kernels batch-innermost."), "",
+                  ("| density | masked ms | csr ms | dense / csr | masked / csr | weights + optimizer state: "
+                  "masked / csr bytes |"), "|---|---|---|---|---|---|"]
+        for d, v in r["density"].items():
+            lines.append(f"| {d} | {v['masked_ms']:.0f} | {v['csr_ms']:.0f} | {v['csr_vs_dense']:.2f}x | "
+                         f"{v['csr_vs_masked']:.2f}x | {v['masked_bytes']:,} / {v['csr_bytes']:,} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -142,6 +212,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--wrn", action="store_true", help="also the whole WRN-28-2 training step (slow)")
+    ap.add_argument("--wrn-only", action="store_true", help="only the WRN-28-2 step")
     args = ap.parse_args()
     import numba
     kernels()
@@ -151,12 +223,22 @@ def main() -> None:
         torch.set_num_threads(t)
         numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
         results[str(t)] = {}
-        for name, shape in SHAPES.items():
+        for name, shape in ({} if args.wrn_only else SHAPES).items():
             results[str(t)][name] = r = bench_shape(shape, args.batch, args.repeats)
             print(f"{t} thread(s) {name}: dense {r['dense_ms']:.1f} ms; "
                   + ", ".join(f"{d}: {s['speedup']:.2f}x" for d, s in r["sparse"].items()), flush=True)
+    wrn = {}
+    if args.wrn or args.wrn_only:
+        for t in args.threads:
+            torch.set_num_threads(t)
+            numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
+            wrn[str(t)] = r = bench_wrn(args.batch, args.repeats)
+            print(f"{t} thread(s) WRN-28-2 step: dense {r['dense_ms']:.0f} ms; "
+                  + ", ".join(f"{d}: csr {v['csr_vs_dense']:.2f}x dense, {v['csr_vs_masked']:.2f}x masked"
+                              for d, v in r["density"].items()), flush=True)
     payload = {"benchmark": "sparse_conv", "cpu": cpu_info(), "load_before": before, "load_after": load(),
-               "results": results, "evidence": evidence()}
+               "batch": args.batch, "results": {k: v for k, v in results.items() if v}, "wrn": wrn,
+               "evidence": evidence()}
     print(write_results("sparse_conv", payload, markdown(payload)))
 
 
