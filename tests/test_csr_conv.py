@@ -12,6 +12,7 @@ pytest.importorskip("numba")
 
 from dynsparse.convnets import WideResNet
 from dynsparse.errors import DynsparseError
+from dynsparse.sparse.cbhw_ops import batch_norm_relu_cbhw
 from dynsparse.sparse.conv_kernels import from_cbhw, to_cbhw
 from dynsparse.sparse.csr_conv import (
     CSRConv2d,
@@ -144,3 +145,30 @@ def test_conv_layer_checkpoint_and_pattern_cache():
     torch.testing.assert_close(other(x), layer(x))
     with pytest.raises(DynsparseError, match="stride"):
         CSRConv2d(layer.weight, 3, 3, stride=3)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_batch_norm_relu_matches_unfused(momentum):
+    bn = nn.BatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ref = copy.deepcopy(bn)
+    x = torch.randn(4, 3, 5, 6) * 2 + 1
+    xc = to_cbhw(x).requires_grad_()
+    xr = x.clone().requires_grad_()
+    for _ in range(2):  # twice: the running statistics' update and num_batches_tracked
+        y = batch_norm_relu_cbhw(bn, xc)
+        y_ref = F.relu(ref(xr))
+    torch.testing.assert_close(from_cbhw(y), y_ref, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y_ref)
+    y.backward(to_cbhw(dy))
+    y_ref.backward(dy)
+    torch.testing.assert_close(from_cbhw(xc.grad), xr.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+    bn.eval(), ref.eval()  # evaluation: the running statistics (unfused path)
+    torch.testing.assert_close(from_cbhw(batch_norm_relu_cbhw(bn, to_cbhw(x))), F.relu(ref(x)), atol=1e-5, rtol=1e-5)

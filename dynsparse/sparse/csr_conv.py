@@ -17,10 +17,10 @@ gradient capture (RigL/SNFS growth) has no convolution form here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynsparse.errors import DynsparseError
+from dynsparse.sparse.cbhw_ops import batch_norm_cbhw, batch_norm_relu_cbhw
 from dynsparse.sparse.conv_kernels import csc_of, sparse_conv2d, to_cbhw
 from dynsparse.sparse.csr import CSRWeight
 
@@ -78,21 +78,6 @@ def csr_conv_from_conv(conv: nn.Conv2d, mask: torch.Tensor) -> CSRConv2d:
     return CSRConv2d(weight, conv.in_channels, kh, conv.stride[0], conv.padding[0])
 
 
-def batch_norm_cbhw(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """``bn`` applied to ``[C, H, W, B]``: viewed as ``[1, C, H*W*B]``, the statistics per channel
-    are over the same elements as ``bn`` on ``[B, C, H, W]``; running stats updated alike (this
-    is ``nn.BatchNorm2d.forward`` with the input viewed)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep = not bn.training or bn.track_running_stats
-    y = F.batch_norm(x.reshape(1, x.shape[0], -1), bn.running_mean if keep else None, bn.running_var if keep else None,
-                     bn.weight, bn.bias, batch_stats, factor, bn.eps)
-    return y.view_as(x)
-
-
 def conv1x1_cbhw(weight: torch.Tensor, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """A dense 1x1 conv (``weight`` ``[out, in, 1, 1]``) on ``[C, H, W, B]``: one matrix product."""
     if stride != 1:
@@ -126,9 +111,9 @@ class CSRWideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = to_cbhw(self.conv1(x))  # the only layout conversion (its input has 3 channels)
         for b in self.blocks:
-            pre = F.relu(batch_norm_cbhw(b["bn1"], out))
-            y = b["conv2"](F.relu(batch_norm_cbhw(b["bn2"], b["conv1"](pre))))
+            pre = batch_norm_relu_cbhw(b["bn1"], out)
+            y = b["conv2"](batch_norm_relu_cbhw(b["bn2"], b["conv1"](pre)))
             short = conv1x1_cbhw(b["shortcut"].weight, pre, b["conv1"].stride) if "shortcut" in b else out
             out = y + short
-        out = F.relu(batch_norm_cbhw(self.bn1, out)).mean(dim=(1, 2))  # global average pooling: [C, B]
+        out = batch_norm_relu_cbhw(self.bn1, out).mean(dim=(1, 2))  # global average pooling: [C, B]
         return self.fc(out.t())
