@@ -71,7 +71,7 @@ def test_transposed_index_reused_and_no_entries():
     assert from_cbhw(y)[:, 0].abs().sum() == 0
 
 
-@pytest.mark.parametrize("bad", ["stride", "shape", "dtype", "small"])
+@pytest.mark.parametrize("bad", ["stride", "shape", "dtype", "small", "values"])
 def test_bad_input_is_one_line_error(bad):
     weight = torch.ones(2, 2, 3, 3)
     crow, col, values, _ = _csr(weight)
@@ -83,7 +83,9 @@ def test_bad_input_is_one_line_error(bad):
         x = torch.randn(3, 5, 5, 3)
     elif bad == "dtype":
         x = x.double()
-    else:
+    elif bad == "small":
         x, pad = torch.randn(2, 2, 2, 3), 0
+    else:
+        values = values.double()
     with pytest.raises(DynsparseError, match="sparse conv"):
         sparse_conv2d(x, values, crow, col, weight.shape, stride, pad)

@@ -56,8 +56,8 @@ def _build() -> dict:
     U = numba.uint64  # unsigned indices: numba then emits no negative-index wraparound, and loops vectorize
 
     # nt: numba's thread count, passed in (calling numba.get_num_threads inside would stop the
-    # kernels from being cached). Loop order, all three kernels: output row outermost, then each thread's block of channels.
-    # The input rows one output row needs (3 rows of every channel: 1.5 MB at 64 channels, 16
+    # kernels from being cached). Loop order, all three kernels: output row outermost, then each
+    # thread's block of channels. The input rows one output row needs (3 rows of every channel: 1.5 MB at 64 channels, 16
     # wide, batch 128) are then read from L2 by every channel of the block, instead of the whole
     # input being streamed from L3 once per channel (measured ~1.5-2x slower).
     @njit(**opts)
@@ -218,6 +218,9 @@ class _SparseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, crow, col, crow_t, ccol_t, perm, shape, stride, pad):
         c_out, c_in, kh, kw = shape
+        if values.dtype != torch.float32 or values.dim() != 1 or values.numel() != col.numel():
+            raise DynsparseError(f"sparse conv values must be float32, one per active entry ({col.numel()}), "
+                                 f"got {values.dtype} {tuple(values.shape)}")
         if x.dim() != 4 or x.shape[0] != c_in or x.dtype != torch.float32 or x.device.type != "cpu":
             raise DynsparseError(f"sparse conv input must be float32 CPU [C={c_in}, H, W, B], "
                                  f"got {tuple(x.shape)} {x.dtype} on {x.device}")
