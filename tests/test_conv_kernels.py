@@ -89,3 +89,14 @@ def test_bad_input_is_one_line_error(bad):
         values = values.double()
     with pytest.raises(DynsparseError, match="sparse conv"):
         sparse_conv2d(x, values, crow, col, weight.shape, stride, pad)
+
+
+def test_without_numba_a_one_line_error(monkeypatch):
+    import sys
+
+    import dynsparse.sparse.conv_kernels as ck
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
+    monkeypatch.setattr(ck, "_compiled", None)
+    assert not ck.available()
+    with pytest.raises(DynsparseError, match=r"pip install 'dynsparse\[kernels\]'"):
+        ck.kernels()
