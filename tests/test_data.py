@@ -470,7 +470,7 @@ def test_real_tiny_imagenet(data_root):
     b = data.build_data("imagenet", root, batch_size=8, device=CPU, workers=0)
     assert (b.num_classes, b.num_train, b.test.num_samples) == (10, 5000, 500)
     x, y = next(iter(b.train))
-    assert x.shape == (8, 3, 224, 224) and x.dtype == torch.float32
+    assert x.shape == (8, 3, 64, 64) and x.dtype == torch.float32  # the data's own size (issue 23)
     assert 0 <= y.min() and y.max() < 10
 
 
