@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import evidence, write_results  # noqa: E402
+from benchmarks.common import RESULTS, evidence, write_results  # noqa: E402
 from dynsparse import create_model, sparse_inference  # noqa: E402
 from dynsparse.sparse.csr_ops import sample_flat  # noqa: E402
 from dynsparse.sparse.inference import SparseInferenceLinear  # noqa: E402
@@ -100,26 +100,36 @@ def _nbytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
 
 
-def child(model: str, density: float, arm: str) -> None:
-    """Print the peak RSS (bytes) above the baseline of building the arm and running its forwards."""
+def child(model: str, density: float, arm: str, batch: int) -> None:
+    """Print the peak RSS (bytes) above the baseline of building the arm, and of then serving
+    ``batch`` rows (a fresh input, two forwards: the second shows the allocator's reuse)."""
     torch.set_num_threads(1)
     in_f = 4096 if model == "layer" else 784
     with torch.no_grad():  # the libraries' own first-call buffers belong to the baseline, not to the arm
         nn.Linear(in_f, 8)(torch.rand(64, in_f))
         for b in BATCHES:  # each batch size has its own product (MKL's mv, MKL's mm, embedding_bag)
             SparseInferenceLinear.from_dense(torch.eye(8, in_f))(torch.rand(b, in_f))
-    base = _status_kib("VmRSS")
+    gc.collect()
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    trim(0)  # the baseline without the warm-up's freed heap (else the trim below would count against the arm)
+    base, base_file = _status_kib("VmRSS"), _status_kib("RssFile")
     m, _ = build(model, density, arm)
     build_peak = _status_kib("VmHWM") - base
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the build's freed temporaries back to the system
+    trim(0)  # hand the build's freed temporaries back to the system
     # VmHWM, not ru_maxrss (Linux carries ru_maxrss over an exec: a child of a big parent would
     # report the parent's peak); reset after building, so the second peak is the serving one
     Path("/proc/self/clear_refs").write_text("5")
     with torch.no_grad():
-        for b in BATCHES:
-            m(torch.rand(b, in_f))
-    print(json.dumps({"peak_rss_bytes": (_status_kib("VmHWM") - base) * 1024, "build_peak_bytes": build_peak * 1024}))
+        x = torch.rand(batch, in_f)
+        for _ in range(2):
+            m(x)
+    # file-backed pages are the torch library's code that building touched for the first time
+    # (sample_flat's unique, bincount, ...: about 3 MiB for the CSR arm), shared by every process
+    # that loads torch, not memory of the model: left out of the serving peak, recorded apart
+    code = max(_status_kib("RssFile") - base_file, 0)
+    print(json.dumps({"peak_rss_bytes": (_status_kib("VmHWM") - base - code) * 1024, "build_peak_bytes": build_peak * 1024,
+                      "code_pages_bytes": code * 1024}))
 
 
 def _status_kib(field: str) -> int:
@@ -128,9 +138,27 @@ def _status_kib(field: str) -> int:
 
 
 def peak_rss(model: str, density: float, arm: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", model, str(density), arm], check=True,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """Per batch size, a fresh subprocess: {"peak_rss_bytes": {batch: bytes}, "build_peak_bytes": {batch: bytes}}."""
+    res: dict[str, dict] = {"peak_rss_bytes": {}, "build_peak_bytes": {}, "code_pages_bytes": {}}
+    for b in BATCHES:
+        out = subprocess.run([sys.executable, __file__, "--child", model, str(density), arm, str(b)], check=True,
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+        got = json.loads(out.strip().splitlines()[-1])
+        for k in res:
+            res[k][str(b)] = got[k]
+    return res
+
+
+def measure_memory() -> dict:
+    memory = {}
+    for model in ("layer", "mlp"):
+        for density in DENSITIES:
+            for arm in (ARMS if density == 0.01 else ("csr",)):
+                memory[f"{model}/{density}/{arm}"] = peak_rss(model, density, arm)
+                print(f"memory {model} d={density} {arm}: "
+                      + ", ".join(f"b={b} {v / 2**20:.1f} MiB" for b, v in memory[f"{model}/{density}/{arm}"]["peak_rss_bytes"].items())
+                      + f"; load {load()}", flush=True)
+    return memory
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -175,11 +203,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=10, help="rounds; each times 3 forwards per arm")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--child", nargs=3, metavar=("MODEL", "DENSITY", "ARM"))
+    ap.add_argument("--memory-only", action="store_true",
+                    help="re-measure only the memory section; keep the latency and crossover results of the results file")
+    ap.add_argument("--child", nargs=4, metavar=("MODEL", "DENSITY", "ARM", "BATCH"))
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], float(a.child[1]), a.child[2])
+        return child(a.child[0], float(a.child[1]), a.child[2], int(a.child[3]))
     torch.set_num_threads(a.threads)
+    if a.memory_only:
+        old = json.loads((RESULTS / "inference.json").read_text())
+        lat_ev = old.get("latency_evidence", old["evidence"])
+        mem_load = load()
+        memory = measure_memory()
+        mem_ev = {**evidence(), "load_before": mem_load, "load_after": load()}
+        return report(old["rows"], memory, {int(b): s for b, s in old["crossover"].items()}, lat_ev, mem_ev)
     load_before, rows = load(), []
     for model, in_f in (("layer", 4096), ("mlp", 784)):
         for density in DENSITIES:
@@ -196,11 +233,9 @@ def main() -> None:
                       f"{t['masked']['median_ms']:.3f} ms, csr {t['csr']['median_ms']:.3f} ms "
                       f"({rows[-1]['speedup_vs_dense']:.1f}x); load {load()}", flush=True)
             del built, arms
-    memory = {}
-    for model in ("layer", "mlp"):
-        for density in DENSITIES:
-            for arm in (ARMS if density == 0.01 else ("csr",)):
-                memory[f"{model}/{density}/{arm}"] = peak_rss(model, density, arm)
+    mem_load = load()
+    memory = measure_memory()
+    mem_ev = {"load_before": mem_load, "load_after": load()}
     sweep = {}
     dense_layer = build("layer", 1.0, "dense")[0]
     for batch in BATCHES:
@@ -211,22 +246,25 @@ def main() -> None:
         sweep[batch] = {"ratios": ratios, "crossover_density": crossover({**ratios, **{
             r["density"]: r["speedup_vs_dense"] for r in rows if r["model"] == "layer" and r["batch"] == batch}})}
         print(f"crossover at batch {batch}: {sweep[batch]['crossover_density']} (None: above {max(SWEEP)})", flush=True)
-    report(rows, memory, sweep, load_before, load(), a)
+    ev = {**evidence(), "load_before": load_before, "load_after": load(), "repeats": a.repeats}
+    report(rows, memory, sweep, ev, {**ev, **mem_ev})
 
 
-def report(rows, memory, sweep, load_before, load_after, a) -> None:
-    ev = {**evidence(), "load_before": load_before, "load_after": load_after, "repeats": a.repeats}
+def report(rows, memory, sweep, ev, mem_ev) -> None:
+    """``ev``: evidence of the latency and crossover runs; ``mem_ev``: of the memory run (the same
+    run, or a later ``--memory-only`` one)."""
+    load_before, load_after = ev["load_before"], ev["load_after"]
     get = {(r["model"], r["density"], r["batch"]): r for r in rows}
     layer_goal = get[("layer", 0.01, 1)]["speedup_vs_dense"]
     mlp_goal = get[("mlp", 0.01, 1)]["speedup_vs_dense"]
-    mem_ratio = {m: memory[f"{m}/0.01/dense"]["peak_rss_bytes"] / memory[f"{m}/0.01/csr"]["peak_rss_bytes"]
-                 for m in ("layer", "mlp")}
+    mem_ratio = {m: {b: memory[f"{m}/0.01/dense"]["peak_rss_bytes"][b] / memory[f"{m}/0.01/csr"]["peak_rss_bytes"][b]
+                     for b in memory[f"{m}/0.01/csr"]["peak_rss_bytes"]} for m in ("layer", "mlp")}
     bytes_ratio = {m: get[(m, 0.01, 1)]["model_bytes"]["dense"] / get[(m, 0.01, 1)]["model_bytes"]["csr"] for m in ("layer", "mlp")}
     goals = {"layer_batch1_vs_dense": [layer_goal, layer_goal >= 20], "mlp_batch1_vs_dense": [mlp_goal, mlp_goal >= 10],
-             "memory_peak_rss": {m: [v, v >= 20] for m, v in mem_ratio.items()},
+             "memory_peak_rss_by_batch": {m: {b: [v, v >= 20] for b, v in r.items()} for m, r in mem_ratio.items()},
              "memory_model_bytes": {m: [v, v >= 20] for m, v in bytes_ratio.items()}}
     L = [f"# Sparse inference on CPU ({ev['device']}, {ev['threads']} thread(s), float32)", "",
-         f"Load average (1, 5, 15 min) before: {load_before}; after: {load_after} (the machine was shared with "
+         f"Latency and crossover run: load average (1, 5, 15 min) before {load_before}; after {load_after} (the machine was shared with "
          f"other work; the arms ran interleaved in one process, so their ratios are what counts).", "",
          "## Latency: median (p99) of the thread's CPU time per forward, ms; speed-up of CSR over dense", "",
          "The wall-clock medians (in the JSON, `wall_median_ms`) include waits for a core on the shared machine.", "",
@@ -236,15 +274,26 @@ def report(rows, memory, sweep, load_before, load_after, a) -> None:
         cell = lambda k: f"{t[k]['median_ms']:.3f} ({t[k]['p99_ms']:.3f})"  # noqa: E731
         L.append(f"| {r['model']} | {r['density']} | {r['batch']} | {cell('dense')} | {cell('masked')} | {cell('csr')} "
                  f"| {r['speedup_vs_dense']:.1f}x | {r['speedup_vs_masked']:.1f}x |")
-    L += ["", "## Memory", "", "Peak RSS of a subprocess that builds only that arm, above its baseline (torch imported, "
-          "kernels warmed up): while serving batches 1, 8, 64 (peak reset after building), and while building.", "",
-          "| model | density | arm | model bytes (MiB) | peak RSS serving (MiB) | peak RSS building (MiB) |",
-          "|---|---|---|---|---|---|"]
+    L += ["", "## Memory", "", "Peak RSS above the baseline (torch imported, every batch size's kernels warmed up) of a "
+          "fresh subprocess per arm and batch size that builds only that arm, then (peak reset after building) serves "
+          "one input of that batch twice; the serving peak holds the model, the input, the activations and the "
+          "allocator's slack, not the torch library's code pages that building touched first (file-backed, shared; "
+          "`code_pages_bytes` in the JSON). Building: the largest build peak of the three subprocesses.", "",
+          f"Memory measured with `{mem_ev['command']}`; commit {mem_ev['commit']}"
+          f"{' (uncommitted changes)' if mem_ev['uncommitted'] else ''}; {mem_ev['time']}; load average before "
+          f"{mem_ev['load_before']}, after {mem_ev['load_after']}.", "",
+          "| model | density | arm | model bytes (MiB) | peak RSS serving batch " + " | batch ".join(map(str, BATCHES))
+          + " (MiB) | peak RSS building (MiB) |", "|---|---|---|---|" + "---|" * len(BATCHES) + "---|"]
     for key, peak in memory.items():
         model, density, arm = key.split("/")
         mb = get[(model, float(density), 1)]["model_bytes"][arm]
-        L.append(f"| {model} | {density} | {arm} | {mb / 2**20:.1f} | {peak['peak_rss_bytes'] / 2**20:.1f} "
-                 f"| {peak['build_peak_bytes'] / 2**20:.1f} |")
+        L.append(f"| {model} | {density} | {arm} | {mb / 2**20:.1f} | "
+                 + " | ".join(f"{peak['peak_rss_bytes'][str(b)] / 2**20:.1f}" for b in BATCHES)
+                 + f" | {max(peak['build_peak_bytes'].values()) / 2**20:.1f} |")
+    L += ["", "Dense / CSR peak RSS serving at density 0.01 (goal >= 20x):", "",
+          "| model | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---|" + "---|" * len(BATCHES)]
+    for m, r in mem_ratio.items():
+        L.append(f"| {m} | " + " | ".join(f"{r[str(b)]:.1f}x{'' if r[str(b)] >= 20 else ' (short)'}" for b in BATCHES) + " |")
     L += ["", "## Crossover (4096x4096 layer): dense time / CSR time by density", "",
           "| batch | " + " | ".join(f"d={d}" for d in SWEEP) + " | crossover density |", "|---" * (len(SWEEP) + 2) + "|"]
     for b, s in sweep.items():
@@ -254,12 +303,13 @@ def report(rows, memory, sweep, load_before, load_after, a) -> None:
     L += ["", "## Goals at density 0.01", "",
           f"- layer, batch 1, >= 20x faster than dense: {layer_goal:.1f}x, met: {layer_goal >= 20}",
           f"- MLP, batch 1, >= 10x faster than dense: {mlp_goal:.1f}x, met: {mlp_goal >= 10}",
-          "- memory >= 20x smaller than dense: peak RSS serving " + ", ".join(f"{m} {v:.1f}x" for m, v in mem_ratio.items())
-          + "; model bytes " + ", ".join(f"{m} {v:.1f}x" for m, v in bytes_ratio.items()), "",
-          f"Command: `{ev['command']}`; commit {ev['commit']}{' (uncommitted changes)' if ev['uncommitted'] else ''}; "
+          "- memory >= 20x smaller than dense: model bytes " + ", ".join(f"{m} {v:.1f}x" for m, v in bytes_ratio.items())
+          + "; peak RSS serving " + "; ".join(f"{m} " + ", ".join(f"batch {b} {v:.1f}x (met: {v >= 20})" for b, v in r.items())
+                                              for m, r in mem_ratio.items()), "",
+          f"Latency and crossover: command `{ev['command']}`; commit {ev['commit']}{' (uncommitted changes)' if ev['uncommitted'] else ''}; "
           f"{ev['time']}; torch {ev['torch']}.", ""]
-    path = write_results("inference", {"evidence": ev, "rows": rows, "peak_rss_bytes": memory, "crossover": sweep,
-                                       "goals": goals}, "\n".join(L))
+    path = write_results("inference", {"evidence": mem_ev, "latency_evidence": ev, "rows": rows, "peak_rss_bytes": memory,
+                                       "crossover": sweep, "goals": goals}, "\n".join(L))
     print("\n".join(L))
     print(f"wrote {path}")
 
