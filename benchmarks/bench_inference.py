@@ -216,7 +216,8 @@ def main() -> None:
         mem_load = load()
         memory = measure_memory()
         mem_ev = {**evidence(), "load_before": mem_load, "load_after": load()}
-        return report(old["rows"], memory, {int(b): s for b, s in old["crossover"].items()}, lat_ev, mem_ev)
+        return report(old["rows"], memory, {int(b): {**s, "ratios": {float(d): r for d, r in s["ratios"].items()}}  # JSON keys are strings
+                                            for b, s in old["crossover"].items()}, lat_ev, mem_ev)
     load_before, rows = load(), []
     for model, in_f in (("layer", 4096), ("mlp", 784)):
         for density in DENSITIES:
