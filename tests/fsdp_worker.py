@@ -17,7 +17,18 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dynsparse.sparse import DSR, MEST, SET, SNFS, DeepR, GradualPruning, Periodic, RigL, Sparsifier, Static
+from dynsparse.sparse import (
+    DSR,
+    MEST,
+    SET,
+    SNFS,
+    DeepR,
+    GradualPruning,
+    Periodic,
+    RigL,
+    Sparsifier,
+    Static,
+)
 from dynsparse.sparse.when import AtEpochEnds
 
 PRUNE = {"0.weight": 0.8, "2.weight": 0.7, "4.weight": 0.75, "6.weight": 0.6}
