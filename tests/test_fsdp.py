@@ -1,8 +1,8 @@
 """Sparse training on FSDP2-sharded models (``fully_shard``, DTensor parameters), CPU and gloo.
 
 The multi-process tests train the same tiny model (uneven row splits over 2 and 3 ranks) with
-SET, RigL, DSR, SNFS, MEST, DeepR, gradual pruning and static masks unsharded and sharded (tests/fsdp_worker.py) and require
-the same whole masks after every topology update and the same losses; a distributed checkpoint
+SET, RigL, DSR, SNFS, MEST, DeepR, gradual pruning and static masks unsharded and sharded
+(tests/fsdp_worker.py) and require the same whole masks after every topology update and the same losses; a distributed checkpoint
 saved on 2 ranks resumes on 3 with the answers of the uninterrupted unsharded run.
 """
 from __future__ import annotations
