@@ -170,7 +170,7 @@ class ShardedParam(SparseParam):
         mine = torch.tensor([count], dtype=torch.long, device=self.mask.device)
         parts = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine, group=self._group())
-        return int(sum(int(p) for p in parts[:self.param.device_mesh.get_local_rank()]))
+        return int(torch.cat(parts)[:self.param.device_mesh.get_local_rank()].sum())
 
     # ---- what is stored ------------------------------------------------------------------------
     def masked_weight(self) -> torch.Tensor:
