@@ -8,7 +8,8 @@ same masks and, up to float summation order, the same numbers as one process.
 
 Checkpoints are whole tensors (``checkpoint.pt`` as without ``--fsdp``, gathered on every rank,
 written by rank 0), so a run resumes on any number of ranks. Methods tested sharded: dense,
-static, SET, DSR, RigL and SNFS; others are refused rather than trained untested.
+static, SET, DSR, RigL, SNFS, MEST, DeepR and gradual pruning (``--prune``); others (tied
+weights) are refused rather than trained untested.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.sharded import full_weight, is_sharded, reshard_like
 
-FSDP_METHODS = ("dense", "dsr", "rigl", "set", "snfs", "static")
+FSDP_METHODS = ("deepr", "dense", "dsr", "mest", "prune", "rigl", "set", "snfs", "static")
 
 
 def check(cfg, method: str) -> None:

@@ -13,6 +13,10 @@ def sparsity_penalty(tensors: Iterable[torch.Tensor], coeff: float, group_lasso:
         return 0.0
     total = 0.0
     for w in tensors:
+        # an FSDP2-sharded (DTensor) weight: the penalty of this rank's rows, whose gradient is
+        # exactly theirs (every row sits on one rank); no communication, nor a DTensor sum mixed
+        # into the plain loss (FSDP adds the sharded gradient to it)
+        w = w.to_local() if hasattr(w, "to_local") else w
         if group_lasso and w.dim() == 4:
             total = total + torch.sqrt(w.pow(2).sum((2, 3)) + 1e-12).sum()
         else:

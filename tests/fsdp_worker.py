@@ -17,7 +17,22 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dynsparse.sparse import DSR, MEST, SET, SNFS, Periodic, RigL, Sparsifier, Static
+from dynsparse.sparse import (
+    DSR,
+    MEST,
+    SET,
+    SNFS,
+    DeepR,
+    GradualPruning,
+    Periodic,
+    RigL,
+    Sparsifier,
+    Static,
+)
+from dynsparse.sparse.when import AtEpochEnds
+
+PRUNE = {"0.weight": 0.8, "2.weight": 0.7, "4.weight": 0.75, "6.weight": 0.6}
+EPOCH = 10  # steps per (pretend) epoch, for gradual pruning at epoch ends
 
 POLICIES = {
     "set": lambda: SET(fraction=0.2, when=Periodic(5)),
@@ -28,7 +43,14 @@ POLICIES = {
     "mest": lambda: MEST(fraction=0.3, when=Periodic(5, end_fraction=0.75)),
     "set-initial": lambda: SET(fraction=0.2, when=Periodic(5)),  # new weights drawn, written per shard
     "rigl-conv": lambda: RigL(fraction=0.3, when=Periodic(5, end_fraction=0.75)),  # masks per kernel slice
+    # noise on every step's gradients, sign flips dropped and regrown at random every step
+    "deepr": lambda: DeepR(eta=0.05, temperature=lambda epoch: 0.02),
+    "deepr-initial": lambda: DeepR(eta=0.05, temperature=lambda epoch: 0.02),  # regrown weights drawn, per shard
+    "prune": lambda: GradualPruning(PRUNE, when=AtEpochEnds(count=4)),
+    "prune-global": lambda: GradualPruning(PRUNE, cubic=True, global_threshold=True, when=AtEpochEnds(count=4)),
 }
+# fewer steps for the later additions (the tests are slow): DeepR changes masks every step
+STEPS = {"deepr": 40, "deepr-initial": 40, "prune": 50, "prune-global": 50}
 
 
 class ConvNet(nn.Module):
@@ -61,7 +83,7 @@ def build(policy: str, fsdp: bool, device: str = "cpu"):
     opt = (torch.optim.Adam(model.parameters(), lr=0.01) if policy in ("rigl", "static", "rigl-conv")
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     s = Sparsifier(model, opt, policy=POLICIES[policy](), densities=0.5, total_steps=400, seed=3,
-                   new_weights="initial" if policy == "set-initial" else "zero", granularity=2 if "conv" in policy else 4)
+                   new_weights="initial" if policy.endswith("-initial") else "zero", granularity=2 if "conv" in policy else 4)
     return model, opt, s
 
 
@@ -94,7 +116,10 @@ def train(model, opt, s, steps: int, start: int, rank: int, world: int, fsdp: bo
             dist.all_reduce(total)
             total /= world
         losses.append(float(total))
-        if s.events and s.events[-1].step == s.step_count:
+        if isinstance(s.policy, GradualPruning) and (step + 1) % EPOCH == 0:
+            s.end_epoch()
+            s.set_epoch((step + 1) // EPOCH)
+        if isinstance(s.policy, DeepR) or (s.events and s.events[-1].step == s.step_count):  # DeepR records no events
             updates.append((s.step_count, {k: v.cpu() for k, v in whole_masks(s).items()}))
     return losses, updates
 
@@ -124,7 +149,8 @@ def main() -> None:
         start = 0
         if a.resume:
             start = load(Path(a.resume) / policy, model, opt, s)
-        losses, updates = train(model, opt, s, a.steps, start, rank, world, a.fsdp, device)
+        steps = min(a.steps, STEPS.get(policy, a.steps))
+        losses, updates = train(model, opt, s, steps, start, rank, world, a.fsdp, device)
         if a.save:
             save(Path(a.save) / policy, model, opt, s)
         results[policy] = {"losses": losses, "updates": updates, "export": {k: v.cpu() for k, v in s.export().items()}, "summary": s.summary(),

@@ -1,12 +1,13 @@
 """Sparse training on FSDP2-sharded models (``fully_shard``, DTensor parameters), CPU and gloo.
 
 The multi-process tests train the same tiny model (uneven row splits over 2 and 3 ranks) with
-SET, RigL, DSR, SNFS and static masks unsharded and sharded (tests/fsdp_worker.py) and require
-the same whole masks after every topology update and the same losses; a distributed checkpoint
+SET, RigL, DSR, SNFS, MEST, DeepR, gradual pruning and static masks unsharded and sharded
+(tests/fsdp_worker.py) and require the same whole masks after every topology update and the same losses; a distributed checkpoint
 saved on 2 ranks resumes on 3 with the answers of the uninterrupted unsharded run.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -46,7 +47,8 @@ def assert_same_run(ref: dict, got: dict, policy: str) -> None:
     assert g["losses"] == pytest.approx(r["losses"], rel=1e-12, abs=1e-12), policy
 
 
-POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial", "rigl-conv"]
+POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial", "rigl-conv", "deepr", "deepr-initial", "prune",
+            "prune-global"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,12 @@ def test_sharded_training_matches_unsharded(nproc, reference, tmp_path):
     for policy in POLICIES:
         assert_same_run(reference, got, policy)
         assert got[policy]["world"] == nproc
-        if policy != "static":
+        if policy.startswith("deepr"):  # masks recorded every step: some of them changed
+            masks = [m for _, m in reference[policy]["updates"]]
+            assert len(masks) == 40 and sum(any(not torch.equal(a[n], b[n]) for n in a) for a, b in itertools.pairwise(masks)) >= 5
+        elif policy.startswith("prune"):  # 4 prunes, at the last one to the targets
+            assert len(got[policy]["updates"]) == 4
+        elif policy != "static":
             assert len(got[policy]["updates"]) >= 30
         for key, value in reference[policy]["export"].items():  # the whole model, gathered
             assert torch.allclose(got[policy]["export"][key], value, rtol=0, atol=1e-12), key
@@ -108,11 +115,26 @@ def test_csr_backend_is_refused_on_a_sharded_model(one_rank):
         Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=SET(), densities=0.3, backend="csr")
 
 
-def test_deepr_is_refused_on_a_sharded_model(one_rank):
+def test_deepr_signs_checkpoint_as_dtensors_on_a_sharded_model(one_rank):
+    from torch.distributed.tensor import DTensor
+
     from dynsparse.sparse import DeepR
     model = sharded_mlp()
-    with pytest.raises(DynsparseError, match="DeepR does not support FSDP2-sharded parameters"):
-        Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=DeepR(), densities=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    s = Sparsifier(model, opt, policy=DeepR(eta=0.05, temperature=lambda e: 0.5), densities=0.3, seed=1)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+    state = s.policy.state_dict()
+    for n, sign in state["signs"].items():  # recorded after the update: zero off the mask, the weights' signs on it
+        assert isinstance(sign, DTensor)
+        w, m = s.params[n].param.full_tensor(), s.params[n].topology().full_tensor()
+        assert torch.equal(sign.full_tensor(), torch.sign(w).to(torch.int8) * m)
+        assert s.params[n].num_active == int(m.sum())
+    whole = {n: t.full_tensor() for n, t in state["signs"].items()}  # as an unsharded run saves them
+    s.policy.load_state_dict({"eta": 0.05, "signs": whole})
+    assert all(torch.equal(s.policy.signs[n], t) for n, t in whole.items())
 
 
 def test_sharded_masks_keep_weights_gradients_and_momentum_zero_off_the_mask(one_rank):
@@ -175,6 +197,23 @@ def test_cli_fsdp_mnist_mlp_matches_one_process_and_resumes_on_three_ranks(tiny_
 
 
 @pytest.mark.slow
+def test_cli_fsdp_deepr_and_gradual_pruning_agree_across_ranks(tiny_mnist, tmp_path):
+    # --debug-distributed checks after every topology change (DeepR: every step) that the ranks'
+    # whole masks and weights agree; pruning ends exactly at its targets, DeepR keeps its density
+    mlp = ["--initial-sparsity-fc", "0.5", "--no-batch-norm", "--epochs", "1"]
+    # the L1 penalty on sharded weights: each rank's rows, the same gradient as one process
+    one = cli(1, tmp_path, tiny_mnist, "l1-one", [*mlp, "--L1-loss-coeff", "1e-2"])
+    two = cli(2, tmp_path, tiny_mnist, "l1-two", [*mlp, "--L1-loss-coeff", "1e-2"])
+    assert [r["train_loss"] for r in two["history"]] == pytest.approx([r["train_loss"] for r in one["history"]], rel=1e-4)
+    deepr = cli(2, tmp_path, tiny_mnist, "deepr", [*mlp, "--DeepR", "--L1-loss-coeff", "1e-4"])
+    assert deepr["history"][-1]["densities"] == deepr["history"][0]["densities"]
+    assert deepr["total_pruned"] > 0
+    prune = cli(2, tmp_path, tiny_mnist, "prune", [*mlp, "--prune", "--prune-from-scratch", "--prune-target-sparsity-fc", "0.8",
+                                                   "--prune-iterations", "1"])
+    assert all(d == pytest.approx(0.2, abs=0.01) for d in prune["history"][-1]["densities"].values())
+
+
+@pytest.mark.slow
 def test_cli_fsdp_wide_resnet_with_rigl(tiny_cifar, tmp_path):
     wrn = ["--model", "cifar10_WideResNet", "--layers", "10", "--widen-factor", "1", "--initial-sparsity-conv", "0.8",
            "--rigl", "--update-period", "1", "--epochs", "1",
@@ -189,8 +228,8 @@ def test_cli_fsdp_refuses_csr_and_a_single_process(tmp_path):
     cfg, _ = parse_train_args(["--fsdp", "--sparse-backend", "csr", "--rewire"])
     with pytest.raises(DynsparseError, match="CSR.*single-device: use --sparse-backend masked"):
         check(cfg, "set")
-    cfg, _ = parse_train_args(["--fsdp", "--DeepR"])
-    with pytest.raises(DynsparseError, match="--fsdp is tested with dense, dsr, rigl, set, snfs, static; not with deepr"):
+    cfg, _ = parse_train_args(["--fsdp", "--tied"])
+    with pytest.raises(DynsparseError, match="--fsdp is tested with deepr, .*static; not with tied"):
         prepare(cfg, nn.Linear(2, 2), type("Info", (), {"enabled": False})())
     cfg, _ = parse_train_args(["--fsdp", "--rigl"])
     with pytest.raises(DynsparseError, match="launch with torchrun"):

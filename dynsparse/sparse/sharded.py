@@ -149,6 +149,29 @@ class ShardedParam(SparseParam):
             w = self.param.to_local().detach().view(self.rows * per_row, self.slice_size)
             w[flat_idx[mine] - lo] = values[mine].to(w)
 
+    # ---- DeepR: draws over the whole tensor, applied to this rank's rows ---------------------
+    def rows_of(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole tensor shaped like the mask (or the parameter)."""
+        return whole[self.row0:self.row0 + self.rows]
+
+    def add_whole_(self, delta: torch.Tensor) -> None:
+        """Add a whole-tensor ``delta`` (drawn identically on every rank) to this rank's rows."""
+        self.param.to_local().detach().add_(self.rows_of(delta))
+
+    def gather_flags(self, local: torch.Tensor) -> torch.Tensor:
+        """Flat bool flags of the whole tensor from each rank's flags of its rows (one byte each)."""
+        per_row = math.prod(self.mask_shape[1:])
+        return self._gather_rows(local.reshape(local.shape[0], per_row).to(torch.uint8)).bool().reshape(-1)
+
+    def entries_before(self, count: int) -> int:
+        """Sum of ``count`` over the ranks holding earlier rows: where this rank's active entries
+        start in the whole tensor's flat active list (one small all-gather)."""
+        world = self.param.device_mesh.size()
+        mine = torch.tensor([count], dtype=torch.long, device=self.mask.device)
+        parts = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=self._group())
+        return int(torch.cat(parts)[:self.param.device_mesh.get_local_rank()].sum())
+
     # ---- what is stored ------------------------------------------------------------------------
     def masked_weight(self) -> torch.Tensor:
         """The whole weight (every rank takes part), zeros off the mask."""
@@ -163,7 +186,11 @@ class ShardedParam(SparseParam):
 
     def topology(self) -> DTensor:
         """The mask as a DTensor (rows sharded like the parameter) for distributed checkpoints."""
-        return DTensor.from_local(self.mask.clone(), self.param.device_mesh, self.param.placements, run_check=False,
+        return self.placed(self.mask.clone())
+
+    def placed(self, local: torch.Tensor) -> DTensor:
+        """This rank's rows of a mask-shaped tensor as a DTensor placed like the parameter."""
+        return DTensor.from_local(local, self.param.device_mesh, self.param.placements, run_check=False,
                                   shape=torch.Size(self.mask_shape), stride=_contiguous_stride(self.mask_shape))
 
     def load_topology(self, saved: torch.Tensor, optimizer=None) -> None:
@@ -188,7 +215,7 @@ def check_policy(policy, params: dict) -> None:
     """Refuse a policy that works on per-rank views it cannot have here (``shardable = False``)."""
     if not getattr(policy, "shardable", True) and any(isinstance(sp, ShardedParam) for sp in params.values()):
         raise DynsparseError(f"{type(policy).__name__} does not support FSDP2-sharded parameters; sharded training "
-                             "is tested with SET, RigL, DSR, SNFS, MEST and static masks")
+                             "is tested with SET, RigL, DSR, SNFS, MEST, DeepR, gradual pruning and static masks")
 
 
 @contextlib.contextmanager

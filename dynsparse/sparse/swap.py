@@ -35,5 +35,6 @@ def swap_random(sp, drop: torch.Tensor, count: torch.Tensor, generator: torch.Ge
         full = torch.zeros(n, sp.slice_size, device=w.device, dtype=w.dtype)
         # accumulated: a repeated draw adds zero, and the sum is deterministic on CUDA
         full.index_put_((idx,), values.to(w) * take.unsqueeze(1) * new_std, accumulate=True)
-        w.add_(full.view(w.shape))  # new entries' weights were zero
+        # new entries' weights were zero; a sharded tensor adds its rows of the same whole draw
+        getattr(sp, "add_whole_", w.add_)(full.view(w.shape))
     return grown

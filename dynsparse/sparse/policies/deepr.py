@@ -9,6 +9,7 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.sharded import ShardedParam, is_sharded
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import EveryStep, When
 
@@ -22,26 +23,43 @@ class DeepR(DropGrow):
     (a dense tensor could not regrow what it dropped, so the total density would drift). The
     recorded signs are taken after regrowth, so with ``--big-new-weights`` they are the signs of the
     new values. Deviation: the signs are recorded after initialization, so the first
-    step does not see the original's ~50% spurious sign flips (docs/deviations.md)."""
+    step does not see the original's ~50% spurious sign flips (docs/deviations.md).
+
+    FSDP2-sharded tensors (:mod:`dynsparse.sparse.sharded`): every rank draws the noise of all the
+    tensor's active entries and the regrowth over the whole mask from the same generator, as one
+    device does, and applies its rows; each keeps the signs of its rows. Per step that costs an
+    all-gather of one integer (where a rank's active entries start) and, at the update, one of
+    a byte per entry (the sign flips)."""
 
     record_events = False
 
-    shardable = False  # adds noise through flat gradient indices: not on FSDP2-sharded tensors
 
     def __init__(self, eta: float = 0.001, temperature: Callable[[int], float] = lambda epoch: 0.0,
                  when: When | None = None) -> None:
         super().__init__(when if when is not None else EveryStep())
         self.eta, self.temperature = eta, temperature
         self.signs: dict[str, torch.Tensor] = {}
+        self.sharded: dict[str, ShardedParam] = {}
 
     def attach(self, s: Sparsifier) -> None:
         if any(sp.granularity != len(sp.shape) for sp in s.params.values()):
             raise DynsparseError("DeepR needs per-weight masks (--sub-kernel-granularity 4)")
         self.signs = {n: self._sign(sp) for n, sp in s.params.items()}
+        self.sharded = {n: sp for n, sp in s.params.items() if isinstance(sp, ShardedParam)}
 
     @staticmethod
     def _sign(sp: SparseParam) -> torch.Tensor:
-        return torch.sign(sp.param.detach()).to(torch.int8)
+        """Signs of the weights (of this rank's rows, sharded)."""
+        w = sp.param.detach()
+        return torch.sign(w.to_local() if is_sharded(w) else w).to(torch.int8)
+
+    @staticmethod
+    def _sharded_noise(sp: ShardedParam, g, noise_of) -> None:
+        local = g.to_local()
+        idx = torch.nonzero(sp.mask.view(-1)).view(-1)  # this rank's active entries, in the order of its rows
+        start = sp.entries_before(idx.numel())
+        noise = noise_of(sp.num_active)[start:start + idx.numel()]  # the whole tensor's draw, our part
+        local.index_put_(torch.unravel_index(idx, local.shape), noise.to(local), accumulate=True)
 
     def before_optimizer_step(self, s: Sparsifier) -> None:
         std = math.sqrt(2.0 * self.eta * self.temperature(s.epoch))
@@ -49,10 +67,14 @@ class DeepR(DropGrow):
             g = sp.param.grad
             if g is None or sp.num_active == sp.num_entries or std == 0.0:
                 continue
+            def noise_of(n: int) -> torch.Tensor:
+                return torch.randn(n, generator=s.generator, device=s.generator.device) * std
+            if isinstance(sp, ShardedParam):
+                self._sharded_noise(sp, g, noise_of)
+                continue
             idx = sp.active_indices()  # noise only where it survives the gradient mask
-            noise = torch.randn(idx.numel(), generator=s.generator, device=s.generator.device)
             # by position, not through a flat view: any memory layout (channels_last)
-            g.index_put_(torch.unravel_index(idx, g.shape), noise.to(g) * std, accumulate=True)
+            g.index_put_(torch.unravel_index(idx, g.shape), noise_of(idx.numel()).to(g), accumulate=True)
 
     def update(self, s: Sparsifier) -> tuple[torch.Tensor | int, torch.Tensor | int]:
         """Drop the sign flips and regrow as many at random, all on the device (no host sync: this
@@ -64,18 +86,31 @@ class DeepR(DropGrow):
             sign = self.signs[sp.name].to(sp.device)
             if sp.num_free == 0:
                 continue
-            flips = sp.only_active((self._sign(sp) * sign < 0).reshape(-1))
+            flips = (self._sign(sp) * sign < 0)
+            # sharded: the whole tensor's flips (the mask is whole during an update)
+            flips = sp.only_active(sp.gather_flags(flips) if isinstance(sp, ShardedParam) else flips.reshape(-1))
             new_std = sp.new_weights_std() if s.new_weights == "initial" else None
             changed = changed + sp.swap_random(flips, flips.sum(), s.generator, new_std)
         for sp in s.params.values():
             sp.commit(s.optimizer)  # CSR storage moves its values now
+            if isinstance(sp, ShardedParam):  # the sparsifier zeroes the weights after the update
+                sign = self._sign(sp)
+                self.signs[sp.name] = sign * sp.rows_of(sp.mask).view_as(sign)
+                continue
             sp.apply_()  # dropped weights are zero before their signs are taken
             self.signs[sp.name] = self._sign(sp)
         return changed, changed
 
     def state_dict(self) -> dict:
-        return {"eta": self.eta, "signs": {n: t.clone() for n, t in self.signs.items()}}
+        # sharded: a DTensor, so distributed checkpoints save it sharded and load it on any ranks
+        return {"eta": self.eta, "signs": {n: self.sharded[n].placed(t.clone()) if n in self.sharded else t.clone()
+                                           for n, t in self.signs.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.eta = float(state["eta"])
-        self.signs = {n: t.to(self.signs[n].device) for n, t in state["signs"].items()}
+        signs = {}
+        for n, t in state["signs"].items():
+            if n in self.sharded:  # a DTensor (any placement), or the whole signs of an unsharded run
+                t = self.sharded[n].rows_of(t.full_tensor() if is_sharded(t) else t)
+            signs[n] = t.to(self.signs[n].device)
+        self.signs = signs
