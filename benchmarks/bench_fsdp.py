@@ -111,6 +111,7 @@ def worker(a) -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, out)
         out = {"ranks": gathered}
+        dist.barrier()  # no rank tears gloo down while another still uses it (aborted under load)
         dist.destroy_process_group()
     else:
         out = {"ranks": [out]}

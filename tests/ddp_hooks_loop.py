@@ -59,6 +59,7 @@ def main() -> None:
         for policy_name in ("rigl", "snfs"):
             for hooks in (True, False):
                 run(policy_name, hooks, rank, out)
+        dist.barrier()  # no rank tears gloo down while another still uses it (aborted under load)
     finally:
         dist.destroy_process_group()
 

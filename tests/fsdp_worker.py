@@ -160,6 +160,7 @@ def main() -> None:
     if rank == 0:
         torch.save(results, a.out)
     if a.fsdp:
+        dist.barrier()  # no rank tears gloo down while another still uses it (aborted under load)
         dist.destroy_process_group()
 
 
