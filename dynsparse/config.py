@@ -105,6 +105,9 @@ class TrainConfig:
     sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
     image_size: int = 0  # ImageFolder crop size; 0: from the data, at most 224 (dynsparse.imagefolder)
     fsdp: bool = False  # issue 26: parameters sharded by FSDP2 under torchrun (dynsparse.fsdp)
+    # issue 24: the policy options given by their own flags (--lam 0.5), as sorted (name, value) pairs
+    method_options: tuple[tuple[str, object], ...] = ()
+    plugin: str = ""  # comma-separated modules (or .py files) that register methods (dynsparse.method_flags)
 
     def __post_init__(self) -> None:
         # configs come back from JSON as lists, from the command line as "300,100"
@@ -115,6 +118,9 @@ class TrainConfig:
             except ValueError:
                 raise DynsparseError(f"--hidden-sizes must be comma-separated integers, got {self.hidden_sizes!r}") from None
         object.__setattr__(self, "hidden_sizes", tuple(sizes))
+        # a dict from the library, lists of pairs from config.json
+        opts = self.method_options.items() if isinstance(self.method_options, dict) else self.method_options
+        object.__setattr__(self, "method_options", tuple(sorted((str(k), v) for k, v in opts)))
         # --dataset naming the model's own data set is the default: the same run, name and config
         if self.dataset and self.dataset == model_dataset(self.model):
             object.__setattr__(self, "dataset", "")

@@ -17,6 +17,7 @@ from dynsparse.config import TrainConfig
 from dynsparse.config_file import peek_config, read_config_file
 from dynsparse.errors import DynsparseError
 from dynsparse.legacy import METHODS, check
+from dynsparse.method_flags import add_option_flags, load_plugins, options_from_args, peek_plugins
 from dynsparse.schedule import resolve_schedule_path
 from dynsparse.sparse.budget import BUDGETS
 
@@ -87,8 +88,11 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--name",), dict(help="run name (default: {model}_{job_idx}, see --job-idx)")),
 ]
 OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
-    (("--method",), dict(metavar="NAME", help="a method of the registry by name (dynsparse.legacy.METHODS); the "
-                                              "original flags (--rewire, --DeepR, ...) select the paper's methods")),
+    (("--method",), dict(metavar="NAME", help="a registered method by name (@register_policy; docs/extending.md); "
+                                              "the original flags (--rewire, --DeepR, ...) select the paper's methods")),
+    (("--plugin",), dict(metavar="MODULE", help="comma-separated modules (or .py files) to import first, whose "
+                                                "@register_policy methods then work as --method NAME with their "
+                                                "own option flags (docs/extending.md)")),
     (("--rigl",), dict(action="store_true", help="RigL (Evci et al. 2020): drop by magnitude, grow by gradient")),
     (("--sparse-momentum",), dict(action="store_true", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)")),
     (("--drop-fraction",), dict(type=float, help="RigL/SNFS initial drop fraction, cosine-decayed (RigL 0.3, SNFS 0.5)")),
@@ -137,7 +141,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data", "dataset", "workers", "image_size", "validate_set", "no_augment", "no_validate_train"),
     "model": ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes", "sparse_resnet_downsample"),
     "method and its settings": (
-        "method", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers", "sub_kernel_granularity",
+        "method", "plugin", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers", "sub_kernel_granularity",
         "rewire", "threshold_prune", "rewire_scaling", "n_prune_params", "rewire_fraction", "DeepR", "DeepR_eta",
         "rigl", "sparse_momentum", "drop_fraction", "update_end", "update_period", "big_new_weights",
         "keep_optimizer_state", "L1_loss_coeff", "conv_group_lasso", "prune", "prune_target_sparsity_fc",
@@ -187,10 +191,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                 shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
                 helptext += f" (default: {shown})"
             groups[group].add_argument(*flags, default=default, help=helptext, **kwargs)
-    for m in METHODS.values():  # methods added to the registry bring their own flag
-        if m.flag:
-            groups["method and its settings"].add_argument(m.flag, dest="method", action="store_const", const=m.name,
-                                                           help=f"train with {m.name}")
+    for m in METHODS.values():  # registered methods may bring a flag of their own (--mest)
+        if m.spec is not None and m.spec.flag:
+            groups["method and its settings"].add_argument(m.spec.flag, dest="method", action="store_const",
+                                                           const=m.name, help=m.spec.help)
+    # each policy option without a flag of the original gets its own (MEST's --lam, SNFS's --beta)
+    add_option_flags(groups["method and its settings"], set(parser._option_string_actions), str2bool)
     run = groups["run and outputs"]
     run.add_argument("--config", metavar="FILE.yaml", help="read flags from a YAML file whose keys are the flags "
                      "(epochs: 20, initial-sparsity-fc: 0.98, rewire: true); flags on the command line win")
@@ -202,7 +208,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "method_options"}
+    values["method_options"] = options_from_args(ns)
     if values["schedule_file"] and not Path(values["schedule_file"]).is_file():
         # a name of a bundled schedule: record the file used, not a path that does not exist (issue 23)
         values["schedule_file"] = str(resolve_schedule_path(values["schedule_file"]))
@@ -270,9 +277,10 @@ def parse_train_args(argv: Sequence[str], *, with_options: bool = False, one_lin
     ``(config, dry_run)``, or ``(config, namespace)`` with ``with_options``. ``one_line_errors``:
     a bad flag raises DynsparseError (for experiment lists and the command line) instead of
     printing one line and exiting 2. ``--config FILE`` sets defaults that the flags override."""
-    parser = train_parser(one_line_errors=one_line_errors)
     argv = _repair_split_path(list(argv))
     config_file = peek_config(argv)
+    load_plugins(peek_plugins(argv, config_file))  # before the parser: their methods bring flags
+    parser = train_parser(one_line_errors=one_line_errors)
     if config_file:
         parser.set_defaults(**read_config_file(config_file, parser))
     ns = parser.parse_args(argv)

@@ -1,16 +1,18 @@
-"""The original command line's methods, in one table: which flags select a method, the policy
-they build, and what a training step of the method costs (for FLOPs).
+"""The adapter between the command line and the engine: which method a configuration selects,
+the policy it builds, and what a training step of the method costs (for FLOPs).
 
-``METHODS`` is the one registry the command line, the run, the FLOPs counter and the report
-read. A new method is one policy class (``dynsparse/sparse/policies/``) plus one line here, as
-``mest`` below, whose ``flag`` also gives ``dynsparse train --mest`` (and ``--method mest``). The original's own quirks
-that the engine must not know about (the MNIST output-layer pruning rule) live here too.
+``METHODS`` is derived from the one registry of methods (``@register_policy`` at each policy
+class, ``dynsparse/sparse/policies/registry.py``), plus the command line's two methods that are
+no policy (dense training and tied weights); the command line, the run, the FLOPs counter and
+the report read it. The original's selector flags are one table in ``dynsparse.method_flags``.
+The original's own quirks that the engine must not know about (the MNIST output-layer pruning
+rule) live here too.
 """
 from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +24,9 @@ from dynsparse.hooks import NoSparsity
 from dynsparse.models import layer_type, sparse_parameter_names
 from dynsparse.regularizers import sparsity_penalty
 from dynsparse.schedule import Schedules
-from dynsparse.sparse import (DSR, MEST, SET, SNFS, AtEpochEnds, DeepR, EveryStep, GradualPruning, Periodic, Policy,
-                              RigL, Sparsifier, Static, make_densities)
+from dynsparse.method_flags import TAKES_UPDATE_PERIOD, check_options, load_plugins, selected_method, selectors_given
+from dynsparse.sparse import (REGISTRY, AtEpochEnds, EveryStep, Periodic, Policy, PolicySpec, Sparsifier, Static, When,
+                              make_densities)
 from dynsparse.tied import TiedModel
 
 log = logging.getLogger(__name__)
@@ -53,44 +56,66 @@ class Context:
 @dataclass(frozen=True)
 class Method:
     name: str
-    policy: Callable[[TrainConfig, Context], Policy] | None  # None: dense training or tied weights
-    selected: Callable[[TrainConfig], bool] = lambda cfg: False  # the original flags that mean it
+    spec: PolicySpec | None  # None: dense training or tied weights
     cost: str = "sparse"  # FLOPs per step: dense | sparse | dense-grad-at-updates | dense-grad-every-step
-    flag: str | None = None  # its own `dynsparse train` flag, for methods added to the registry
-    options: tuple[str, ...] = ()  # method-specific flags it accepts (config field names)
     by_name: bool = True  # selectable with --method NAME (dense, tied and prune need their own flags)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("prune", lambda cfg, ctx: GradualPruning(
-        ctx.targets, cubic=cfg.cubic_prune_schedule, global_threshold=cfg.global_prune,
-        when=AtEpochEnds(start=cfg.start_pruning_after_epoch, every=cfg.prune_epoch_frequency,
-                         count=cfg.prune_iterations)), selected=lambda cfg: cfg.prune, by_name=False),
-    Method("tied", None, selected=lambda cfg: cfg.tied, cost="dense", by_name=False),
-    Method("deepr", lambda cfg, ctx: DeepR(cfg.DeepR_eta, temperature=ctx.schedules.deepr_temperature,
-                                           when=EveryStep(stop_epoch=cfg.stop_rewire_epoch)),
-           selected=lambda cfg: cfg.DeepR),
-    Method("rigl", lambda cfg, ctx: RigL(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)),
-           selected=lambda cfg: cfg.rigl, cost="dense-grad-at-updates", options=("update_period", "drop_fraction")),
-    # Dettmers & Zettlemoyer update once per epoch (their prune rate 0.5 is per epoch)
-    Method("snfs", lambda cfg, ctx: SNFS(0.5 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(
-        ctx.steps_per_epoch if cfg.update_period is None else cfg.update_period, end=True)),
-           selected=lambda cfg: cfg.sparse_momentum, cost="dense-grad-every-step", options=("update_period", "drop_fraction")),
-    Method("dsr", lambda cfg, ctx: DSR(cfg.n_prune_params, scaling=cfg.rewire_scaling, when=ctx.periodic()),
-           selected=lambda cfg: cfg.rewire and cfg.threshold_prune),
-    Method("set", lambda cfg, ctx: SET(cfg.rewire_fraction, scaling=cfg.rewire_scaling, when=ctx.periodic()),
-           selected=lambda cfg: cfg.rewire),
-    Method("mest", lambda cfg, ctx: MEST(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)), flag="--mest",
-           options=("update_period", "drop_fraction")),
-    Method("static", lambda cfg, ctx: Static()),
-    Method("dense", None, cost="dense", by_name=False),
-]}
+class _Methods(Mapping[str, Method]):
+    """The registry's methods in registration order (the report's order), between dense and
+    tied; read at each access, so that a plugin's methods appear once it is imported."""
+
+    def _table(self) -> dict[str, Method]:
+        table = {"dense": Method("dense", None, cost="dense", by_name=False)}
+        table.update((n, Method(n, s, s.cost, s.by_name)) for n, s in REGISTRY.items())
+        table["tied"] = Method("tied", None, cost="dense", by_name=False)
+        return table
+
+    def __getitem__(self, name: str) -> Method:
+        return self._table()[name]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
 
 
-def register_method(method: Method) -> Method:
-    """Add a method to the table (before the command line is parsed, for its flag to exist)."""
-    METHODS[method.name] = method
-    return method
+METHODS = _Methods()
+
+# a policy's ``when`` under the command line, by its registered schedule
+WHEN: dict[str, Callable[[TrainConfig, Context], When | None]] = {
+    "periodic": lambda cfg, ctx: ctx.periodic(),
+    "periodic-until-end": lambda cfg, ctx: ctx.periodic(end=True),
+    "epoch-until-end": lambda cfg, ctx: ctx.periodic(ctx.steps_per_epoch if cfg.update_period is None
+                                                     else cfg.update_period, end=True),
+    "every-step": lambda cfg, ctx: EveryStep(stop_epoch=cfg.stop_rewire_epoch),
+    "epoch-ends": lambda cfg, ctx: AtEpochEnds(start=cfg.start_pruning_after_epoch, every=cfg.prune_epoch_frequency,
+                                               count=cfg.prune_iterations),
+    "never": lambda cfg, ctx: None,
+}
+# constructor parameters a run supplies (a policy's ``context`` at registration)
+SUPPLIED: dict[str, Callable[[Context], object]] = {"temperature": lambda ctx: ctx.schedules.deepr_temperature,
+                                                    "targets": lambda ctx: ctx.targets}
+
+
+def build_policy(spec: PolicySpec, cfg: TrainConfig, ctx: Context) -> Policy:
+    """The registered policy with the options of ``cfg``: a flag's value (the original's, or its
+    own in ``method_options``) where given, else the constructor's default."""
+    given = dict(cfg.method_options)
+    kwargs = {}
+    for o in spec.options.values():
+        value = getattr(cfg, o.field) if o.field else given.get(o.name)
+        if value is not None:
+            kwargs[o.name] = value
+    for name in spec.context:
+        if name not in SUPPLIED:
+            raise DynsparseError(f"policy {spec.name}: a run supplies only {', '.join(SUPPLIED)}, not {name!r}")
+        kwargs[name] = SUPPLIED[name](ctx)
+    when = WHEN[spec.schedule](cfg, ctx)
+    if when is not None:
+        kwargs["when"] = when
+    return spec.cls(**kwargs)
 
 
 def _sparsities_all_zero(cfg: TrainConfig) -> bool:
@@ -103,13 +128,14 @@ def _sparsities_all_zero(cfg: TrainConfig) -> bool:
 def method_of(cfg: TrainConfig) -> str:
     """The method a configuration selects: ``--method`` (or a registered method's own flag),
     else the first original flag in the table's order, else dense or static by the sparsities."""
+    load_plugins(cfg.plugin)
     if cfg.method:
         if cfg.method not in METHODS or not METHODS[cfg.method].by_name:
             raise unknown_choice("method", cfg.method, [m.name for m in METHODS.values() if m.by_name])
         return cfg.method
-    for m in METHODS.values():
-        if m.selected(cfg):
-            return m.name
+    selected = selected_method(cfg)
+    if selected:
+        return selected
     return "dense" if _sparsities_all_zero(cfg) else "static"
 
 
@@ -125,23 +151,18 @@ def method_label(cfg: TrainConfig) -> str:
 def check(cfg: TrainConfig) -> None:
     """Method-specific checks at parse time: one method, its options, and its policy's own
     validation of every value (built once on a stand-in context)."""
-    chosen = [f for f, on in (("--DeepR", cfg.DeepR), ("--rewire", cfg.rewire), ("--prune", cfg.prune),
-                               ("--tied", cfg.tied), ("--rigl", cfg.rigl), ("--sparse-momentum", cfg.sparse_momentum),
-                               (f"--method {cfg.method}", bool(cfg.method))) if on]
+    chosen = selectors_given(cfg) + ([f"--method {cfg.method}"] if cfg.method else [])
     if len(chosen) > 1:
         raise DynsparseError(f"{' and '.join(chosen)} are different methods: pass one of them")
     method = METHODS[method_of(cfg)]
-    if cfg.update_period is not None and "update_period" not in method.options:
-        takes = sorted(m.name for m in METHODS.values() if "update_period" in m.options)
+    if cfg.update_period is not None and (method.spec is None or method.spec.schedule not in TAKES_UPDATE_PERIOD):
+        takes = sorted(s.name for s in REGISTRY.values() if s.schedule in TAKES_UPDATE_PERIOD)
         raise DynsparseError(f"--update-period is for {', '.join(takes)}; {method.name} takes its period from "
                              "rewire_period_schedule in --schedule-file")
-    if cfg.drop_fraction is not None and "drop_fraction" not in method.options:
-        takes = sorted(m.name for m in METHODS.values() if "drop_fraction" in m.options)
-        raise DynsparseError(f"--drop-fraction is for {', '.join(takes)}, not {method.name}"
-                             + (" (SET's fraction is --rewire-fraction)" if method.name == "set" else ""))
-    if method.policy is not None:
+    check_options(cfg, method.name)
+    if method.spec is not None:
         from dynsparse.schedule import load_schedules
-        method.policy(cfg, Context(cfg, load_schedules(None), 1, {}))
+        build_policy(method.spec, cfg, Context(cfg, load_schedules(None), 1, {}))
 
 
 def prune_targets(cfg: TrainConfig, model: nn.Module, names: list[str]) -> dict[str, float]:
@@ -231,7 +252,7 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
         log.warning("--threshold-prune has no effect with --prune (as in the original): pruning is per layer; "
                     "--global-prune prunes by a global magnitude")
     ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune" else {})
-    policy = method.policy(cfg, ctx) if method.policy is not None else Static()
+    policy = build_policy(method.spec, cfg, ctx) if method.spec is not None else Static()
     # attached by hooks, as in a user's own loop, so that one path is exercised everywhere (the
     # loop's explicit calls are harmless repeats); the same bits as hooks=False, every method.
     # Not under --fsdp: there the CLI's float32 DSR run with hooks took another threshold path

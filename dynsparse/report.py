@@ -40,7 +40,12 @@ from dynsparse.schedule import load_schedules
 
 log = logging.getLogger(__name__)
 
-METHOD_ORDER = ["dense", "thin dense", "prune", "dsr", "rigl", "snfs", "set", "deepr", "static", "tied"]
+
+def method_order() -> list[str]:
+    """The report's order of methods: the registry's (registration order, dense first and tied
+    last), with thin dense after dense; a plugin's methods appear once it is imported."""
+    return ["dense", "thin dense", *(m for m in METHODS if m != "dense")]
+
 
 # Saved settings that cannot change a run's numbers: names and paths (a prune run's --resume
 # names its own seed's dense run; a continued run names itself), hardware and speed options
@@ -102,7 +107,8 @@ def load_summary(run: Path) -> dict:
 
 def _order(label: str) -> int:
     method = label.split(" (")[0].split(" x")[0]
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    order = method_order()
+    return order.index(method) if method in order else len(order)
 
 
 def base_label(s: dict) -> str:

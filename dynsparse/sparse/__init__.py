@@ -6,10 +6,10 @@ small file per method), ``budget`` and ``select`` (which tensors, at which densi
 ``sparsifier`` (binds model, optimizer and policy), ``attach`` (its optimizer and gradient
 hooks), ``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models, the configuration, the command line or the loop.
 
-``POLICIES`` is the registry of the library's policies by name (``create_policy(name, ...)``);
-the command line's table of methods (``dynsparse.legacy``) builds on it.
+``POLICIES`` is the library's view of the one registry of methods (``policies/registry.py``):
+each policy class registers itself with ``@register_policy``, and ``create_policy(name, ...)``,
+the command line's methods and flags (``dynsparse.legacy``) and the report's order derive from it.
 """
-from dynsparse.errors import unknown_choice
 from dynsparse.sparse.budget import BUDGETS, erk_densities, make_densities
 from dynsparse.sparse.dropgrow import DropGrow, allocate, cosine_fraction
 from dynsparse.sparse.masks import SparseParam, conv_and_linear_weights, count_for_density, keep_one
@@ -17,6 +17,7 @@ from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR
 from dynsparse.sparse.policies.mest import MEST
 from dynsparse.sparse.policies.pruning import GradualPruning
+from dynsparse.sparse.policies.registry import POLICIES, REGISTRY, PolicySpec, create_policy, register_policy
 from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policies.snfs import SNFS
@@ -26,24 +27,7 @@ from dynsparse.sparse.select import aliases, select_weights
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 
-POLICIES: dict[str, type[Policy]] = {"static": Static, "dsr": DSR, "set": SET, "deepr": DeepR, "rigl": RigL,
-                                     "snfs": SNFS, "prune": GradualPruning, "mest": MEST}
-
-
-def register_policy(name: str, cls: type[Policy]) -> type[Policy]:
-    """Add a policy to the registry (``create_policy`` and ``dynsparse train --method NAME``)."""
-    POLICIES[name] = cls
-    return cls
-
-
-def create_policy(name: str, **kwargs) -> Policy:
-    """A policy by name; unknown names raise with the sorted valid names."""
-    if name not in POLICIES:
-        raise unknown_choice("method", name, POLICIES)
-    return POLICIES[name](**kwargs)
-
-
 __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never", "POLICIES",
-           "Periodic", "Policy", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam", "Sparsifier", "Static", "When",
+           "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam", "Sparsifier", "Static", "When",
            "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
            "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]

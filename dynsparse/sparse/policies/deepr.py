@@ -9,11 +9,14 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.sharded import ShardedParam, is_sharded
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import EveryStep, When
 
 
+@register_policy("deepr", help="DeepR (Bellec et al. 2018; --DeepR): sign flips drop, noisy gradient steps",
+                 schedule="every-step", fields={"eta": "DeepR_eta"}, context=("temperature",))
 class DeepR(DropGrow):
     """Every step: before the optimizer step, add Gaussian noise of std ``sqrt(2 * eta * T)``
     (``T = temperature(epoch)``) to the gradients of active weights of tensors that are not fully

@@ -8,10 +8,13 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow, allocate_proportionally
 from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import When
 
 
+@register_policy("dsr", help="dynamic sparse reparameterization (Mostafa & Wang 2019; --rewire --threshold-prune)",
+                 fields={"n_prune": "n_prune_params", "scaling": "rewire_scaling"})
 class DSR(DropGrow):
     """Every rewire period: drop every active entry whose magnitude is below the global threshold
     H (keeping at least one entry per tensor), then regrow exactly as many entries as were dropped,

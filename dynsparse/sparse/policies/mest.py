@@ -8,10 +8,13 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import SparseParam, keep_one
+from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import When
 
 
+@register_policy("mest", help="MEST elastic mutation (Yuan et al. 2021): drop by |w| + lam |grad|, grow at random",
+                 schedule="periodic-until-end", fields={"fraction": "drop_fraction"}, flag="--mest")
 class MEST(DropGrow):
     """Every update, each layer drops the fraction ``fraction`` of its active entries with the
     smallest ``|w| + lam * |grad w|`` and regrows as many at random (no dense gradient needed:

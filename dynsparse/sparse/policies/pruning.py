@@ -29,6 +29,7 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import SparseParam, count_for_density
+from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import AtEpochEnds, When
 
@@ -46,6 +47,9 @@ def keep_count(entries: int, sparsity: float) -> int:
     return max(count_for_density(entries, 1.0 - sparsity), 1)
 
 
+@register_policy("prune", help="gradual magnitude pruning of a trained model (Zhu & Gupta 2017; --prune)",
+                 schedule="epoch-ends", fields={"cubic": "cubic_prune_schedule", "global_threshold": "global_prune"},
+                 context=("targets",), by_name=False)
 class GradualPruning(DropGrow):
     def __init__(self, targets: Mapping[str, float], *, cubic: bool = False, global_threshold: bool = False,
                  when: When | None = None) -> None:

@@ -8,10 +8,13 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow, cosine_fraction
 from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import Periodic, When
 
 
+@register_policy("rigl", help="RigL (Evci et al. 2020): drop by magnitude, grow by gradient",
+                 cost="dense-grad-at-updates", schedule="periodic-until-end", fields={"fraction": "drop_fraction"})
 class RigL(DropGrow):
     """At each update step ``t`` (``when``: every ``period`` steps until ``end_step``), each
     layer drops the fraction ``alpha_t = alpha / 2 (1 + cos(pi t / end_step))`` of its active

@@ -4,10 +4,13 @@ from __future__ import annotations
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow, allocate_proportionally
 from dynsparse.sparse.masks import SparseParam, keep_one
+from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import When
 
 
+@register_policy("set", help="SET (Mocanu et al. 2018; --rewire): drop by magnitude, grow at random",
+                 fields={"fraction": "rewire_fraction", "scaling": "rewire_scaling"})
 class SET(DropGrow):
     """Every rewire period, each tensor drops its ``int(f * active) + 1`` smallest-magnitude
     active entries and regrows as many at uniformly random inactive positions of the same tensor,

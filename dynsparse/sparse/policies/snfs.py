@@ -9,11 +9,15 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import allocate_proportionally
 from dynsparse.sparse.masks import SparseParam, keep_one
+from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import When
 
 
+# Dettmers & Zettlemoyer update once per epoch (their prune rate 0.5 is per epoch)
+@register_policy("snfs", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)", cost="dense-grad-every-step",
+                 schedule="epoch-until-end", fields={"fraction": "drop_fraction"})
 class SNFS(RigL):
     """At each update (the paper and the command line: once per epoch) until ``end_step``, each
     layer drops the fraction ``p_t`` (cosine-decayed from ``fraction``) of its active entries with
