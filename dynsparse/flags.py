@@ -88,8 +88,9 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--name",), dict(help="run name (default: {model}_{job_idx}, see --job-idx)")),
 ]
 OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
-    (("--method",), dict(metavar="NAME", help="a registered method by name (@register_policy; docs/extending.md); "
-                                              "the original flags (--rewire, --DeepR, ...) select the paper's methods")),
+    (("--method",), dict(metavar="NAME", help="a registered method by name (@register_policy; "
+                                              "docs/extending.md); the original flags (--rewire, --DeepR, ...) "
+                                              "select the paper's methods")),
     (("--plugin",), dict(metavar="MODULE", help="comma-separated modules (or .py files) to import first, whose "
                                                 "@register_policy methods then work as --method NAME with their "
                                                 "own option flags (docs/extending.md)")),
@@ -141,7 +142,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data", "dataset", "workers", "image_size", "validate_set", "no_augment", "no_validate_train"),
     "model": ("model", "layers", "widen_factor", "no_batch_norm", "hidden_sizes", "sparse_resnet_downsample"),
     "method and its settings": (
-        "method", "plugin", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers", "sub_kernel_granularity",
+        "method", "plugin", "initial_sparsity_fc", "initial_sparsity_conv", "budget", "dense_layers",
+        "sub_kernel_granularity",
         "rewire", "threshold_prune", "rewire_scaling", "n_prune_params", "rewire_fraction", "DeepR", "DeepR_eta",
         "rigl", "sparse_momentum", "drop_fraction", "update_end", "update_period", "big_new_weights",
         "keep_optimizer_state", "L1_loss_coeff", "conv_group_lasso", "prune", "prune_target_sparsity_fc",

@@ -21,10 +21,10 @@ from torch import nn
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError, unknown_choice
 from dynsparse.hooks import NoSparsity
+from dynsparse.method_flags import TAKES_UPDATE_PERIOD, check_options, load_plugins, selected_method, selectors_given
 from dynsparse.models import layer_type, sparse_parameter_names
 from dynsparse.regularizers import sparsity_penalty
 from dynsparse.schedule import Schedules
-from dynsparse.method_flags import TAKES_UPDATE_PERIOD, check_options, load_plugins, selected_method, selectors_given
 from dynsparse.sparse import (REGISTRY, AtEpochEnds, EveryStep, Periodic, Policy, PolicySpec, Sparsifier, Static, When,
                               make_densities)
 from dynsparse.tied import TiedModel

@@ -14,7 +14,7 @@ from torch import nn
 
 from dynsparse import MEST, Periodic, Sparsifier
 from dynsparse.errors import DynsparseError
-from dynsparse.legacy import METHODS, method_of
+from dynsparse.legacy import method_of
 from dynsparse.sparse import POLICIES, REGISTRY, create_policy
 
 

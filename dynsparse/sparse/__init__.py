@@ -17,7 +17,8 @@ from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR
 from dynsparse.sparse.policies.mest import MEST
 from dynsparse.sparse.policies.pruning import GradualPruning
-from dynsparse.sparse.policies.registry import POLICIES, REGISTRY, PolicySpec, create_policy, register_policy
+from dynsparse.sparse.policies.registry import (POLICIES, REGISTRY, PolicySpec, create_policy,
+                                                register_policy)
 from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policies.snfs import SNFS
@@ -28,6 +29,7 @@ from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 
 __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never", "POLICIES",
-           "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam", "Sparsifier", "Static", "When",
+           "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam",
+           "Sparsifier", "Static", "When",
            "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
            "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]

@@ -11,7 +11,7 @@ and the ones ``context`` says the run supplies (DeepR's temperature schedule).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,9 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + (self.field or self.name).replace("_", "-") if self.field != "DeepR_eta" else "--DeepR_eta"
+        if self.field == "DeepR_eta":  # the original's one flag with an underscore
+            return "--DeepR_eta"
+        return "--" + (self.field or self.name).replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,10 @@ class PolicySpec:
             if p.name in ("when", *self.context) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             if p.default is inspect.Parameter.empty:
-                raise DynsparseError(f"policy {self.name}: parameter {p.name!r} needs a default (or list it in context)")
-            kind = type(p.default) if type(p.default) in _TYPES.values() else _TYPES.get(str(p.annotation).split(" |")[0])
+                raise DynsparseError(f"policy {self.name}: parameter {p.name!r} needs a default (or list it in "
+                                     "context)")
+            kind = type(p.default) if type(p.default) in _TYPES.values() else \
+                _TYPES.get(str(p.annotation).split(" |")[0])
             if kind is None:
                 raise DynsparseError(f"policy {self.name}: parameter {p.name!r} is not a bool, int, float or str "
                                      f"option (list it in context, or give it a plain default)")
@@ -73,22 +77,25 @@ REGISTRY: dict[str, PolicySpec] = {}  # in registration order: the report's orde
 POLICIES: dict[str, type] = {}  # name -> class, the library's view of REGISTRY
 
 
-def register_policy(name: str, *, help: str, cost: str = "sparse", schedule: str = "periodic",
-                    fields: Mapping[str, str] | None = None, context: tuple[str, ...] = (),
-                    flag: str | None = None, by_name: bool = True) -> Callable[[type], type]:
-    """Class decorator: register a policy under ``name`` (see the module's doc for the rest)."""
+def register_policy(name: str, cls: type | None = None, *, help: str = "", cost: str = "sparse",
+                    schedule: str = "periodic", fields: Mapping[str, str] | None = None,
+                    context: tuple[str, ...] = (), flag: str | None = None, by_name: bool = True) -> Any:
+    """Class decorator: register a policy under ``name`` (see the module's doc for the rest).
+    ``register_policy(name, cls)`` (the form before issue 24) registers ``cls`` at once and
+    returns it; ``help`` defaults to the first line of the class's docstring."""
     if cost not in COSTS:
         raise unknown_choice("cost", cost, COSTS)
     if schedule not in SCHEDULES:
         raise unknown_choice("schedule", schedule, SCHEDULES)
 
     def register(cls: type) -> type:
-        spec = PolicySpec(name, cls, help, cost, schedule, dict(fields or {}), tuple(context), flag, by_name)
+        line = help or next(iter((cls.__doc__ or name).strip().splitlines()), name)
+        spec = PolicySpec(name, cls, line, cost, schedule, dict(fields or {}), tuple(context), flag, by_name)
         spec.options  # noqa: B018  (checks the constructor now, not when a run starts)
         REGISTRY[name] = spec
         POLICIES[name] = cls
         return cls
-    return register
+    return register(cls) if cls is not None else register
 
 
 def create_policy(name: str, **kwargs) -> Any:
