@@ -1,5 +1,6 @@
 """The flags of ``dynsparse train``: every flag of the original ``main.py`` with the same names,
-meanings and defaults, plus dynsparse's own and one per method added to the method table.
+meanings and defaults, plus dynsparse's own, a registered method's own switch (``--mest``) and one
+per option of a registered policy (``dynsparse.method_flags``).
 
 ``config_from_args`` is the one table-driven translation from parsed flags to a
 :class:`~dynsparse.config.TrainConfig`; nothing else reads argparse attributes.

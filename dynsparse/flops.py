@@ -11,7 +11,7 @@ a training step costs (per sample):
   is updated (the dense gradient only at update steps), ``3 f_S`` after;
 * ``dense-grad-every-step`` (SNFS): ``2 f_S + f_D`` (its momentum needs the dense gradient every step).
 
-A method's cost kind is its ``cost`` in the method table (:data:`dynsparse.legacy.METHODS`).
+A method's cost kind is its registered ``cost`` (``@register_policy``, via :data:`dynsparse.legacy.METHODS`).
 
 ``multiplier`` is the whole run's cost divided by dense training's over the same epochs; the
 dense training before pruning is not included.
