@@ -189,6 +189,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             kwargs = {"dest": dest, **kwargs}
             default = getattr(DEFAULTS, dest)
             helptext = kwargs.pop("help")
+            if dest == "method":  # the registry's names, a plugin's included
+                names = ", ".join(m.name for m in METHODS.values() if m.by_name)
+                helptext = helptext.replace("by name", f"by name ({names})", 1)
             if kwargs.get("action") not in ("store_true", "store_false") and "default" not in helptext \
                     and default not in ("", None):
                 shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
