@@ -97,7 +97,7 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                 "own option flags (docs/extending.md)")),
     (("--rigl",), dict(action="store_true", help="RigL (Evci et al. 2020): drop by magnitude, grow by gradient")),
     (("--sparse-momentum",), dict(action="store_true", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)")),
-    (("--drop-fraction",), dict(type=float, help="RigL/SNFS initial drop fraction, cosine-decayed (RigL 0.3, SNFS 0.5)")),
+    (("--drop-fraction",), dict(type=float, help="RigL/SNFS/MEST initial drop fraction (cosine-decayed by RigL and SNFS)")),
     (("--update-end",), dict(type=float, help="RigL/SNFS: fraction of training after which the topology is fixed")),
     (("--update-period",), dict(type=int, help="RigL/SNFS: training steps between topology updates "
                                                "(default: RigL rewire_period_schedule, SNFS one epoch, as in the papers)")),
@@ -192,6 +192,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             if dest == "method":  # the registry's names, a plugin's included
                 names = ", ".join(m.name for m in METHODS.values() if m.by_name)
                 helptext = helptext.replace("by name", f"by name ({names})", 1)
+            own = [(m.name, m.spec.options) for m in METHODS.values() if m.spec is not None]
+            per_method = [f"{name} {o.default}" for name, opts in own for o in opts.values() if o.field == dest]
+            if default is None and per_method:  # each method's own default, from its constructor
+                helptext += f" (default: {', '.join(per_method)})"
             if kwargs.get("action") not in ("store_true", "store_false") and "default" not in helptext \
                     and default not in ("", None):
                 shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
