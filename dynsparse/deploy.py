@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def _architecture(cfg: dict, model_state: dict) -> tuple[dict, dict[str, torch.S
     """The run's architecture (with its number of classes) and the dense shape of every tensor
     of the ordinary model, from a model built on the 'meta' device (no memory, however wide)."""
     from dynsparse.models import create_model
-    arch = {k: cfg.get(k) for k in ARCH_FIELDS if k in cfg}
+    arch: dict[str, Any] = {k: cfg.get(k) for k in ARCH_FIELDS if k in cfg}
     # the classifier's width: the last 1-D float tensor of the state (its bias, or the logits' norm)
     last = [v for k, v in model_state.items() if torch.is_tensor(v) and v.dim() == 1 and v.is_floating_point()
             and not (k.endswith(".values") and k[:-len("values")] + "crow_indices" in model_state)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import types
+from typing import Any
 from collections.abc import Mapping
 
 import torch
@@ -62,11 +63,12 @@ def _wants_csr(backend: str, name: str, p: torch.Tensor, density: float, owner, 
         if p.dtype not in CSR_DTYPES:
             raise DynsparseError(f"{name}: {dtype_message(p.dtype)}")
         return True
+    assert batch_size is not None  # build_params requires it for backend 'auto'
     return (owner is not None and p.device.type == "cpu" and p.dtype in CSR_DTYPES
             and prefer_csr(density, batch_size))
 
 
-def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter,
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new: nn.Parameter,
                        flat: torch.Tensor) -> None:
     if optimizer is None:
         return
@@ -78,7 +80,7 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Paramete
                                 for k, v in state.items()}
 
 
-def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, init: str | None, granularity: int,
+def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | None], *, init: str | None, granularity: int,
                  generator: torch.Generator, backend: str, batch_size: int | None = None) -> dict:
     """One storage object per sparse tensor, in ``densities`` order (the generator's draws are in
     that order, whatever the backend)."""
@@ -94,9 +96,10 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
         if name in existing:
             out[name] = _adopt(name, existing[name], density, init)
             continue
+        assert density is not None  # only existing CSR weights (adopted above) come without one
         if not 0.0 < density <= 1.0:
             raise DynsparseError(f"density of {name} must be in (0, 1] (sparsity in [0, 1)), got {density}")
-        p = named[name]
+        p: torch.Tensor = named[name]
         if is_sharded(p) and backend == "csr":
             raise DynsparseError(f"backend 'csr' is single-device: {name} is sharded by FSDP2 (a DTensor); use backend 'masked'")
         sharded, p = is_sharded(p), full_weight(p)  # masks are drawn from the whole tensor, as on one device
@@ -116,6 +119,7 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
         if sharded:  # each rank keeps its rows of the mask (backend 'auto' keeps sharded tensors masked)
             out[name] = ShardedParam.from_full(name, named[name], g, mask, active)
         elif _wants_csr(backend, name, p, density, owner, batch_size):
+            assert owner is not None  # _wants_csr says no (or raises) without one
             parent, child, linear = owner
             module = csr_linear_from_linear(linear, mask)
             setattr(parent, child, module)
@@ -124,7 +128,7 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
             _swap_in_optimizer(optimizer, linear.weight, module.weight.values, module.weight.active_flat())
             out[name] = CSRParam(name, module.weight)
         else:
-            out[name] = SparseParam(name, p, g, mask, active)
+            out[name] = SparseParam(name, named[name], g, mask, active)  # (p is this parameter here)
     if any(sp.storage == "csr" for sp in out.values()):
         save_pretrained_dense(model)
     return out
@@ -136,10 +140,11 @@ def save_pretrained_dense(model: nn.Module) -> None:
     CSR ``state_dict`` (values and indices) would load as a randomly initialized model. Bound as
     a method, so that a deep copy of the model saves the copy."""
     if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
-        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
+        # (torch's stubs type Module.__setattr__'s value as a Tensor or Module; any value works)
+        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)  # type: ignore[assignment]
 
 
-def _save_pretrained_dense(self: nn.Module, *args, state_dict=None, **kwargs):
+def _save_pretrained_dense(self: Any, *args, state_dict=None, **kwargs):
     if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
         state_dict = dense_state_dict(self)
     return type(self).save_pretrained(self, *args, state_dict=state_dict, **kwargs)

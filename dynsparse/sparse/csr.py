@@ -57,6 +57,9 @@ def prefer_csr(density: float, batch_size: int) -> bool:
 class CSRWeight(nn.Module):
     """A sparse ``[out, in]`` weight: ``values`` (parameter) + int32 CSR indices (buffers)."""
 
+    crow_indices: torch.Tensor  # buffers, declared for the type checker
+    col_indices: torch.Tensor
+
     def __init__(self, shape: tuple[int, int], flat: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
@@ -105,7 +108,7 @@ class CSRWeight(nn.Module):
         if weight.dim() != 2 or mask.shape != weight.shape:
             raise DynsparseError(f"need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
         flat = torch.nonzero(mask.reshape(-1)).view(-1)
-        return cls(tuple(weight.shape), flat, weight.detach().reshape(-1)[flat])
+        return cls((weight.shape[0], weight.shape[1]), flat, weight.detach().reshape(-1)[flat])
 
     # topology ---------------------------------------------------------------------------------
     @property
@@ -275,7 +278,7 @@ def csr_linear_from_linear(linear: nn.Linear, mask: torch.Tensor) -> CSRLinear:
     """A :class:`CSRLinear` with ``linear``'s values where ``mask`` is True, and its bias."""
     module = CSRLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                        weight=CSRWeight.from_dense(linear.weight, mask.bool()))
-    if linear.bias is not None:
+    if linear.bias is not None and module.bias is not None:
         module.bias.data.copy_(linear.bias.detach())
     return module
 

@@ -99,15 +99,16 @@ class Sparsifier:
             if densities is not None or density is not None:
                 raise DynsparseError("init='from_weights' takes each density from the weights' nonzeros: "
                                      "pass no densities (include/exclude choose the tensors)")
-            densities = {**dict.fromkeys(select_weights(model, include, exclude), 1.0), **dict.fromkeys(csr_weights(model))}
+            chosen: dict[str, float | None] = {**dict.fromkeys(select_weights(model, include, exclude), 1.0),
+                                               **dict.fromkeys(csr_weights(model))}
         else:
-            densities = resolve_with_csr(model, densities, density, include, exclude, resolve_densities)
+            chosen = resolve_with_csr(model, densities, density, include, exclude, resolve_densities)
         # always on the CPU (every draw moves its result): a checkpoint restores on any device,
         # and a seed gives the same masks on CPU and GPU
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         # SparseParam (masked) or CSRParam: the same primitives, so policies never know which
-        self.params = build_params(model, optimizer, densities, init=init, granularity=granularity,
+        self.params = build_params(model, optimizer, chosen, init=init, granularity=granularity,
                                    generator=self.generator, backend=backend, batch_size=batch_size)
         check_policy(policy, self.params)
         self.apply_masks()
