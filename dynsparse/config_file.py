@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from dynsparse.errors import DynsparseError, did_you_mean
 from dynsparse.io import read_yaml
 

@@ -22,8 +22,22 @@ from dynsparse.hooks import NoSparsity
 from dynsparse.models import layer_type, sparse_parameter_names
 from dynsparse.regularizers import sparsity_penalty
 from dynsparse.schedule import Schedules
-from dynsparse.sparse import (DSR, MEST, SET, SNFS, AtEpochEnds, DeepR, EveryStep, GradualPruning, Periodic, Policy,
-                              RigL, Sparsifier, Static, make_densities)
+from dynsparse.sparse import (
+    DSR,
+    MEST,
+    SET,
+    SNFS,
+    AtEpochEnds,
+    DeepR,
+    EveryStep,
+    GradualPruning,
+    Periodic,
+    Policy,
+    RigL,
+    Sparsifier,
+    Static,
+    make_densities,
+)
 from dynsparse.tied import TiedModel
 
 log = logging.getLogger(__name__)

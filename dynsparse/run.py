@@ -27,16 +27,30 @@ from pathlib import Path
 import torch
 
 from dynsparse import distributed, fsdp
-from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
-                                  does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
+from dynsparse.checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_not_shorter,
+    check_runs_dir,
+    check_same_config,
+    does_not_fit,
+    holds_run,
+    load_checkpoint,
+    prepare_run_dir,
+)
 from dynsparse.config import TrainConfig
 from dynsparse.console import epoch_header, run_header, write_failed
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from dynsparse.legacy import (build_penalty, build_sparsifier, direct_sparse_density, method_label, method_of,
-                              param_counts)
+from dynsparse.legacy import (
+    build_penalty,
+    build_sparsifier,
+    direct_sparse_density,
+    method_label,
+    method_of,
+    param_counts,
+)
 from dynsparse.loggers import create_logger, epoch_scalars
 from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules

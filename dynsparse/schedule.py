@@ -46,7 +46,7 @@ class PiecewiseConstant:
         return self.values[bisect.bisect_right(self.epochs, epoch) - 1]
 
     @classmethod
-    def constant(cls, value: float) -> "PiecewiseConstant":
+    def constant(cls, value: float) -> PiecewiseConstant:
         return cls((0,), (value,))
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from dynsparse.checkpoint import ConfigMismatch, check_same_config, load_checkpoint
-from dynsparse.flags import parse_train_args
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
+from dynsparse.flags import parse_train_args
 from dynsparse.io import read_yaml
 
 PREFIXES = (["python", "main.py"], ["python3", "main.py"], ["dynsparse", "train"], ["main.py"])

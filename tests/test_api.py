@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynsparse import DSR, MEST, SET, SNFS, DeepR, EveryStep, Periodic, RigL, Sparsifier, Static
+from dynsparse import DSR, MEST, SET, SNFS, DeepR, Periodic, RigL, Sparsifier, Static
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse import erk_densities
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import write_mnist
+
 from dynsparse.checkpoint import read_checkpoint
 from dynsparse.cli import main
 

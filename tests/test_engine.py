@@ -9,8 +9,22 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError
 from dynsparse.regularizers import sparsity_penalty
-from dynsparse.sparse import (DSR, MEST, POLICIES, SET, SNFS, AtEpochEnds, DeepR, GradualPruning, Periodic, Policy,
-                              RigL, Sparsifier, Static, allocate)
+from dynsparse.sparse import (
+    DSR,
+    MEST,
+    POLICIES,
+    SET,
+    SNFS,
+    AtEpochEnds,
+    DeepR,
+    GradualPruning,
+    Periodic,
+    Policy,
+    RigL,
+    Sparsifier,
+    Static,
+    allocate,
+)
 from dynsparse.sparse.masks import SparseParam
 
 

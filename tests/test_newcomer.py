@@ -225,8 +225,9 @@ def test_a_torchvision_run_says_its_image_size_and_lands_in_a_portable_folder(tm
 
 
 def test_report_plot_files_have_no_colon(tmp_path):
-    from dynsparse.report import build_report
     from test_report import fake_run
+
+    from dynsparse.report import build_report
     d = fake_run(tmp_path / "runs", "tv", "dsr", 0.8, 0, 50.0, 1000)
     s = json.loads((d / "summary.json").read_text())
     s["model"] = s["config"]["model"] = "torchvision:resnet18"
@@ -265,6 +266,7 @@ def test_accuracy_plot_writes_a_huge_spread_and_spreads_equal_parameter_counts(t
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from dynsparse.report import build_report
     kept = []
     monkeypatch.setattr(plt, "close", kept.append)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.regularizers import sparsity_penalty
 from dynsparse.legacy import mnist_output_layer_targets
+from dynsparse.regularizers import sparsity_penalty
 from dynsparse.sparse import AtEpochEnds, Sparsifier
 from dynsparse.sparse.policies.pruning import GradualPruning, keep_count, scheduled_sparsity
 from dynsparse.tied import TiedModel, uniform_coverage

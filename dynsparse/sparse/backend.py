@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -24,8 +24,19 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, flat_of,
-                                      merge_pattern, merge_sorted, rows_of, sample_flat, sparse_linear, transpose_indices)
+from dynsparse.sparse.csr_ops import (
+    INDEX_DTYPE,
+    GradientCapture,
+    check_flat,
+    csr_from_flat,
+    flat_of,
+    merge_pattern,
+    merge_sorted,
+    rows_of,
+    sample_flat,
+    sparse_linear,
+    transpose_indices,
+)
 
 __all__ = ["CROSSOVER_DENSITY", "CSRLinear", "CSRWeight", "csr_linear_from_linear", "dense_state_dict",
            "prefer_csr", "sample_flat"]
@@ -82,7 +93,7 @@ class CSRWeight(nn.Module):
     @classmethod
     def random(cls, out_features: int, in_features: int, density: float, generator: torch.Generator, *,
                init: str | torch.Tensor = "linear", device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> "CSRWeight":
+               dtype: torch.dtype = torch.float32) -> CSRWeight:
         """Exactly ``int(density * out * in + 0.1)`` entries at uniform positions, never a dense
         tensor or mask. ``init``: ``"linear"`` (nn.Linear's U(-1/sqrt(in), 1/sqrt(in))),
         ``"zeros"``, or a 1-D tensor of that many values."""
@@ -103,7 +114,7 @@ class CSRWeight(nn.Module):
         return cls((out_features, in_features), flat, values)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> "CSRWeight":
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> CSRWeight:
         """The entries of ``weight`` where the bool ``mask`` is True (same values, same order)."""
         if weight.dim() != 2 or mask.shape != weight.shape:
             raise DynsparseError(f"need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")

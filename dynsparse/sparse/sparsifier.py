@@ -39,8 +39,8 @@ from torch import nn
 import dynsparse.sparse.export as _export
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.attach import StepHooks
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
+from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
 from dynsparse.sparse.sharded import check_policy, whole_masks
