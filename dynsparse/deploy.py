@@ -137,7 +137,8 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     except Exception as e:  # safetensors raises its own error type for damaged headers and data
         detail = (str(e).splitlines() or [""])[0][:160]
         raise DynsparseError(f"{p} is not a readable safetensors file ({type(e).__name__}"
-                             f"{': ' + detail if detail else ''}): truncated or not written by dynsparse export") from None
+                             f"{': ' + detail if detail else ''}): truncated or not written by dynsparse "
+                             "export") from None
     if meta.get("format") not in (SPARSE_FORMAT, DENSE_FORMAT):
         raise DynsparseError(f"{p} is not a dynsparse export (no dynsparse format in its metadata)")
     return tensors, meta

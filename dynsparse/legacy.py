@@ -84,17 +84,20 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("deepr", lambda cfg, ctx: DeepR(cfg.DeepR_eta, temperature=ctx.schedules.deepr_temperature,
                                            when=EveryStep(stop_epoch=cfg.stop_rewire_epoch)),
            selected=lambda cfg: cfg.DeepR),
-    Method("rigl", lambda cfg, ctx: RigL(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)),
+    Method("rigl",
+           lambda cfg, ctx: RigL(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)),
            selected=lambda cfg: cfg.rigl, cost="dense-grad-at-updates", options=("update_period", "drop_fraction")),
     # Dettmers & Zettlemoyer update once per epoch (their prune rate 0.5 is per epoch)
     Method("snfs", lambda cfg, ctx: SNFS(0.5 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(
         ctx.steps_per_epoch if cfg.update_period is None else cfg.update_period, end=True)),
-           selected=lambda cfg: cfg.sparse_momentum, cost="dense-grad-every-step", options=("update_period", "drop_fraction")),
+           selected=lambda cfg: cfg.sparse_momentum, cost="dense-grad-every-step",
+           options=("update_period", "drop_fraction")),
     Method("dsr", lambda cfg, ctx: DSR(cfg.n_prune_params, scaling=cfg.rewire_scaling, when=ctx.periodic()),
            selected=lambda cfg: cfg.rewire and cfg.threshold_prune),
     Method("set", lambda cfg, ctx: SET(cfg.rewire_fraction, scaling=cfg.rewire_scaling, when=ctx.periodic()),
            selected=lambda cfg: cfg.rewire),
-    Method("mest", lambda cfg, ctx: MEST(0.3 if cfg.drop_fraction is None else cfg.drop_fraction, when=ctx.periodic(end=True)), flag="--mest",
+    Method("mest", lambda cfg, ctx: MEST(0.3 if cfg.drop_fraction is None else cfg.drop_fraction,
+                                         when=ctx.periodic(end=True)), flag="--mest",
            options=("update_period", "drop_fraction")),
     Method("static", lambda cfg, ctx: Static()),
     Method("dense", None, cost="dense", by_name=False),
@@ -211,12 +214,13 @@ def direct_sparse_density(cfg: TrainConfig) -> float | None:
     """The density at which ``create_model`` builds mnist_mlp's hidden layers in CSR form, or
     None to build dense (see DIRECT_BUILD_ENTRIES)."""
     sizes = (784, *cfg.hidden_sizes)
-    if cfg.model != "mnist_mlp" or cfg.sparse_backend == "masked" or max(a * b for a, b in zip(sizes, sizes[1:])) <= DIRECT_BUILD_ENTRIES:
+    if (cfg.model != "mnist_mlp" or cfg.sparse_backend == "masked"
+            or max(a * b for a, b in zip(sizes, sizes[1:])) <= DIRECT_BUILD_ENTRIES):
         return None
     if cfg.budget != "type" or cfg.dense_layers or cfg.tied or method_of(cfg) in ("dense", "prune"):
-        raise DynsparseError(f"a hidden layer of {cfg.hidden_sizes} has over {DIRECT_BUILD_ENTRIES:,} weights, so it is built "
-                             "directly in CSR form at --initial-sparsity-fc: that needs --budget type, no --dense-layers "
-                             "and a sparse method (not dense, prune or tied)")
+        raise DynsparseError(f"a hidden layer of {cfg.hidden_sizes} has over {DIRECT_BUILD_ENTRIES:,} weights, so it "
+                             "is built directly in CSR form at --initial-sparsity-fc: that needs --budget type, no "
+                             "--dense-layers and a sparse method (not dense, prune or tied)")
     return 1.0 - cfg.initial_sparsity_fc
 
 
@@ -244,7 +248,8 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     if method.name == "prune" and cfg.threshold_prune:
         log.warning("--threshold-prune has no effect with --prune (as in the original): pruning is per layer; "
                     "--global-prune prunes by a global magnitude")
-    ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune" else {})
+    ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune"
+                  else {})
     policy = method.policy(cfg, ctx) if method.policy is not None else Static()
     # attached by hooks, as in a user's own loop, so that one path is exercised everywhere (the
     # loop's explicit calls are harmless repeats); the same bits as hooks=False, every method.

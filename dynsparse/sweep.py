@@ -128,7 +128,9 @@ def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str 
     command line and status is echoed)."""
     if train is None:
         from dynsparse.run import run_training
-        train = lambda cfg, argv: run_training(cfg, argv=["dynsparse", "train", *argv], echo=echo)
+
+        def train(cfg, argv):
+            return run_training(cfg, argv=["dynsparse", "train", *argv], echo=echo)
     outcome: dict[int, str] = {}
     selected = select(load_jobs(path), job_idx, index_range)
     for job in selected:

@@ -50,7 +50,8 @@ def explicit_loop(model, opt, s, data, micro=1):
 
 
 POLICIES = {"dsr": lambda: DSR(n_prune=40, when=Periodic(3)), "set": lambda: SET(0.2, when=Periodic(3)),
-            "rigl": lambda: RigL(0.3, when=Periodic(3, end_step=20)), "snfs": lambda: SNFS(0.5, when=Periodic(3, end_step=20)),
+            "rigl": lambda: RigL(0.3, when=Periodic(3, end_step=20)),
+            "snfs": lambda: SNFS(0.5, when=Periodic(3, end_step=20)),
             "deepr": lambda: DeepR(0.01, temperature=lambda e: 1e-4), "mest": lambda: MEST(0.3, when=Periodic(3))}
 
 
@@ -79,7 +80,8 @@ def test_hooks_alone_and_explicit_calls_train_bit_identically(name, micro):
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         s = Sparsifier(model, opt, policy=POLICIES[name](), densities=0.2, hooks=mode != "explicit")
-        (plain_loop(model, opt, batches(9), micro) if mode == "hooks" else explicit_loop(model, opt, s, batches(9), micro))
+        (plain_loop(model, opt, batches(9), micro) if mode == "hooks"
+         else explicit_loop(model, opt, s, batches(9), micro))
         runs[mode] = (model.state_dict(), s.state_dict(), s.totals())
     ref = runs["explicit"]
     assert ref[2]["total_pruned"] > 0

@@ -50,7 +50,7 @@ def test_every_original_job_line_parses():
 
 
 def test_split_schedule_path_of_job_68_is_joined():
-    line = next(l for l in job_lines() if "learning_schedules/ wrnet" in l)
+    line = next(ln for ln in job_lines() if "learning_schedules/ wrnet" in ln)
     cfg, _ = parse_train_args(shlex.split(line)[2:])
     # joined, then resolved to the bundled copy that a run uses (issue 23: the file used is recorded)
     assert cfg.schedule_file.endswith("learning_schedules/wrnet_schedule.yaml") and Path(cfg.schedule_file).is_file()

@@ -103,7 +103,7 @@ def test_set_topology_keeps_survivors_state_and_zeroes_new():
                         assert opt.state[param][k][pos[f]] == t[i]
         for f, v in zip(add.tolist(), (7.0, 8.0, 9.0)):
             assert w.values[pos[f]] == v
-            for k, t in opt.state[param].items():
+            for t in opt.state[param].values():
                 if t.dim() == 1:
                     assert t[pos[f]] == 0
         if "step" in state_before:

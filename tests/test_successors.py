@@ -190,7 +190,8 @@ def test_training_flops_follow_the_rigl_paper():
     assert training_multiplier("dsr", f, d) == pytest.approx(0.1)
     assert training_multiplier("dense", f, []) == 1.0
     assert training_multiplier("snfs", f, d, update_end=1.0) == pytest.approx((2 * 0.1 + 1) / 3)
-    assert training_multiplier("rigl", f, d, period=100, update_end=1.0) == pytest.approx((3 * 0.1 * 100 + 2 * 0.1 + 1) / 101 / 3)
+    assert training_multiplier("rigl", f, d, period=100,
+                               update_end=1.0) == pytest.approx((3 * 0.1 * 100 + 2 * 0.1 + 1) / 101 / 3)
     wrn = model_layer_flops({"model": "cifar10_WideResNet", "layers": 28, "widen_factor": 2})
     assert wrn["conv1.weight"] == 2 * 27 * 16 * 32 * 32 and len(wrn) == 24 + 1 + 3 + 1
 

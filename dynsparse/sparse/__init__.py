@@ -4,7 +4,8 @@ Layers: ``masks`` (the mask set and its primitives), ``when`` (when the topology
 ``policy`` and ``dropgrow`` (the protocol and the drop-allocate-grow base), ``policies/`` (one
 small file per method), ``budget`` and ``select`` (which tensors, at which density),
 ``sparsifier`` (binds model, optimizer and policy), ``attach`` (its optimizer and gradient
-hooks), ``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models, the configuration, the command line or the loop.
+hooks), ``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models,
+the configuration, the command line or the loop.
 
 ``POLICIES`` is the registry of the library's policies by name (``create_policy(name, ...)``);
 the command line's table of methods (``dynsparse.legacy``) builds on it.
@@ -43,7 +44,7 @@ def create_policy(name: str, **kwargs) -> Policy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never", "POLICIES",
-           "Periodic", "Policy", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam", "Sparsifier", "Static", "When",
-           "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
-           "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]
+__all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never",
+           "POLICIES", "Periodic", "Policy", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam", "Sparsifier",
+           "Static", "When", "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density",
+           "create_policy", "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]

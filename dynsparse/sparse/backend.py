@@ -80,8 +80,8 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: torch.Tenso
                                 for k, v in state.items()}
 
 
-def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | None], *, init: str | None, granularity: int,
-                 generator: torch.Generator, backend: str, batch_size: int | None = None) -> dict:
+def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | None], *, init: str | None,
+                 granularity: int, generator: torch.Generator, backend: str, batch_size: int | None = None) -> dict:
     """One storage object per sparse tensor, in ``densities`` order (the generator's draws are in
     that order, whatever the backend)."""
     check_backend(backend)
@@ -101,7 +101,8 @@ def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | No
             raise DynsparseError(f"density of {name} must be in (0, 1] (sparsity in [0, 1)), got {density}")
         p: torch.Tensor = named[name]
         if is_sharded(p) and backend == "csr":
-            raise DynsparseError(f"backend 'csr' is single-device: {name} is sharded by FSDP2 (a DTensor); use backend 'masked'")
+            raise DynsparseError(f"backend 'csr' is single-device: {name} is sharded by FSDP2 (a DTensor); use backend "
+                                 f"'masked'")
         sharded, p = is_sharded(p), full_weight(p)  # masks are drawn from the whole tensor, as on one device
         g = effective_granularity(p, granularity)
         kept = None
@@ -152,7 +153,8 @@ def _save_pretrained_dense(self: Any, *args, state_dict=None, **kwargs):
 
 def _adopt(name: str, weight: CSRWeight, density: float | None, init: str | None) -> CSRParam:
     check_on_cpu(name, weight.values.device)  # e.g. the wide MLP built in CSR form, moved to a GPU
-    if init != "from_weights" and density is not None and count_for_density(weight.num_entries, density) != weight.num_active:
+    if (init != "from_weights" and density is not None
+            and count_for_density(weight.num_entries, density) != weight.num_active):
         raise DynsparseError(f"{name} is already a CSR weight with {weight.num_active} of {weight.num_entries} entries "
                              f"(density {weight.density:.4g}); density {density} asks for "
                              f"{count_for_density(weight.num_entries, density)}")
@@ -167,8 +169,8 @@ def resolve_with_csr(model: nn.Module, densities, density, include, exclude, res
     if not existing:
         return resolve(model, densities, density, include, exclude)
     if isinstance(densities, str):
-        raise DynsparseError(f"a budget by name ({densities!r}) needs every tensor's dense shape; the model already holds "
-                             f"CSR weights ({', '.join(existing)}): give densities as a number or a dict")
+        raise DynsparseError(f"a budget by name ({densities!r}) needs every tensor's dense shape; the model already "
+                             f"holds CSR weights ({', '.join(existing)}): give densities as a number or a dict")
     if isinstance(densities, Mapping):
         rest = {n: d for n, d in densities.items() if n not in existing}
         own = {n: float(d) for n, d in densities.items() if n in existing}

@@ -115,7 +115,8 @@ def pack_state(state: dict, sparsifier) -> dict:
         record: dict[str, Any] = {"storage": "masked", "shape": list(sp.param.shape), "entries": list(entries),
                   "index": encode_index(flat, entries), "model_keys": [], "optimizer": {}}
         ptr = sp.param.data_ptr()
-        for key in [k for k, v in model.items() if torch.is_tensor(v) and v.data_ptr() == ptr and v.shape == sp.param.shape]:
+        for key in [k for k, v in model.items() if torch.is_tensor(v) and v.data_ptr() == ptr
+                    and v.shape == sp.param.shape]:
             values = gather(model[key], flat, sp.num_entries)
             if values is not None:
                 record["model_keys"].append(key)

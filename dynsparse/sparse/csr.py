@@ -106,7 +106,8 @@ class CSRWeight(nn.Module):
             values = init.to(device=device, dtype=dtype)
         elif init == "linear":
             bound = 1.0 / math.sqrt(in_features)
-            values = (torch.rand(k, generator=generator, device=generator.device, dtype=dtype) * (2 * bound) - bound).to(device)
+            values = (torch.rand(k, generator=generator, device=generator.device,
+                                 dtype=dtype) * (2 * bound) - bound).to(device)
         elif init == "zeros":
             values = torch.zeros(k, device=device, dtype=dtype)
         else:
@@ -117,7 +118,8 @@ class CSRWeight(nn.Module):
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> CSRWeight:
         """The entries of ``weight`` where the bool ``mask`` is True (same values, same order)."""
         if weight.dim() != 2 or mask.shape != weight.shape:
-            raise DynsparseError(f"need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+            raise DynsparseError(f"need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and "
+                                 f"{tuple(mask.shape)}")
         flat = torch.nonzero(mask.reshape(-1)).view(-1)
         return cls((weight.shape[0], weight.shape[1]), flat, weight.detach().reshape(-1)[flat])
 
@@ -146,7 +148,8 @@ class CSRWeight(nn.Module):
         block[rows, self.col_indices[a:b].long()] = True
         return block
 
-    def sample_inactive(self, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_inactive(self, count: int, generator: torch.Generator,
+                        exclude: torch.Tensor | None = None) -> torch.Tensor:
         """``count`` sorted flat indices drawn uniformly among inactive entries not in ``exclude``
         (e.g. the positions just dropped, which the original DSR never regrows at once)."""
         taken = self.active_flat()
@@ -163,7 +166,8 @@ class CSRWeight(nn.Module):
         ``.grad`` and the optimizer's per-entry state follow their entries, new entries get zero."""
         n_old = self.num_active
         if keep.dtype != torch.bool or keep.shape != (n_old,):
-            raise DynsparseError(f"keep must be a bool tensor of shape {(n_old,)}, got {keep.dtype} {tuple(keep.shape)}")
+            raise DynsparseError(f"keep must be a bool tensor of shape {(n_old,)}, "
+                                 f"got {keep.dtype} {tuple(keep.shape)}")
         add_flat = add_flat.to(device=self.values.device, dtype=torch.int64).reshape(-1)
         add_sorted, order = torch.sort(add_flat)
         if add_values is not None:

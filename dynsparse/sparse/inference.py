@@ -43,7 +43,8 @@ def prefer_sparse(density: float, batch_size: int) -> bool:
     for lo, hi in zip(sizes, sizes[1:]):
         if lo <= b <= hi:
             t = (math.log(b) - math.log(lo)) / (math.log(hi) - math.log(lo))
-            return density < math.exp((1 - t) * math.log(INFERENCE_CROSSOVER[lo]) + t * math.log(INFERENCE_CROSSOVER[hi]))
+            return density < math.exp((1 - t) * math.log(INFERENCE_CROSSOVER[lo])
+                                      + t * math.log(INFERENCE_CROSSOVER[hi]))
     return density < INFERENCE_CROSSOVER[sizes[0]]
 
 
@@ -145,7 +146,8 @@ def sparse_inference(model: nn.Module, state: dict[str, torch.Tensor] | None = N
                 setattr(parent, name, layer)
     if state:
         dense = {k: v for k, v in state.items() if not v.is_sparse_csr}
-        missing = [k for k in model.state_dict() if k not in dense and not any(k.startswith(p) for p in _csr_prefixes(model))]
+        missing = [k for k in model.state_dict() if k not in dense
+                   and not any(k.startswith(p) for p in _csr_prefixes(model))]
         if missing:
             raise DynsparseError(f"the state does not fit this model: missing {', '.join(missing[:4])}")
         model.load_state_dict(dense, strict=False, assign=True)

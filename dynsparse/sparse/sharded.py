@@ -215,8 +215,8 @@ class ShardedParam(SparseParam):
 
 def check_placement(name: str, param: DTensor) -> None:
     if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-        raise DynsparseError(f"{name} is a DTensor placed {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh; "
-                             "sparse training supports FSDP2's fully_shard on a 1-D mesh (Shard(0)) only")
+        raise DynsparseError(f"{name} is a DTensor placed {tuple(param.placements)} on a {param.device_mesh.ndim}-D "
+                             "mesh; sparse training supports FSDP2's fully_shard on a 1-D mesh (Shard(0)) only")
 
 
 def check_policy(policy, params: dict) -> None:
