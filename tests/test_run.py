@@ -130,6 +130,9 @@ def test_bf16_autocast_and_channels_last_train(tiny_cifar, tmp_path):
     s = run_training(cfg)
     assert s["config"]["amp"] == "bf16" and s["params_sparse"] < s["params_sparse_total"]
     ckpt = read_checkpoint(tmp_path / cfg.run_name / "checkpoint.pt")
-    assert ckpt["model"]["block1.layer.0.conv1.weight"].dtype == torch.float32  # weights stay float32
+    conv = ckpt["model"]["block1.layer.0.conv1.weight"]
+    mask = ckpt["sparsifier"]["masks"]["block1.layer.0.conv1.weight"]
+    off = ~mask.bool().reshape(mask.shape + (1,) * (conv.dim() - mask.dim())).expand_as(conv)
+    assert off.any() and bool((conv[off] == 0).all())  # bf16 steps keep the weights on their masks
     with pytest.raises(DynsparseError, match="--amp must be off or bf16"):
         parse_train_args(["--amp", "fp8"])
