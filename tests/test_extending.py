@@ -13,18 +13,16 @@ from dynsparse.sparse import DropGrow, keep_one
 
 def test_mest_drops_by_magnitude_plus_gradient_and_grows_at_random():
     model = nn.Sequential(nn.Linear(4, 2, bias=False))
-    s = Sparsifier(model, None, policy=MEST(fraction=0.5, lam=1.0, when=Periodic(1)), densities={"0.weight": 0.5})
-    sp = s.params["0.weight"]
-    sp.mask.copy_(torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool).view(2, 4))
-    sp.num_active = 4
-    with torch.no_grad():
+    with torch.no_grad():  # the mask: these nonzeros
         model[0].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0, 0, 0, 0]).view(2, 4))
+    s = Sparsifier(model, None, policy=MEST(fraction=0.5, lam=1.0, when=Periodic(1)), init="from_weights")
+    sp = s.params["0.weight"]
     # |w| + |g| = 0.1+0.5, 0.2+0.0, 0.3+0.0, 0.4+0.0: the two smallest are positions 1 and 2,
     # where magnitude alone would drop 0 and 1
     model[0].weight.grad = torch.tensor([0.5, 0.0, 0.0, 0.0, 9, 9, 9, 9]).view(2, 4)
     s.before_optimizer_step()
     s.step()
-    m = sp.mask.view(-1).tolist()
+    m = sp.topology().view(-1).tolist()
     assert m[:4] == [True, False, False, True] and sum(m[4:]) == 2  # two grown among the free four
     assert s.total_pruned == s.total_grown == 2
 

@@ -16,18 +16,17 @@ def two_by_four(n=1):
 
 
 def setup(model, policy, masks, weights):
-    s = Sparsifier(model, None, policy=policy, densities={f"{i}.weight": 0.5 for i in range(len(masks))})
+    """Masks at the weights' nonzeros, through the public constructor (no storage internals)."""
     with torch.no_grad():
-        for i, (m, w) in enumerate(zip(masks, weights)):
-            sp = s.params[f"{i}.weight"]
-            sp.mask.copy_(torch.tensor(m, dtype=torch.bool).view(2, 4))
-            sp.num_active = sum(m)
-            sp.param.copy_(torch.tensor(w).view(2, 4))
+        for i, w in enumerate(weights):
+            model[i].weight.copy_(torch.tensor(w).view(2, 4))
+    s = Sparsifier(model, None, policy=policy, init="from_weights")
+    assert [mask(s, f"{i}.weight") for i in range(len(masks))] == masks
     return s
 
 
 def mask(s, name):
-    return s.params[name].mask.view(-1).int().tolist()
+    return s.params[name].topology().view(-1).int().tolist()
 
 
 def test_cosine_fraction():
