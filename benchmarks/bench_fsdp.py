@@ -168,8 +168,8 @@ def markdown(p: dict) -> str:
             lines.append(f"| {run} | {pol} | {x['step_s'] * 1e3:.1f} | {x['update_step_s'] * 1e3:.1f} | "
                          f"{(x['update_inside_s'] or 0) * 1e3:.1f} | {worst:.2f} |")
     lines += ["",
-              "| run | params MiB/rank | grads | optimizer | masks (bool + cached float) | update transient | peak RSS "
-              "MiB |",
+              "| run | params MiB/rank | grads | optimizer | masks (bool + cached float) | update transient "
+              "| peak RSS MiB |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for run, r in p["runs"].items():
         b = max((rank["rigl"]["bytes"] for rank in r["ranks"]), key=lambda d: d["params"])

@@ -316,11 +316,11 @@ def report(rows, memory, sweep, ev, mem_ev) -> None:
     L += ["", "## Goals at density 0.01", "",
           f"- layer, batch 1, >= 20x faster than dense: {layer_goal:.1f}x, met: {layer_goal >= 20}",
           f"- MLP, batch 1, >= 10x faster than dense: {mlp_goal:.1f}x, met: {mlp_goal >= 10}",
-          "- memory >= 20x smaller than dense: model bytes " + ", ".join(f"{m} {v:.1f}x" for m,
-                                                                         v in bytes_ratio.items())
-          + "; peak RSS serving " + "; ".join(f"{m} " + ", ".join(f"batch {b} {v:.1f}x (met: {v >= 20})" for b,
-                                                                  v in r.items())
-                                              for m, r in mem_ratio.items()), "",
+          "- memory >= 20x smaller than dense: model bytes "
+          + ", ".join(f"{m} {v:.1f}x" for m, v in bytes_ratio.items())
+          + "; peak RSS serving "
+          + "; ".join(f"{m} " + ", ".join(f"batch {b} {v:.1f}x (met: {v >= 20})" for b, v in r.items())
+                      for m, r in mem_ratio.items()), "",
           f"Latency and crossover: command `{ev['command']}`; commit "
           f"{ev['commit']}{' (uncommitted changes)' if ev['uncommitted'] else ''}; {ev['time']}; torch {ev['torch']}.",
           ""]

@@ -89,8 +89,8 @@ def main() -> None:
                                        "ratio_attached_by_hooks": ratio_hooks}
         md.append(f"| {name}: {steps} steps with DSR (loop calls it) / without | {ratio:.3f} | <= 1.05 | "
                   f"{ratio <= 1.05} |")
-        md.append(f"| {name}: the same, DSR attached by optimizer/gradient hooks / without | {ratio_hooks:.3f} | - | - "
-                  f"|")
+        md.append(f"| {name}: the same, DSR attached by optimizer/gradient hooks / without | {ratio_hooks:.3f} "
+                  "| - | - |")
 
     # one reallocation on WRN-28-2 at 0.9 against one training step at batch 100
     model, opt, sp = setup("cifar10_WideResNet", True, 0.1, 10**9, layers=28, widen_factor=2)

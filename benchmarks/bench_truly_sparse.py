@@ -319,8 +319,8 @@ def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | N
                   f">= 40x at 0.001 (measured {s['0.001']:.1f}x, met: {s['0.001'] >= 40}).", ""]
     m = r["mlp"]
     mb = m["bytes"]
-    lines += [f"## MLP {m['shape']} at density {m['density']}, batch {m['batch']}, topology change every {m['period']} "
-              f"steps", "",
+    lines += [f"## MLP {m['shape']} at density {m['density']}, batch {m['batch']}, "
+              f"topology change every {m['period']} steps", "",
               "| | masked | CSR | ratio | goal |", "|---|---|---|---|---|",
               f"| amortized step (s) | {m['amortized_step_seconds']['masked']:.4f} | "
               f"{m['amortized_step_seconds']['csr']:.4f} | {m['speedup']:.1f}x | >= 15x: {m['speedup'] >= 15} |",
@@ -343,8 +343,8 @@ def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | N
                 lines.append(f"| {c['kind']} | {c['width']} | {c['after_step_rss'] / GiB:.2f} | "
                              f"{'-' if topo is None else f'{topo / GiB:.2f}'} | {c['step_seconds']:.1f} |")
             else:
-                lines.append(f"| csr | {c['width']} | {c.get('skipped') or 'failed: ' + c.get('failed', '')[-80:]} | | "
-                             f"|")
+                lines.append(f"| csr | {c['width']} | {c.get('skipped') or 'failed: ' + c.get('failed', '')[-80:]} "
+                             "| | |")
         lines += ["", f"Masked widest within 24 GiB: {w['masked_widest_fit_24GiB']:.0f} (fit of the measured peaks), "
                   f"{w['masked_widest_from_tensor_bytes_24GiB']:.0f} (17 bytes per dense weight).", ""]
         if ev_widest:

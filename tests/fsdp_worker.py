@@ -83,8 +83,8 @@ def build(policy: str, fsdp: bool, device: str = "cpu"):
     opt = (torch.optim.Adam(model.parameters(), lr=0.01) if policy in ("rigl", "static", "rigl-conv")
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     s = Sparsifier(model, opt, policy=POLICIES[policy](), densities=0.5, total_steps=400, seed=3,
-                   new_weights="initial" if policy.endswith("-initial") else "zero", granularity=2 if "conv" in policy
-                   else 4)
+                   new_weights="initial" if policy.endswith("-initial") else "zero",
+                   granularity=2 if "conv" in policy else 4)
     return model, opt, s
 
 

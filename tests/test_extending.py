@@ -32,8 +32,7 @@ def test_mest_from_the_command_line(tiny_mnist, tmp_path):
     from dynsparse.run import run_training
     cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
                                "--initial-sparsity-fc", "0.9", "--mest", "--drop-fraction", "0.2", "--update-period",
-                               "2",
-                               "--no-progress"])
+                               "2", "--no-progress"])
     assert method_of(cfg) == "mest" == method_of(parse_train_args(["--method", "mest"])[0])
     summary = run_training(cfg)
     assert summary["method"] == "mest" and summary["total_pruned"] == summary["total_grown"] > 0
