@@ -42,7 +42,8 @@ def measure(density: float, backend: str) -> dict:
     s.before_optimizer_step()
     opt.step()
     s.step()
-    state = {"format": "plain", "model": model.state_dict(), "optimizer": opt.state_dict(), "sparsifier": s.state_dict()}
+    state = {"format": "plain", "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "sparsifier": s.state_dict()}
     plain, compact = saved_bytes(state), saved_bytes(pack_state(state, s))
     exported = s.export()  # what `dynsparse export` writes: the trained model only
     sparse_file = len(save(file_tensors(exported, set(s.params))[0]))
@@ -68,12 +69,13 @@ def main() -> None:
     for r in rows:
         goal = f">= {r['goal']:.0f}x: {r['goal_met']}" if "goal" in r else "-"
         kinds = ", ".join(sorted(set(r["index_kind"].values()))) or "model's own CSR indices"
-        lines.append(f"| {r['backend']} | {r['density']} | {r['plain_bytes'] / 2**20:.2f} | {r['compact_bytes'] / 2**20:.2f} "
-                     f"| {r['ratio']:.1f}x | {goal} | {kinds} | {r['export_sparse_bytes'] / 2**20:.2f} "
-                     f"| {r['export_dense_bytes'] / 2**20:.2f} |")
+        lines.append(f"| {r['backend']} | {r['density']} | {r['plain_bytes'] / 2**20:.2f} | "
+                     f"{r['compact_bytes'] / 2**20:.2f} | {r['ratio']:.1f}x | {goal} | {kinds} | "
+                     f"{r['export_sparse_bytes'] / 2**20:.2f} | {r['export_dense_bytes'] / 2**20:.2f} |")
     lines += ["", "The csr backend's plain layout already held values and indices; compact drops its duplicate "
               "int64 topology. Export: `dynsparse export` of the trained model alone (safetensors; sparse: "
-              "nonzeros + int32 CSR indices where smaller than dense).", "", f"Command: `{ev['command']}`; commit {ev['commit']}; {ev['time']}.", ""]
+              "nonzeros + int32 CSR indices where smaller than dense).", "",
+              f"Command: `{ev['command']}`; commit {ev['commit']}; {ev['time']}.", ""]
     path = write_results("checkpoint_size", {"evidence": ev, "rows": rows}, "\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {path}")

@@ -102,7 +102,8 @@ def worker(a) -> None:
         transient = sum(sp.num_entries * (1 + 4) for sp in sps) if sharded else 0  # whole masks + whole scores
         out[policy] = {"step_s": statistics.median(plain), "update_step_s": statistics.median(changing),
                        "update_inside_s": statistics.median(inside) if inside else None, "updates": len(inside),
-                       "change_cost_steps": (statistics.median(changing) - statistics.median(plain)) / statistics.median(plain),
+                       "change_cost_steps": (statistics.median(changing) - statistics.median(plain))
+                       / statistics.median(plain),
                        "bytes": {"params": _bytes(params), "grads": _bytes(p.grad for p in params),
                                  "optimizer": _bytes(state), "masks": _bytes(masks), "update_transient": transient},
                        "params": sum(p.numel() for p in params)}
@@ -154,9 +155,10 @@ def main() -> None:
 def markdown(p: dict) -> str:
     mb = 1 / 2**20
     lines = ["# FSDP2 on CPU (gloo): topology change vs training step, memory per rank\n",
-             f"MLP width {p['width']}, global batch {p['batch']}, density 0.1, update every 5 steps, {p['steps']} steps "
-             f"(5 warm-up). Load average before/after: {p['load_before'][0]:.1f} / {p['load_after'][0]:.1f} "
-             f"(machine shared with other work). Commit {p['evidence']['commit'][:10]}, torch {p['evidence']['torch']}.\n",
+             f"MLP width {p['width']}, global batch {p['batch']}, density 0.1, update every 5 steps, {p['steps']} "
+             f"steps (5 warm-up). Load average before/after: {p['load_before'][0]:.1f} / {p['load_after'][0]:.1f} "
+             f"(machine shared with other work). Commit {p['evidence']['commit'][:10]}, torch "
+             f"{p['evidence']['torch']}.\n",
              "| run | policy | step ms | step with change ms | update itself ms | change cost (steps) |",
              "|---|---|---:|---:|---:|---:|"]
     for run, r in p["runs"].items():
@@ -165,7 +167,9 @@ def markdown(p: dict) -> str:
             x = r["ranks"][0][pol]
             lines.append(f"| {run} | {pol} | {x['step_s'] * 1e3:.1f} | {x['update_step_s'] * 1e3:.1f} | "
                          f"{(x['update_inside_s'] or 0) * 1e3:.1f} | {worst:.2f} |")
-    lines += ["", "| run | params MiB/rank | grads | optimizer | masks (bool + cached float) | update transient | peak RSS MiB |",
+    lines += ["",
+              "| run | params MiB/rank | grads | optimizer | masks (bool + cached float) | update transient "
+              "| peak RSS MiB |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for run, r in p["runs"].items():
         b = max((rank["rigl"]["bytes"] for rank in r["ranks"]), key=lambda d: d["params"])

@@ -5,7 +5,8 @@ mask), side by side in one process, interleaved repeat by repeat.
 Models: one 4096x4096 linear layer, and the 784-10000-10000-10 MLP (batch norm, folded into the
 CSR layers); densities 0.1, 0.01, 0.001 of every hidden linear weight (the MLP's 10-way output
 layer stays dense, as it is in training); batches 1, 8, 64. Latency: median and p99 over the
-repeats (3 timed forwards per arm and round after an untimed one, rounds interleaved; p99 of a few dozen is close to their maximum) of the thread's CPU time per forward
+repeats (3 timed forwards per arm and round after an untimed one, rounds interleaved; p99 of a few
+dozen is close to their maximum) of the thread's CPU time per forward
 (with 1 thread, the forward's cost without the waits for a core of a shared machine) and of the
 wall time. Memory: the model's own bytes
 (parameters, buffers, masks) and the peak RSS of a subprocess that builds only that arm (the CSR
@@ -128,12 +129,13 @@ def child(model: str, density: float, arm: str, batch: int) -> None:
     # (sample_flat's unique, bincount, ...: about 3 MiB for the CSR arm), shared by every process
     # that loads torch, not memory of the model: left out of the serving peak, recorded apart
     code = max(_status_kib("RssFile") - base_file, 0)
-    print(json.dumps({"peak_rss_bytes": (_status_kib("VmHWM") - base - code) * 1024, "build_peak_bytes": build_peak * 1024,
+    print(json.dumps({"peak_rss_bytes": (_status_kib("VmHWM") - base - code) * 1024,
+                      "build_peak_bytes": build_peak * 1024,
                       "code_pages_bytes": code * 1024}))
 
 
 def _status_kib(field: str) -> int:
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
     return int(line.split()[1])
 
 
@@ -156,7 +158,8 @@ def measure_memory() -> dict:
             for arm in (ARMS if density == 0.01 else ("csr",)):
                 memory[f"{model}/{density}/{arm}"] = peak_rss(model, density, arm)
                 print(f"memory {model} d={density} {arm}: "
-                      + ", ".join(f"b={b} {v / 2**20:.1f} MiB" for b, v in memory[f"{model}/{density}/{arm}"]["peak_rss_bytes"].items())
+                      + ", ".join(f"b={b} {v / 2**20:.1f} MiB" for b,
+                                  v in memory[f"{model}/{density}/{arm}"]["peak_rss_bytes"].items())
                       + f"; load {load()}", flush=True)
     return memory
 
@@ -204,7 +207,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="rounds; each times 3 forwards per arm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory-only", action="store_true",
-                    help="re-measure only the memory section; keep the latency and crossover results of the results file")
+                    help="re-measure only the memory section; keep the latency and crossover results of the results "
+                         "file")
     ap.add_argument("--child", nargs=4, metavar=("MODEL", "DENSITY", "ARM", "BATCH"))
     a = ap.parse_args()
     if a.child:
@@ -216,7 +220,8 @@ def main() -> None:
         mem_load = load()
         memory = measure_memory()
         mem_ev = {**evidence(), "load_before": mem_load, "load_after": load()}
-        return report(old["rows"], memory, {int(b): {**s, "ratios": {float(d): r for d, r in s["ratios"].items()}}  # JSON keys are strings
+        return report(old["rows"], memory,
+                      {int(b): {**s, "ratios": {float(d): r for d, r in s["ratios"].items()}}  # JSON keys are strings
                                             for b, s in old["crossover"].items()}, lat_ev, mem_ev)
     load_before, rows = load(), []
     for model, in_f in (("layer", 4096), ("mlp", 784)):
@@ -242,7 +247,8 @@ def main() -> None:
     for batch in BATCHES:
         ratios = {}
         for density in SWEEP:
-            t = time_arms({"dense": dense_layer, "csr": build("layer", density, "csr")[0]}, 4096, batch, max(3, a.repeats // 3))
+            t = time_arms({"dense": dense_layer, "csr": build("layer", density, "csr")[0]}, 4096, batch,
+                          max(3, a.repeats // 3))
             ratios[density] = t["dense"]["median_ms"] / t["csr"]["median_ms"]
         sweep[batch] = {"ratios": ratios, "crossover_density": crossover({**ratios, **{
             r["density"]: r["speedup_vs_dense"] for r in rows if r["model"] == "layer" and r["batch"] == batch}})}
@@ -260,22 +266,26 @@ def report(rows, memory, sweep, ev, mem_ev) -> None:
     mlp_goal = get[("mlp", 0.01, 1)]["speedup_vs_dense"]
     mem_ratio = {m: {b: memory[f"{m}/0.01/dense"]["peak_rss_bytes"][b] / memory[f"{m}/0.01/csr"]["peak_rss_bytes"][b]
                      for b in memory[f"{m}/0.01/csr"]["peak_rss_bytes"]} for m in ("layer", "mlp")}
-    bytes_ratio = {m: get[(m, 0.01, 1)]["model_bytes"]["dense"] / get[(m, 0.01, 1)]["model_bytes"]["csr"] for m in ("layer", "mlp")}
+    bytes_ratio = {m: get[(m, 0.01, 1)]["model_bytes"]["dense"] / get[(m, 0.01, 1)]["model_bytes"]["csr"]
+                   for m in ("layer", "mlp")}
     goals = {"layer_batch1_vs_dense": [layer_goal, layer_goal >= 20], "mlp_batch1_vs_dense": [mlp_goal, mlp_goal >= 10],
              "memory_peak_rss_by_batch": {m: {b: [v, v >= 20] for b, v in r.items()} for m, r in mem_ratio.items()},
              "memory_model_bytes": {m: [v, v >= 20] for m, v in bytes_ratio.items()}}
     L = [f"# Sparse inference on CPU ({ev['device']}, {ev['threads']} thread(s), float32)", "",
-         f"Latency and crossover run: load average (1, 5, 15 min) before {load_before}; after {load_after} (the machine was shared with "
-         f"other work; the arms ran interleaved in one process, so their ratios are what counts).", "",
+         f"Latency and crossover run: load average (1, 5, 15 min) before {load_before}; after {load_after} (the "
+         f"machine was shared with other work; the arms ran interleaved in one process, so their ratios are what "
+         f"counts).", "",
          "## Latency: median (p99) of the thread's CPU time per forward, ms; speed-up of CSR over dense", "",
          "The wall-clock medians (in the JSON, `wall_median_ms`) include waits for a core on the shared machine.", "",
-         "| model | density | batch | dense (MKL) | masked | CSR | CSR vs dense | CSR vs masked |", "|---|---|---|---|---|---|---|---|"]
+         "| model | density | batch | dense (MKL) | masked | CSR | CSR vs dense | CSR vs masked |",
+         "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["times"]
-        cell = lambda k: f"{t[k]['median_ms']:.3f} ({t[k]['p99_ms']:.3f})"  # noqa: E731
+        cell = lambda k, t=t: f"{t[k]['median_ms']:.3f} ({t[k]['p99_ms']:.3f})"  # noqa: E731
         L.append(f"| {r['model']} | {r['density']} | {r['batch']} | {cell('dense')} | {cell('masked')} | {cell('csr')} "
                  f"| {r['speedup_vs_dense']:.1f}x | {r['speedup_vs_masked']:.1f}x |")
-    L += ["", "## Memory", "", "Peak RSS above the baseline (torch imported, every batch size's kernels warmed up) of a "
+    L += ["", "## Memory", "",
+          "Peak RSS above the baseline (torch imported, every batch size's kernels warmed up) of a "
           "fresh subprocess per arm and batch size that builds only that arm, then (peak reset after building) serves "
           "one input of that batch twice; the serving peak holds the model, the input, the activations and the "
           "allocator's slack, not the torch library's code pages that building touched first (file-backed, shared; "
@@ -294,9 +304,11 @@ def report(rows, memory, sweep, ev, mem_ev) -> None:
     L += ["", "Dense / CSR peak RSS serving at density 0.01 (goal >= 20x):", "",
           "| model | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---|" + "---|" * len(BATCHES)]
     for m, r in mem_ratio.items():
-        L.append(f"| {m} | " + " | ".join(f"{r[str(b)]:.1f}x{'' if r[str(b)] >= 20 else ' (short)'}" for b in BATCHES) + " |")
+        L.append(f"| {m} | " + " | ".join(f"{r[str(b)]:.1f}x{'' if r[str(b)] >= 20 else ' (short)'}"
+                                          for b in BATCHES) + " |")
     L += ["", "## Crossover (4096x4096 layer): dense time / CSR time by density", "",
-          "| batch | " + " | ".join(f"d={d}" for d in SWEEP) + " | crossover density |", "|---" * (len(SWEEP) + 2) + "|"]
+          "| batch | " + " | ".join(f"d={d}" for d in SWEEP) + " | crossover density |",
+          "|---" * (len(SWEEP) + 2) + "|"]
     for b, s in sweep.items():
         c = s["crossover_density"]
         shown = f"{c:.3f}" if c is not None else f"above {max(SWEEP)} (CSR faster at every density swept)"
@@ -304,12 +316,16 @@ def report(rows, memory, sweep, ev, mem_ev) -> None:
     L += ["", "## Goals at density 0.01", "",
           f"- layer, batch 1, >= 20x faster than dense: {layer_goal:.1f}x, met: {layer_goal >= 20}",
           f"- MLP, batch 1, >= 10x faster than dense: {mlp_goal:.1f}x, met: {mlp_goal >= 10}",
-          "- memory >= 20x smaller than dense: model bytes " + ", ".join(f"{m} {v:.1f}x" for m, v in bytes_ratio.items())
-          + "; peak RSS serving " + "; ".join(f"{m} " + ", ".join(f"batch {b} {v:.1f}x (met: {v >= 20})" for b, v in r.items())
-                                              for m, r in mem_ratio.items()), "",
-          f"Latency and crossover: command `{ev['command']}`; commit {ev['commit']}{' (uncommitted changes)' if ev['uncommitted'] else ''}; "
-          f"{ev['time']}; torch {ev['torch']}.", ""]
-    path = write_results("inference", {"evidence": mem_ev, "latency_evidence": ev, "rows": rows, "peak_rss_bytes": memory,
+          "- memory >= 20x smaller than dense: model bytes "
+          + ", ".join(f"{m} {v:.1f}x" for m, v in bytes_ratio.items())
+          + "; peak RSS serving "
+          + "; ".join(f"{m} " + ", ".join(f"batch {b} {v:.1f}x (met: {v >= 20})" for b, v in r.items())
+                      for m, r in mem_ratio.items()), "",
+          f"Latency and crossover: command `{ev['command']}`; commit "
+          f"{ev['commit']}{' (uncommitted changes)' if ev['uncommitted'] else ''}; {ev['time']}; torch {ev['torch']}.",
+          ""]
+    path = write_results("inference",
+                         {"evidence": mem_ev, "latency_evidence": ev, "rows": rows, "peak_rss_bytes": memory,
                                        "crossover": sweep, "goals": goals}, "\n".join(L))
     print("\n".join(L))
     print(f"wrote {path}")

@@ -52,7 +52,8 @@ def main() -> None:
         source = "MNIST"
     except DynsparseError:
         g = torch.Generator().manual_seed(0)
-        x, y = torch.randint(0, 256, (60000, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (60000,), generator=g)
+        x, y = torch.randint(0, 256, (60000, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (60000,),
+                                                                                                        generator=g)
         source = "synthetic (no MNIST found)"
     device = torch.device("cpu")
     bs = args.batch_size

@@ -157,13 +157,15 @@ def bench_wrn(batch: int, repeats: int, densities=(0.1, 0.05)) -> dict:
     for k, opt in opts.items():  # weights + optimizer state, as the model holds them
         model_params = [p for group in opt.param_groups for p in group["params"]]
         nbytes = sum(p.numel() * p.element_size() for p in model_params)
-        nbytes += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        nbytes += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                      if torch.is_tensor(t))
         state[k] = nbytes
     out = {"dense_ms": times["dense"] * 1e3, "weights_and_optimizer_bytes": {"dense": state["dense"]}, "density": {}}
     for d in densities:
         out["density"][str(d)] = {
             "masked_ms": times[f"masked {d}"] * 1e3, "csr_ms": times[f"csr {d}"] * 1e3,
-            "csr_vs_dense": times["dense"] / times[f"csr {d}"], "csr_vs_masked": times[f"masked {d}"] / times[f"csr {d}"],
+            "csr_vs_dense": times["dense"] / times[f"csr {d}"],
+            "csr_vs_masked": times[f"masked {d}"] / times[f"csr {d}"],
             "masked_bytes": state[f"masked {d}"], "csr_bytes": state[f"csr {d}"]}
     return out
 

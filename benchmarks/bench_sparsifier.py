@@ -69,7 +69,8 @@ def main() -> None:
 
     workloads = {
         "mnist_mlp": (dict(), torch.randn(100, 1, 28, 28, generator=g), 0.02, args.steps * 5),
-        "wrn_16_2": (dict(layers=16, widen_factor=2), torch.randn(100, 3, 32, 32, generator=g), 0.1, max(args.steps // 6, 5)),
+        "wrn_16_2": (dict(layers=16, widen_factor=2), torch.randn(100, 3, 32, 32, generator=g), 0.1,
+                     max(args.steps // 6, 5)),
     }
     for name, (kw, x, density, steps) in workloads.items():
         model_name = "mnist_mlp" if name == "mnist_mlp" else "cifar10_WideResNet"
@@ -83,10 +84,13 @@ def main() -> None:
         t = interleaved({"dense": dense, "dsr": sparse, "dsr_hooks": hooked}, args.repeats, sync)
         ratio = median(t["dsr"]) / median(t["dense"])
         ratio_hooks = median(t["dsr_hooks"]) / median(t["dense"])
-        results[f"overhead_{name}"] = {"steps": steps, "seconds": t, "ratio": ratio, "target": 1.05, "met": ratio <= 1.05,
+        results[f"overhead_{name}"] = {"steps": steps, "seconds": t, "ratio": ratio, "target": 1.05,
+                                       "met": ratio <= 1.05,
                                        "ratio_attached_by_hooks": ratio_hooks}
-        md.append(f"| {name}: {steps} steps with DSR (loop calls it) / without | {ratio:.3f} | <= 1.05 | {ratio <= 1.05} |")
-        md.append(f"| {name}: the same, DSR attached by optimizer/gradient hooks / without | {ratio_hooks:.3f} | - | - |")
+        md.append(f"| {name}: {steps} steps with DSR (loop calls it) / without | {ratio:.3f} | <= 1.05 | "
+                  f"{ratio <= 1.05} |")
+        md.append(f"| {name}: the same, DSR attached by optimizer/gradient hooks / without | {ratio_hooks:.3f} "
+                  "| - | - |")
 
     # one reallocation on WRN-28-2 at 0.9 against one training step at batch 100
     model, opt, sp = setup("cifar10_WideResNet", True, 0.1, 10**9, layers=28, widen_factor=2)

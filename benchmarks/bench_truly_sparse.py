@@ -209,7 +209,8 @@ def bench_widest(widths: list[int], cap_gib: float, density: float = 0.01, batch
     for w in widths:
         if len(csr) >= 2 and "failed" not in csr[-1]:
             # peak grows with the entries (width^2): skip a width predicted over the cap
-            (w0, q0), (w1, q1) = [(c["width"], max(c["after_step_rss"], c.get("after_topology_rss", 0))) for c in csr[-2:]]
+            (w0, q0), (w1, q1) = [(c["width"], max(c["after_step_rss"], c.get("after_topology_rss", 0)))
+                                  for c in csr[-2:]]
             bb = (q1 - q0) / (w1**2 - w0**2)
             if q1 + bb * (w**2 - w1**2) > cap_gib * GiB:
                 csr.append({"width": w, "skipped": f"predicted peak over the {cap_gib} GiB cap"})
@@ -277,7 +278,8 @@ def main() -> None:
                 fn()  # warm-up
             t = interleaved(cases, args.repeats if batch == 128 else args.repeats_other)
             ratios = {d: median(t["masked"]) / median(t[f"csr@{d}"]) for d in DENSITIES}
-            results["layer"][str(batch)] = {"size": 4096, "seconds": t, "speedup": {str(d): r for d, r in ratios.items()}}
+            results["layer"][str(batch)] = {"size": 4096, "seconds": t,
+                                            "speedup": {str(d): r for d, r in ratios.items()}}
             results["crossover_density"][str(batch)] = crossover(ratios)
     results["mlp"] = bench_mlp(args.repeats)
     if args.widest:
@@ -317,12 +319,14 @@ def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | N
                   f">= 40x at 0.001 (measured {s['0.001']:.1f}x, met: {s['0.001'] >= 40}).", ""]
     m = r["mlp"]
     mb = m["bytes"]
-    lines += [f"## MLP {m['shape']} at density {m['density']}, batch {m['batch']}, topology change every {m['period']} steps", "",
+    lines += [f"## MLP {m['shape']} at density {m['density']}, batch {m['batch']}, "
+              f"topology change every {m['period']} steps", "",
               "| | masked | CSR | ratio | goal |", "|---|---|---|---|---|",
-              f"| amortized step (s) | {m['amortized_step_seconds']['masked']:.4f} | {m['amortized_step_seconds']['csr']:.4f} "
-              f"| {m['speedup']:.1f}x | >= 15x: {m['speedup'] >= 15} |",
+              f"| amortized step (s) | {m['amortized_step_seconds']['masked']:.4f} | "
+              f"{m['amortized_step_seconds']['csr']:.4f} | {m['speedup']:.1f}x | >= 15x: {m['speedup'] >= 15} |",
               f"| weights + optimizer state (MiB) | {mb['masked']['weights_and_optimizer_state'] / 2**20:.1f} "
-              f"| {mb['csr']['weights_and_optimizer_state'] / 2**20:.1f} | {m['memory_ratio']:.1f}x | >= 20x: {m['memory_ratio'] >= 20} |",
+              f"| {mb['csr']['weights_and_optimizer_state'] / 2**20:.1f} | {m['memory_ratio']:.1f}x | >= 20x: "
+              f"{m['memory_ratio'] >= 20} |",
               "", f"One CSR topology change costs {m['topology_change_over_step_csr']:.2f} CSR training steps.", ""]
     if ev_mlp:
         lines += [f"MLP part re-measured: commit {ev_mlp['commit']}, load average before "
@@ -331,14 +335,16 @@ def markdown(r: dict, ev: dict, ev_widest: dict | None = None, ev_step: dict | N
     if "widest" in r:
         w = r["widest"]
         lines += [f"## Widest 784-X-X-10 at density {w['density']}, batch {w['batch']} (peak RSS per subprocess)", "",
-                  "| backend | X | peak RSS after step (GiB) | after topology change (GiB) | step (s) |", "|---|---|---|---|---|"]
+                  "| backend | X | peak RSS after step (GiB) | after topology change (GiB) | step (s) |",
+                  "|---|---|---|---|---|"]
         for c in w["masked_measured"] + w["csr"]:
             if "after_step_rss" in c:
                 topo = c.get("after_topology_rss")
                 lines.append(f"| {c['kind']} | {c['width']} | {c['after_step_rss'] / GiB:.2f} | "
                              f"{'-' if topo is None else f'{topo / GiB:.2f}'} | {c['step_seconds']:.1f} |")
             else:
-                lines.append(f"| csr | {c['width']} | {c.get('skipped') or 'failed: ' + c.get('failed', '')[-80:]} | | |")
+                lines.append(f"| csr | {c['width']} | {c.get('skipped') or 'failed: ' + c.get('failed', '')[-80:]} "
+                             "| | |")
         lines += ["", f"Masked widest within 24 GiB: {w['masked_widest_fit_24GiB']:.0f} (fit of the measured peaks), "
                   f"{w['masked_widest_from_tensor_bytes_24GiB']:.0f} (17 bytes per dense weight).", ""]
         if ev_widest:

@@ -13,9 +13,31 @@ __version__ = "0.1.0"
 from dynsparse.deploy import export_run, load_model, load_sparse
 from dynsparse.errors import DynsparseError
 from dynsparse.models import create_model, sparse_parameter_names
-from dynsparse.sparse import (BUDGETS, DSR, POLICIES, SET, SNFS, AtEpochEnds, DeepR, DropGrow, EveryStep,
-                              GradualPruning, MEST, Never, Periodic, Policy, RigL, Sparsifier, Static, When, create_policy,
-                              erk_densities, make_densities, register_policy, select_weights)
+from dynsparse.sparse import (
+    BUDGETS,
+    DSR,
+    MEST,
+    POLICIES,
+    SET,
+    SNFS,
+    AtEpochEnds,
+    DeepR,
+    DropGrow,
+    EveryStep,
+    GradualPruning,
+    Never,
+    Periodic,
+    Policy,
+    RigL,
+    Sparsifier,
+    Static,
+    When,
+    create_policy,
+    erk_densities,
+    make_densities,
+    register_policy,
+    select_weights,
+)
 from dynsparse.sparse.inference import sparse_inference
 
 __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "DynsparseError", "EveryStep", "GradualPruning",

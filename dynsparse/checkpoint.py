@@ -109,7 +109,7 @@ def does_not_fit(ckpt: dict, cfg: dict, model_state: dict, e: Exception) -> Dyns
     diff = config_differences(arch, {k: cfg.get(k, "masked" if k == "sparse_backend" else None) for k in arch})
     what = describe_mismatch(ckpt.get("model") or {}, model_state)
     if what == "same entries and shapes":  # the model fits; the optimizer state does not
-        what = "optimizer state: " + next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+        what = "optimizer state: " + next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     return DynsparseError(f"the checkpoint does not fit this model ({cfg.get('model')}): "
                           f"{'saved with ' + ', '.join(diff) + '; ' if diff else ''}{what}"[:600])
 

@@ -29,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("file", help="experiment list, e.g. experiments/mnist_lenet300.yaml or an original list "
                                     "(experiments/original/*.yaml)")
-    sweep.add_argument("--job-idx", type=int, help="run only the job with this index (default: $SLURM_ARRAY_TASK_ID, else all)")
+    sweep.add_argument("--job-idx", type=int,
+                       help="run only the job with this index (default: $SLURM_ARRAY_TASK_ID, else all)")
     sweep.add_argument("--range", dest="index_range", metavar="A:B", help="run the jobs with A <= index < B")
     sweep.add_argument("--dry-run", action="store_true",
-                       help="print each job's command line and status (new, finished, interrupted, differs), train nothing")
+                       help="print each job's command line and status (new, finished, interrupted, differs), train "
+                            "nothing")
     report = sub.add_parser("report", help="tables and plots comparing finished runs")
     report.add_argument("runs", nargs="+", help="run directories, or directories that contain them")
     report.add_argument("--out", default="report", help="output directory (default: report)")

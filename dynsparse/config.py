@@ -96,7 +96,8 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     logger: str = ""  # comma-separated: csv, tensorboard, wandb (dynsparse.loggers)
-    global_prune: bool = False  # issue 11: global magnitude pruning (the original's --threshold-prune is ignored in prune mode)
+    # issue 11: global magnitude pruning (the original's --threshold-prune is ignored in prune mode)
+    global_prune: bool = False
     tied_per_kernel: bool = False  # issue 11: --tied shares per 3x3 kernel (the original always shares per weight)
     prune_from_scratch: bool = False
     hidden_sizes: tuple[int, ...] = (300, 100)  # mnist_mlp only; "300,100" and lists are accepted
@@ -116,7 +117,8 @@ class TrainConfig:
             try:
                 sizes = [int(s) for s in sizes.split(",") if s.strip()]
             except ValueError:
-                raise DynsparseError(f"--hidden-sizes must be comma-separated integers, got {self.hidden_sizes!r}") from None
+                raise DynsparseError(f"--hidden-sizes must be comma-separated integers, "
+                                     f"got {self.hidden_sizes!r}") from None
         object.__setattr__(self, "hidden_sizes", tuple(sizes))
         # a dict from the library, lists of pairs from config.json
         opts = self.method_options.items() if isinstance(self.method_options, dict) else self.method_options
@@ -184,7 +186,8 @@ class TrainConfig:
                                  f"--epochs {self.epochs} --start-epoch {self.start_epoch}")
         if self.image_size < 0 or (self.image_size and self.dataset_name != "imagenet"):
             raise DynsparseError(f"--image-size must be >= 1 (0: from the data) and is for ImageFolder data "
-                                 f"(imagenet_resnet50, torchvision:NAME, timm:NAME), got {self.image_size} for {self.model}")
+                                 f"(imagenet_resnet50, torchvision:NAME, timm:NAME), got {self.image_size} for "
+                                 f"{self.model}")
         if self.workers is not None and self.workers < 0:
             raise DynsparseError(f"-j/--workers must be >= 0 (0: load in the main process), got {self.workers}")
         if self.batch_size < 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from dynsparse.errors import DynsparseError, did_you_mean
 from dynsparse.io import read_yaml
 
@@ -84,7 +83,8 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise DynsparseError(f"--config {p} must be a mapping of flags to values (epochs: 20), not a {type(data).__name__}")
+        raise DynsparseError(f"--config {p} must be a mapping of flags to values (epochs: 20), not a "
+                             f"{type(data).__name__}")
     keys = _keys(parser)
     unknown = [str(k) for k in data if str(k) not in keys]
     if unknown:  # one suggestion per key: the whole list of keys is `dynsparse train --help`

@@ -20,7 +20,8 @@ Contract:
 - Data roots: MNIST is read from ``ROOT/MNIST/raw/`` (torchvision's layout) or ``ROOT/``;
   Fashion-MNIST (``"fashion_mnist"``, handled exactly as MNIST with its own normalization) from
   ``ROOT/FashionMNIST/raw/`` or ``ROOT/``; CIFAR-10 from ``ROOT/cifar-10-batches-py/`` or
-  ``ROOT/``; ImageNet from ``ROOT/train`` and ``ROOT/val``. Missing MNIST/CIFAR files are downloaded (checksum verified) unless
+  ``ROOT/``; ImageNet from ``ROOT/train`` and ``ROOT/val``. Missing MNIST/CIFAR files are
+  downloaded (checksum verified) unless
   ``download=False``; the readers and downloads are in :mod:`dynsparse.datasets`. Every problem
   the user can fix raises :class:`DynsparseError`.
 """
@@ -164,7 +165,8 @@ def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.devic
     flip; ImageNet random-resized-crop and flip, replaced by the evaluation resize and centre
     crop). (Fashion-)MNIST has no augmentation. ``workers`` is used by ImageNet only: the
     others need no worker processes (None: the CPUs available, at most 8); ``image_size`` is the
-    ImageNet crop (0: from the data, :mod:`dynsparse.imagefolder`). ``download`` applies to all but ImageNet. ``eval_batch_size``
+    ImageNet crop (0: from the data, :mod:`dynsparse.imagefolder`). ``download`` applies to all but
+    ImageNet. ``eval_batch_size``
     defaults to ``batch_size``.
     """
     if dataset not in DATASET_NAMES:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def _architecture(cfg: dict, model_state: dict) -> tuple[dict, dict[str, torch.S
     """The run's architecture (with its number of classes) and the dense shape of every tensor
     of the ordinary model, from a model built on the 'meta' device (no memory, however wide)."""
     from dynsparse.models import create_model
-    arch = {k: cfg.get(k) for k in ARCH_FIELDS if k in cfg}
+    arch: dict[str, Any] = {k: cfg.get(k) for k in ARCH_FIELDS if k in cfg}
     # the classifier's width: the last 1-D float tensor of the state (its bias, or the logits' norm)
     last = [v for k, v in model_state.items() if torch.is_tensor(v) and v.dim() == 1 and v.is_floating_point()
             and not (k.endswith(".values") and k[:-len("values")] + "crow_indices" in model_state)]
@@ -136,7 +137,8 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     except Exception as e:  # safetensors raises its own error type for damaged headers and data
         detail = (str(e).splitlines() or [""])[0][:160]
         raise DynsparseError(f"{p} is not a readable safetensors file ({type(e).__name__}"
-                             f"{': ' + detail if detail else ''}): truncated or not written by dynsparse export") from None
+                             f"{': ' + detail if detail else ''}): truncated or not written by dynsparse "
+                             "export") from None
     if meta.get("format") not in (SPARSE_FORMAT, DENSE_FORMAT):
         raise DynsparseError(f"{p} is not a dynsparse export (no dynsparse format in its metadata)")
     return tensors, meta

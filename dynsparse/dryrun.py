@@ -108,7 +108,8 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
         f"device       {device}" + (f" (from --device {cfg.device})" if cfg.device != device else ""),
         f"run dir      {run_dir} ({state})",
         f"schedule     {cfg.total_epochs} epoch{'s' * (cfg.total_epochs != 1)}, batch {cfg.batch_size}, "
-        f"lr {_steps(schedules.lr, cfg.start_epoch, cfg.total_epochs)}" + (f" (from {schedules.source}" + (", the copy bundled with dynsparse" if
+        f"lr {_steps(schedules.lr, cfg.start_epoch, cfg.total_epochs)}"
+        + (f" (from {schedules.source}" + (", the copy bundled with dynsparse" if
                               Path(schedules.source).parent == BUNDLED_DIR else "") + ")" if cfg.schedule_file else ""),
     ]
     if dataset == "imagenet":

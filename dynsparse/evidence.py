@@ -31,7 +31,8 @@ def evidence(argv: Sequence[str] | None, device: torch.device, world_size: int) 
     git = git_state()
     return {"command": list(argv) if argv else None, "commit": git["commit"], "uncommitted": git["uncommitted"],
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(),
             "world_size": world_size, "threads": torch.get_num_threads(),
             "versions": {"dynsparse": dynsparse.__version__, "torch": torch.__version__,
                          "python": platform.python_version()},

@@ -39,7 +39,8 @@ def str2bool(text: str) -> bool:
 ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--epochs",), dict(type=int, help="number of total epochs to run")),
     (("--start-epoch",), dict(type=int, help="manual epoch number (useful on restarts)")),
-    (("--model",), dict(metavar="NAME", help="network: mnist_mlp, cifar10_WideResNet, imagenet_resnet50, torchvision:NAME "
+    (("--model",),
+     dict(metavar="NAME", help="network: mnist_mlp, cifar10_WideResNet, imagenet_resnet50, torchvision:NAME "
                                              "or timm:NAME (any torchvision/timm classifier, on ImageFolder data)")),
     (("-b", "--batch-size"), dict(type=int, help="mini-batch size")),
     (("--lr", "--learning-rate"), dict(type=float, help="learning rate when no --schedule-file gives lr_schedule")),
@@ -47,7 +48,8 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--nesterov",), dict(type=str2bool, help="Nesterov momentum (True/False)")),
     (("--weight-decay", "--wd"), dict(type=float, help="weight decay on all parameters")),
     (("--L1-loss-coeff",), dict(type=float, help="Lasso coefficient on the sparse weights")),
-    (("--print-freq", "-p"), dict(type=int, help="kept for compatibility; no effect (progress is a bar, or a line every 10%% of an epoch)")),
+    (("--print-freq", "-p"),
+     dict(type=int, help="kept for compatibility; no effect (progress is a bar, or a line every 10%% of an epoch)")),
     (("--layers",), dict(type=int, help="total number of layers of the wide resnet")),
     (("--start-pruning-after-epoch",), dict(type=int, help="prune mode: epoch after which to start pruning")),
     (("--prune-epoch-frequency",), dict(type=int, help="prune mode: epochs between prunes")),
@@ -55,25 +57,29 @@ ORIGINAL_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--prune-target-sparsity-conv",), dict(type=float, help="prune mode: target sparsity of conv layers")),
     (("--prune-iterations",), dict(type=int, help="prune mode: number of prunes")),
     (("--post-prune-epochs",), dict(type=int, help="prune mode: epochs to train after the last prune")),
-    (("--n-prune-params",), dict(type=int, help="DSR: number of weights pruned and regrown at each reallocation (the paper's Np)")),
+    (("--n-prune-params",),
+     dict(type=int, help="DSR: number of weights pruned and regrown at each reallocation (the paper's Np)")),
     (("--threshold-prune",), dict(action="store_true", help="DSR: prune below a global adaptive threshold")),
     (("--prune",), dict(action="store_true", help="gradual magnitude pruning of a (trained) model")),
     (("--validate-set",), dict(action="store_true", help="hold out a validation split to select the best epoch")),
     (("--rewire-scaling",), dict(action="store_true", help="DSR: move parameters between layers")),
     (("--tied",), dict(action="store_true", help="tied weights (HashedNet-like) instead of sparse ones")),
     (("--rescale-tied-gradient",), dict(action="store_true", help="divide tied gradients by their repetitions")),
-    (("--rewire",), dict(action="store_true", help="run parameter reallocation (DSR, or SET without --threshold-prune)")),
+    (("--rewire",),
+     dict(action="store_true", help="run parameter reallocation (DSR, or SET without --threshold-prune)")),
     (("--no-validate-train",), dict(action="store_true", help="skip the accuracy pass over the training set")),
     (("--DeepR",), dict(action="store_true", help="train with DeepR")),
     (("--DeepR_eta",), dict(type=float, help="DeepR eta (noise std = sqrt(2 eta T))")),
     (("--stop-rewire-epoch",), dict(type=int, help="no reallocation from this epoch on")),
     (("--no-batch-norm",), dict(action="store_true", help="mnist_mlp without batch norm (biases instead)")),
     (("--rewire-fraction",), dict(type=float, help="SET: fraction of each layer to rewire")),
-    (("--sub-kernel-granularity",), dict(type=int, help="mask granularity: leading dims of a conv weight a mask entry covers (4 = per weight)")),
+    (("--sub-kernel-granularity",),
+     dict(type=int, help="mask granularity: leading dims of a conv weight a mask entry covers (4 = per weight)")),
     (("--cubic-prune-schedule",), dict(action="store_true", help="prune mode: Zhu & Gupta cubic schedule")),
     (("--sparse-resnet-downsample",), dict(action="store_true", help="ResNet-50: sparse downsample convs")),
     (("--conv-group-lasso",), dict(action="store_true", help="group lasso over conv kernels instead of L1")),
-    (("--big-new-weights",), dict(action="store_true", help="new connections drawn from the initial distribution instead of zero")),
+    (("--big-new-weights",),
+     dict(action="store_true", help="new connections drawn from the initial distribution instead of zero")),
     (("--widen-factor",), dict(type=float, help="width of the wide resnet (also the ResNet-50 width multiplier)")),
     (("--initial-sparsity-conv",), dict(type=float, help="initial sparsity of the sparse conv layers")),
     (("--initial-sparsity-fc",), dict(type=float, help="initial sparsity of the sparse fc layers")),
@@ -92,20 +98,23 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--method",), dict(metavar="NAME", help="a registered method by name (@register_policy; "
                                               "docs/extending.md); the original flags (--rewire, --DeepR, ...) "
                                               "select the paper's methods")),
-    (("--plugin",), dict(metavar="MODULE", help="comma-separated modules (or .py files) to import first, whose "
-                                                "@register_policy methods then work as --method NAME with their "
-                                                "own option flags (docs/extending.md)")),
+    (("--plugin",), dict(metavar="MODULE", help="modules or .py files (comma-separated) whose @register_policy "
+                                                "methods work as --method NAME, own flags (docs/extending.md)")),
     (("--rigl",), dict(action="store_true", help="RigL (Evci et al. 2020): drop by magnitude, grow by gradient")),
     (("--sparse-momentum",), dict(action="store_true", help="sparse momentum / SNFS (Dettmers & Zettlemoyer 2019)")),
-    (("--drop-fraction",), dict(type=float, help="RigL/SNFS/MEST initial drop fraction (cosine-decayed by RigL and SNFS)")),
+    (("--drop-fraction",), dict(type=float, help="RigL/SNFS/MEST initial drop fraction (RigL, SNFS: cosine-decayed)")),
     (("--update-end",), dict(type=float, help="RigL/SNFS: fraction of training after which the topology is fixed")),
-    (("--update-period",), dict(type=int, help="RigL/SNFS: training steps between topology updates "
-                                               "(default: RigL rewire_period_schedule, SNFS one epoch, as in the papers)")),
-    (("--budget",), dict(metavar="{" + ",".join(BUDGETS) + "}", help="how density is spread over layers (type: the original's conv/fc sparsities)")),
-    (("--keep-optimizer-state",), dict(action="store_true", help="do not zero optimizer state off the mask (the original's behaviour)")),
+    (("--update-period",), dict(type=int, help="RigL/SNFS: training steps between topology updates (default: "
+                                               "RigL rewire_period_schedule, SNFS one epoch, as in the papers)")),
+    (("--budget",), dict(metavar="{" + ",".join(BUDGETS) + "}",
+                         help="how density is spread over layers (type: the original's conv/fc sparsities)")),
+    (("--keep-optimizer-state",), dict(action="store_true", help="do not zero optimizer state off the mask "
+                                                               "(the original's behaviour)")),
     (("--dense-layers",), dict(help="comma-separated parameter names or glob patterns to keep dense")),
-    (("--amp",), dict(metavar="{off,bf16}", help="mixed precision for the forward pass (autocast; weights stay float32)")),
-    (("--channels-last",), dict(action="store_true", help="channels_last memory format for conv nets (faster on GPUs)")),
+    (("--amp",),
+     dict(metavar="{off,bf16}", help="mixed precision for the forward pass (autocast; weights stay float32)")),
+    (("--channels-last",),
+     dict(action="store_true", help="channels_last memory format for conv nets (faster on GPUs)")),
     (("--compile",), dict(action="store_true", help="torch.compile the model for training")),
     (("--sparse-backend",), dict(metavar="{masked,csr,auto}", help="storage of sparse weights: masked (dense tensor "
                                  "+ mask, the default), csr (linear weights truly sparse: memory and CPU time "
@@ -120,9 +129,11 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                         "(fully_shard) instead of DDP; masked backend; docs/distributed.md")),
     (("--seed",), dict(type=int, help="seed for initialization, masks and data order")),
     (("--device",), dict(help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")),
-    (("--threads",), dict(type=int, metavar="N", help="CPU threads for the math within one operation (torch.set_num_threads). 1 by default: more "
-                                             "threads than free cores make PyTorch many times slower (docs/performance.md); "
-                                             "on a machine of your own, try the number of physical cores")),
+    (("--threads",),
+     dict(type=int, metavar="N",
+          help="CPU threads for the math within one operation (torch.set_num_threads). 1 by default: more "
+               "threads than free cores make PyTorch many times slower (docs/performance.md); on a machine of "
+               "your own, try the number of physical cores")),
     (("--runs-dir",), dict(help="directory that holds the run directories (default: runs)")),
     (("--overwrite",), dict(action="store_true", help="start over in an existing run directory")),
     (("--hidden-sizes",), dict(help="mnist_mlp hidden widths, comma-separated, e.g. 10000,10000")),
@@ -131,10 +142,21 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
                                                              "(default: the model's own data set)")),
     (("--logger",), dict(help="scalar logs beside metrics.jsonl, comma-separated: csv, tensorboard, wandb "
                                "(pip install 'dynsparse[tensorboard]' or 'dynsparse[wandb]')")),
-    (("--no-progress",), dict(action="store_false", dest="progress", help="no progress within an epoch (default: a bar when stderr is a terminal, a line every 10%% of an epoch when stdout is not)")),
-    (("--global-prune",), dict(action="store_true", help="with --prune: remove the globally smallest weights of all layers (default: per layer, as the original)")),
-    (("--tied-per-kernel",), dict(action="store_true", help="with --tied: share whole 3x3 kernels below --sub-kernel-granularity 4 (default: per weight, as the original)")),
-    (("--prune-from-scratch",), dict(action="store_true", help="with --prune: prune while training from random initialization instead of from --resume DENSE_RUN")),
+    (("--no-progress",),
+     dict(action="store_false", dest="progress",
+          help="no progress within an epoch (default: a bar when stderr is a terminal, a line every 10%% of an epoch "
+               "when stdout is not)")),
+    (("--global-prune",),
+     dict(action="store_true",
+          help="with --prune: remove the globally smallest weights of all layers (default: per layer, as the "
+               "original)")),
+    (("--tied-per-kernel",),
+     dict(action="store_true",
+          help="with --tied: share whole 3x3 kernels below --sub-kernel-granularity 4 (default: per weight, as the "
+               "original)")),
+    (("--prune-from-scratch",),
+     dict(action="store_true",
+          help="with --prune: prune while training from random initialization instead of from --resume DENSE_RUN")),
 ]
 
 
@@ -167,7 +189,8 @@ EXAMPLES = """examples:
   # RigL at 90% sparsity with an ERK budget, flags from a file (the command line wins)
   dynsparse train --config my_flags.yaml --rigl --budget erk --initial-sparsity-fc 0.9
   # a torchvision ResNet-18 on ImageFolder data (DATA/train, DATA/val), SET at 80% sparsity
-  dynsparse train --model torchvision:resnet18 --data DATA --rewire --initial-sparsity-conv 0.8 --initial-sparsity-fc 0.8
+  dynsparse train --model torchvision:resnet18 --data DATA --rewire --initial-sparsity-conv 0.8 \\
+      --initial-sparsity-fc 0.8
   # look before training: method, device, run directory, per-layer densities, data present?
   dynsparse train --model cifar10_WideResNet --widen-factor 2 --rigl --dry-run
 """

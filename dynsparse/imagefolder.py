@@ -98,6 +98,6 @@ def slow_cpu_warning(step_s: float, steps_per_epoch: int, epochs: int, size: int
     total = step_s * steps_per_epoch * epochs * 4 / 3
     if total < 3600:
         return None
-    return (f"warning: on this CPU the run takes at least about {total / 3600:.1f} hours ({step_s:.2f} s per training step "
-            f"at {size} px, {steps_per_epoch:,} steps per epoch, {epochs} epochs, evaluation included); a GPU "
+    return (f"warning: on this CPU the run takes at least about {total / 3600:.1f} hours ({step_s:.2f} s per training "
+            f"step at {size} px, {steps_per_epoch:,} steps per epoch, {epochs} epochs, evaluation included); a GPU "
             f"(--device cuda), fewer --epochs, a smaller --image-size or model shortens it")

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
 from dynsparse.datasets import DATA_ENV
-from dynsparse.loaders import DataBundle, epoch_generator, pad_to_multiple
 from dynsparse.errors import DynsparseError
+from dynsparse.loaders import DataBundle, epoch_generator, pad_to_multiple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -189,7 +189,8 @@ def build_imagenet(root: Path, *, batch_size: int, eval_batch_size: int, device:
                              f"images, but {os.path.abspath(root / 'train')} has only "
                              f"{len(samples)}")
     n = len(samples) - holdout
-    from dynsparse.imagefolder import image_size as size_of, resize_size
+    from dynsparse.imagefolder import image_size as size_of
+    from dynsparse.imagefolder import resize_size
     crop, why = size_of(root, image_size, cap=CROP_SIZE)
     resize = RESIZE_SIZE if crop == CROP_SIZE else resize_size(crop)
 

@@ -25,8 +25,18 @@ from dynsparse.method_flags import TAKES_UPDATE_PERIOD, check_options, load_plug
 from dynsparse.models import layer_type, sparse_parameter_names
 from dynsparse.regularizers import sparsity_penalty
 from dynsparse.schedule import Schedules
-from dynsparse.sparse import (REGISTRY, AtEpochEnds, EveryStep, Periodic, Policy, PolicySpec, Sparsifier, Static, When,
-                              make_densities)
+from dynsparse.sparse import (
+    REGISTRY,
+    AtEpochEnds,
+    EveryStep,
+    Periodic,
+    Policy,
+    PolicySpec,
+    Sparsifier,
+    Static,
+    When,
+    make_densities,
+)
 from dynsparse.tied import TiedModel
 
 log = logging.getLogger(__name__)
@@ -218,12 +228,13 @@ def direct_sparse_density(cfg: TrainConfig) -> float | None:
     """The density at which ``create_model`` builds mnist_mlp's hidden layers in CSR form, or
     None to build dense (see DIRECT_BUILD_ENTRIES)."""
     sizes = (784, *cfg.hidden_sizes)
-    if cfg.model != "mnist_mlp" or cfg.sparse_backend == "masked" or max(a * b for a, b in zip(sizes, sizes[1:])) <= DIRECT_BUILD_ENTRIES:
+    if (cfg.model != "mnist_mlp" or cfg.sparse_backend == "masked"
+            or max(a * b for a, b in zip(sizes, sizes[1:])) <= DIRECT_BUILD_ENTRIES):
         return None
     if cfg.budget != "type" or cfg.dense_layers or cfg.tied or method_of(cfg) in ("dense", "prune"):
-        raise DynsparseError(f"a hidden layer of {cfg.hidden_sizes} has over {DIRECT_BUILD_ENTRIES:,} weights, so it is built "
-                             "directly in CSR form at --initial-sparsity-fc: that needs --budget type, no --dense-layers "
-                             "and a sparse method (not dense, prune or tied)")
+        raise DynsparseError(f"a hidden layer of {cfg.hidden_sizes} has over {DIRECT_BUILD_ENTRIES:,} weights, so it "
+                             "is built directly in CSR form at --initial-sparsity-fc: that needs --budget type, no "
+                             "--dense-layers and a sparse method (not dense, prune or tied)")
     return 1.0 - cfg.initial_sparsity_fc
 
 
@@ -251,7 +262,8 @@ def build_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     if method.name == "prune" and cfg.threshold_prune:
         log.warning("--threshold-prune has no effect with --prune (as in the original): pruning is per layer; "
                     "--global-prune prunes by a global magnitude")
-    ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune" else {})
+    ctx = Context(cfg, schedules, steps_per_epoch, prune_targets(cfg, model, list(dens)) if method.name == "prune"
+                  else {})
     policy = build_policy(method.spec, cfg, ctx) if method.spec is not None else Static()
     # attached by hooks, as in a user's own loop, so that one path is exercised everywhere (the
     # loop's explicit calls are harmless repeats); the same bits as hooks=False, every method.

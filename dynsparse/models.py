@@ -79,7 +79,7 @@ class MnistMLP(nn.Module):
             if sparse_density is not None and name != "fc2":
                 from dynsparse.sparse.csr import CSRLinear
                 gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
-                layer = CSRLinear(sizes[i], sizes[i + 1], bias=bias, density=sparse_density, generator=gen)
+                layer: nn.Module = CSRLinear(sizes[i], sizes[i + 1], bias=bias, density=sparse_density, generator=gen)
             else:
                 layer = nn.Linear(sizes[i], sizes[i + 1], bias=bias)
             setattr(self, name, layer)

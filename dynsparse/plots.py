@@ -138,8 +138,9 @@ def _accuracy_plot(plt, model: str, mrows: list[dict], style: dict, out: Path) -
     if clipped:
         extra.append((Line2D([], [], color="none"), "+-N: std too wide to draw (no bar)"))
     if below:
-        extra.append((Line2D([], [], marker="v", color="0.3", linestyle="none"), f"on the bottom edge: below {lo:.1f}% (see table)"))
-    ax.legend(handles + [h for h, _ in extra], labels + [l for _, l in extra], fontsize=7,
+        extra.append((Line2D([], [], marker="v", color="0.3", linestyle="none"),
+                      f"on the bottom edge: below {lo:.1f}% (see table)"))
+    ax.legend(handles + [h for h, _ in extra], labels + [lab for _, lab in extra], fontsize=7,
               loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path = _save(fig, out / f"accuracy_vs_params_{_portable(model)}.png")
     plt.close(fig)
@@ -209,12 +210,13 @@ def _curves_plot(plt, model: str, groups: dict, style: dict, out: Path) -> list[
     axes[0].set_ylim(lo, hi)
     for ax in axes[::3]:
         ax.set_ylabel("test top-1 (%), mean over seeds")
-    labels = [l for l in style if l in legend]
+    labels = [label for label in style if label in legend]
     spare = axes[len(sparsities):]
     if spare:  # the legend fills the empty cell of the grid
-        spare[0].legend([legend[l] for l in labels], labels, fontsize=8, loc="center")
+        spare[0].legend([legend[label] for label in labels], labels, fontsize=8, loc="center")
     else:
-        fig.legend([legend[l] for l in labels], labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.legend([legend[label] for label in labels], labels, fontsize=7, loc="center left",
+                   bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"{model}: learning curves (y axis from {lo:.1f}%: lower values run off the bottom)")
     fig.tight_layout()
     path = _save(fig, out / f"curves_{_portable(model)}.png")

@@ -224,7 +224,8 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
         pub = None if dataset or shape else published(model, runs[0]["_base_label"], sparsity)
         mults = [m for m in map(flops_multiplier, runs) if m is not None]
         rows.append({"model": model, "dataset": dataset or model_dataset(model) or "", "method": label,
-                     "architecture": shape or PUBLISHED_NAME.get(model, model), "sparsity": sparsity, "seeds": len(runs),
+                     "architecture": shape or PUBLISHED_NAME.get(model, model), "sparsity": sparsity,
+                     "seeds": len(runs),
                      "epochs": runs[0]["_settings"]["trained_epochs"],
                      "test_top1_mean": round(acc_m, 3), "test_top1_std": round(acc_s, 3),
                      "test_top1_at_best_val_mean": _round(val_m), "oracle_best_test_top1_mean": round(oracle_m, 3),

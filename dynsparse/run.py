@@ -27,16 +27,30 @@ from pathlib import Path
 import torch
 
 from dynsparse import distributed, fsdp
-from dynsparse.checkpoint import (CHECKPOINT_FORMAT, check_not_shorter, check_runs_dir, check_same_config,
-                                  does_not_fit, holds_run, load_checkpoint, prepare_run_dir)
+from dynsparse.checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_not_shorter,
+    check_runs_dir,
+    check_same_config,
+    does_not_fit,
+    holds_run,
+    load_checkpoint,
+    prepare_run_dir,
+)
 from dynsparse.config import TrainConfig
 from dynsparse.console import epoch_header, run_header, write_failed
 from dynsparse.data import build_data, resolve_data_root
 from dynsparse.errors import DynsparseError
 from dynsparse.evidence import evidence
 from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from dynsparse.legacy import (build_penalty, build_sparsifier, direct_sparse_density, method_label, method_of,
-                              param_counts)
+from dynsparse.legacy import (
+    build_penalty,
+    build_sparsifier,
+    direct_sparse_density,
+    method_label,
+    method_of,
+    param_counts,
+)
 from dynsparse.loggers import create_logger, epoch_scalars
 from dynsparse.models import create_model
 from dynsparse.schedule import load_schedules
@@ -65,7 +79,8 @@ class _Run:
                                image_size=cfg.image_size)
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, layers=cfg.layers,
                                   widen_factor=cfg.widen_factor, batch_norm=not cfg.no_batch_norm,
-                                  hidden_sizes=cfg.hidden_sizes, sparse_density=direct_sparse_density(cfg)).to(self.device)
+                                  hidden_sizes=cfg.hidden_sizes,
+                                  sparse_density=direct_sparse_density(cfg)).to(self.device)
         if cfg.sync_bn:
             self.model = distributed.sync_batch_norm(self.model, self.dist, self.device)
         if cfg.channels_last:
@@ -104,7 +119,7 @@ class _Run:
             raise does_not_fit(ckpt, self.cfg.to_dict(), self.model.state_dict(), e) from None
         self.sparsifier.restore(saved, exact=exact)  # loaded weights and optimizer state obey the masks
         if exact:
-            self.start_epoch, self.history, self.events = int(ckpt["epoch"]), list(ckpt["history"]), list(ckpt["events"])
+            self.start_epoch, self.history, self.events = int(ckpt["epoch"]), [*ckpt["history"]], [*ckpt["events"]]
 
 
 def _unmasked_init(cfg: dict, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -230,8 +245,9 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
                                    first_bad=lambda flags: distributed.all_reduce_min(flags, run.dist),
                                    progress_lines=lines)
         except Diverged as e:
-            raise DynsparseError(f"training diverged: non-finite loss at training step {epoch * len(data.train) + e.step} "
-                                 f"(step {e.step} of epoch {epoch}, counting from 0); lower the learning rate") from None
+            raise DynsparseError(f"training diverged: non-finite loss at training step "
+                                 f"{epoch * len(data.train) + e.step} (step {e.step} of epoch {epoch}, counting from "
+                                 f"0); lower the learning rate") from None
         train_s, sums = time.perf_counter() - t0, distributed.all_reduce_sums(sums, run.dist)
         train = summarize(sums)
         distributed.broadcast_buffers(run.model, run.dist)
@@ -262,10 +278,10 @@ def _train_loop(run: _Run, debug_distributed: bool) -> dict:
             except DynsparseError as e:
                 raise write_failed(e, epoch, run.dir) from None
             run.logger.log_dict(epoch_scalars(row), step=epoch)
-        echo(f"{epoch:>5} {lr:>8.4g} {row['train_loss']:>7.4f} {row.get('train_top1', row['train_top1_running']):>7.2f} "
-             f"{row['test_top1']:>7.2f} {row['test_top5']:>7.2f} {_cell(row.get('val_top1')):>7} "
-             f"{row['params_nonzero']:>10,} {row.get('rewires', 0):>7} {int(sums['count']) / train_s:>7,.0f} "
-             f"{row['time_s']:>6.1f}")
+        echo(f"{epoch:>5} {lr:>8.4g} {row['train_loss']:>7.4f} "
+             f"{row.get('train_top1', row['train_top1_running']):>7.2f} {row['test_top1']:>7.2f} "
+             f"{row['test_top5']:>7.2f} {_cell(row.get('val_top1')):>7} {row['params_nonzero']:>10,} "
+             f"{row.get('rewires', 0):>7} {int(sums['count']) / train_s:>7,.0f} {row['time_s']:>6.1f}")
     summary = _summary(run)
     if run.dist.is_main:
         atomic_write_json(run.dir / "summary.json", summary)

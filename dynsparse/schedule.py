@@ -46,7 +46,7 @@ class PiecewiseConstant:
         return self.values[bisect.bisect_right(self.epochs, epoch) - 1]
 
     @classmethod
-    def constant(cls, value: float) -> "PiecewiseConstant":
+    def constant(cls, value: float) -> PiecewiseConstant:
         return cls((0,), (value,))
 
 
@@ -113,10 +113,13 @@ def load_schedules(path: str | Path | None, *, default_lr: float = 0.1, default_
     if unknown:
         raise DynsparseError(f"schedule file {p}: unknown keys {unknown}; valid keys: {', '.join(SCHEDULE_KEYS)}")
     src = str(p)
-    get = lambda key, d: _parse_list(data[key], key, src) if key in data else PiecewiseConstant.constant(d)
+
+    def get(key, d):
+        return _parse_list(data[key], key, src) if key in data else PiecewiseConstant.constant(d)
     sched = Schedules(get("lr_schedule", default_lr), get("rewire_period_schedule", default_rewire_period),
                       get("DeepR_temperature_schedule", default_temperature), source=src)
-    for key, values in (("lr_schedule", sched.lr.values), ("DeepR_temperature_schedule", sched.deepr_temperature.values)):
+    for key, values in (("lr_schedule", sched.lr.values),
+                        ("DeepR_temperature_schedule", sched.deepr_temperature.values)):
         bad = [v for v in values if not 0.0 <= v < float("inf")]
         if bad:
             raise DynsparseError(f"{src}: {key} values must be finite numbers >= 0, got {bad[0]}")

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from dynsparse.checkpoint import ConfigMismatch, check_same_config, load_checkpoint
-from dynsparse.flags import parse_train_args
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
+from dynsparse.flags import parse_train_args
 from dynsparse.io import read_yaml
 
 PREFIXES = (["python", "main.py"], ["python3", "main.py"], ["dynsparse", "train"], ["main.py"])
@@ -128,7 +128,9 @@ def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str 
     command line and status is echoed)."""
     if train is None:
         from dynsparse.run import run_training
-        train = lambda cfg, argv: run_training(cfg, argv=["dynsparse", "train", *argv], echo=echo)
+
+        def train(cfg, argv):
+            return run_training(cfg, argv=["dynsparse", "train", *argv], echo=echo)
     outcome: dict[int, str] = {}
     selected = select(load_jobs(path), job_idx, index_range)
     for job in selected:

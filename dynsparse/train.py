@@ -93,7 +93,8 @@ class _Meter:
         if at_mark:
             eta = (now - self.start) / (step + 1) * (self.total - step - 1)
             self.lines(f"{self.desc}: {100 * (step + 1) / self.total:3.0f}% ({step + 1}/{self.total} steps) "
-                       f"mean so far: loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+                       f"mean so far: loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s ETA "
+                       f"{int(eta) // 60}:{int(eta) % 60:02d}")
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, sparsifier=None,

@@ -28,7 +28,7 @@ def main():
     sparsifier = Sparsifier(model, optimizer, policy=DSR(n_prune=200, when=Periodic(20)), densities=0.1)
     tokens = torch.randint(0, 50, (512, 12))
     labels = tokens[:, 0] % 4  # learnable: the class is a function of the first token
-    for step in range(300):
+    for _ in range(300):
         idx = torch.randint(0, 512, (32,))
         loss = nn.functional.cross_entropy(model(tokens[idx]), labels[idx])
         optimizer.zero_grad()

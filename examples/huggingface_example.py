@@ -2,7 +2,8 @@
 is attached to as ``optimizers=(optimizer, None)``. A tiny BERT is built from a config (no
 download); the data is synthetic. Gradient accumulation and clipping are the Trainer's own.
 
-Run: python examples/huggingface_example.py   (on a GPU if there is one; CPU: a few seconds; pip install transformers accelerate)
+Run: python examples/huggingface_example.py
+(on a GPU if there is one; CPU: a few seconds; pip install transformers accelerate)
 """
 import tempfile
 

@@ -37,7 +37,7 @@ def main(steps=60, accumulate=2):
     sparsifier = Sparsifier(model, optimizer, policy=RigL(0.3, when=Periodic(10, end_fraction=0.75)),
                             densities="erk", density=0.2, total_steps=steps)
     text = torch.arange(2048) * 7 % 64  # a learnable sequence
-    for step in range(steps):
+    for _ in range(steps):
         optimizer.zero_grad()
         for _ in range(accumulate):
             i = torch.randint(0, 2048 - 17, (8,))

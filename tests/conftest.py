@@ -7,11 +7,10 @@ bare ``pytest`` skips them. Tests marked ``gpu`` run only where CUDA is availabl
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import gzip
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest

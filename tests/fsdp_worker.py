@@ -83,7 +83,8 @@ def build(policy: str, fsdp: bool, device: str = "cpu"):
     opt = (torch.optim.Adam(model.parameters(), lr=0.01) if policy in ("rigl", "static", "rigl-conv")
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     s = Sparsifier(model, opt, policy=POLICIES[policy](), densities=0.5, total_steps=400, seed=3,
-                   new_weights="initial" if policy.endswith("-initial") else "zero", granularity=2 if "conv" in policy else 4)
+                   new_weights="initial" if policy.endswith("-initial") else "zero",
+                   granularity=2 if "conv" in policy else 4)
     return model, opt, s
 
 
@@ -153,7 +154,8 @@ def main() -> None:
         losses, updates = train(model, opt, s, steps, start, rank, world, a.fsdp, device)
         if a.save:
             save(Path(a.save) / policy, model, opt, s)
-        results[policy] = {"losses": losses, "updates": updates, "export": {k: v.cpu() for k, v in s.export().items()}, "summary": s.summary(),
+        results[policy] = {"losses": losses, "updates": updates, "export": {k: v.cpu() for k, v in s.export().items()},
+                           "summary": s.summary(),
                            "step_count": s.step_count, "world": world,
                            "momentum": {n: (m.full_tensor() if hasattr(m, "full_tensor") else m).cpu()
                                         for n, m in getattr(s.policy, "momentum", {}).items()}}

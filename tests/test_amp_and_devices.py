@@ -134,7 +134,8 @@ def test_a_nan_off_the_mask_is_reported_as_a_nan():
 def test_auto_backend_requires_the_batch_size(batch_size):
     """Item 13: backend='auto' without batch_size silently assumed 128."""
     from dynsparse.sparse import RigL, Sparsifier
-    with pytest.raises(DynsparseError, match=r"backend 'auto' picks CSR or masked by the training batch size.*batch_size="):
+    with pytest.raises(DynsparseError,
+                       match=r"backend 'auto' picks CSR or masked by the training batch size.*batch_size="):
         Sparsifier(_mlp(), None, policy=RigL(), densities=0.1, total_steps=10, backend="auto", batch_size=batch_size)
     s = Sparsifier(_mlp(), None, policy=RigL(), densities=0.1, total_steps=10, backend="auto", batch_size=32)
     assert {sp.storage for sp in s.params.values()} == {"csr"}  # density 0.1 is below every crossover

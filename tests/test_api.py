@@ -3,12 +3,14 @@ behaviour (said in each section) and passes now, plus the invariants the hooks m
 from __future__ import annotations
 
 import copy
+import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from dynsparse import DSR, MEST, SET, SNFS, DeepR, EveryStep, Periodic, RigL, Sparsifier, Static
+from dynsparse import DSR, MEST, SET, SNFS, DeepR, Periodic, RigL, Sparsifier, Static
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse import erk_densities
 
@@ -38,6 +40,12 @@ def plain_loop(model, opt, data, micro=1, clip=None):
         opt.step()
 
 
+def summary_rows(table: str) -> dict[str, list[str]]:
+    """``Sparsifier.summary()``'s rows by their first column (columns are 2+ spaces apart)."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[1:] if not line.startswith("-")]
+    return {r[0]: r for r in rows}
+
+
 def explicit_loop(model, opt, s, data, micro=1):
     """The old API's loop, gradients accumulated densely and masked by the explicit call."""
     for x, y in data:
@@ -50,7 +58,8 @@ def explicit_loop(model, opt, s, data, micro=1):
 
 
 POLICIES = {"dsr": lambda: DSR(n_prune=40, when=Periodic(3)), "set": lambda: SET(0.2, when=Periodic(3)),
-            "rigl": lambda: RigL(0.3, when=Periodic(3, end_step=20)), "snfs": lambda: SNFS(0.5, when=Periodic(3, end_step=20)),
+            "rigl": lambda: RigL(0.3, when=Periodic(3, end_step=20)),
+            "snfs": lambda: SNFS(0.5, when=Periodic(3, end_step=20)),
             "deepr": lambda: DeepR(0.01, temperature=lambda e: 1e-4), "mest": lambda: MEST(0.3, when=Periodic(3))}
 
 
@@ -79,7 +88,8 @@ def test_hooks_alone_and_explicit_calls_train_bit_identically(name, micro):
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         s = Sparsifier(model, opt, policy=POLICIES[name](), densities=0.2, hooks=mode != "explicit")
-        (plain_loop(model, opt, batches(9), micro) if mode == "hooks" else explicit_loop(model, opt, s, batches(9), micro))
+        (plain_loop(model, opt, batches(9), micro) if mode == "hooks"
+         else explicit_loop(model, opt, s, batches(9), micro))
         runs[mode] = (model.state_dict(), s.state_dict(), s.totals())
     ref = runs["explicit"]
     assert ref[2]["total_pruned"] > 0
@@ -93,7 +103,7 @@ def test_hooks_alone_and_explicit_calls_train_bit_identically(name, micro):
 def test_weights_changed_behind_the_sparsifier_raise_at_the_next_update():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    s = Sparsifier(model, opt, policy=SET(0.2, when=Periodic(4)), densities=0.2)
+    _s = Sparsifier(model, opt, policy=SET(0.2, when=Periodic(4)), densities=0.2)  # works through its hooks
     plain_loop(model, opt, batches(2))
     with torch.no_grad():
         model[0].weight.add_(0.01)  # e.g. a second optimizer that the sparsifier does not know
@@ -204,9 +214,10 @@ def test_default_selection_takes_every_matrix_weight_and_tied_ones_once(head_fir
     s = Sparsifier(model, None, policy=Static(), densities=0.5)
     tied = "head.weight" if head_first else "embed.weight"
     assert sorted(s.params) == sorted([tied, "attn.in_proj_weight", "attn.out_proj.weight", "bil.weight", "custom.w"])
-    table = s.summary()
-    assert "embed.weight = head.weight" in table or "head.weight = embed.weight" in table
-    assert "attn.in_proj_weight" in table and "0.5000" in table
+    rows = summary_rows(s.summary())
+    tied_row = rows["head.weight = embed.weight" if head_first else "embed.weight = head.weight"]
+    assert tied_row[1:3] == ["30x8", "0.5000"]
+    assert rows["attn.in_proj_weight"][1:5] == ["24x8", "0.5000", "192", "96"]
 
 
 def test_include_exclude_by_pattern_and_type():
@@ -289,7 +300,14 @@ def test_a_step_skipped_by_gradscaler_is_not_counted():
 # refactor); RigL's default end_step was 10**9 (never stopped) and there was no total_steps.
 
 def test_everything_the_readme_names_imports_from_the_top():
-    from dynsparse import GradualPruning, make_densities  # noqa: F401  (RigL, SNFS, MEST above)
+    from dynsparse import GradualPruning, make_densities  # (RigL, SNFS, MEST above)
+    shapes = {n: tuple(p.shape) for n, p in mlp().named_parameters() if p.dim() == 2}
+    dens = make_densities("erk", shapes, 0.2)
+    sizes = {n: math.prod(shape) for n, shape in shapes.items()}
+    kept = sum(dens[n] * sizes[n] for n in shapes) / sum(sizes.values())
+    assert kept == pytest.approx(0.2, abs=1e-3) and len(set(dens.values())) > 1  # ERK: the total, spread unevenly
+    with pytest.raises(DynsparseError):
+        GradualPruning({"0.weight": 1.0})  # a target sparsity of 1 would prune everything
 
 
 def test_rigl_ends_at_three_quarters_of_total_steps_without_set_epoch():
@@ -324,7 +342,8 @@ def test_nonzero_counts_differ_from_mask_entries_after_regrowth_at_zero():
     assert grown > 0 and s.num_nonzero_weights() == s.num_active_weights() - grown
     counts = s.param_counts()
     assert counts["sparse_nonzero"] == s.num_nonzero_weights() < counts["sparse"]
-    assert "nonzero" in s.summary()
+    total = summary_rows(s.summary())["sparse tensors"]
+    assert total[3:5] == [str(s.num_active_weights()), str(s.num_nonzero_weights())]
 
 
 def test_export_is_a_plain_masked_state_dict_and_sparse_tensors():

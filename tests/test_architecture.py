@@ -78,8 +78,15 @@ def test_the_engine_imports_nothing_of_the_cli_config_models_or_loop():
             assert not outside, f"{name} imports {sorted(outside)}"
 
 
+def _readable_lines(src: str) -> int:
+    """Lines, with an import statement counted as one (ruff's import sorting puts a long one's names
+    one per line)."""
+    imports = [n for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return len(src.splitlines()) - sum(n.end_lineno - n.lineno for n in imports)
+
+
 def test_modules_stay_readable():
-    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 320}
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := _readable_lines(p.read_text())) > 320}
     assert not long, f"modules over ~300 lines: {long}"
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import write_mnist
+
 from dynsparse.checkpoint import read_checkpoint
 from dynsparse.cli import main
 
@@ -25,7 +25,8 @@ def mnist_root(tmp_path_factory):
 
 
 def argv_for(root, runs, method, backend, *extra):
-    return ["train", "--model", "mnist_mlp", "--data", str(root), "--runs-dir", str(runs), "--name", f"{method}_{backend}",
+    return ["train", "--model", "mnist_mlp", "--data", str(root), "--runs-dir", str(runs), "--name",
+            f"{method}_{backend}",
             "--epochs", "3", "-b", "10", "--initial-sparsity-fc", "0.95", "--no-progress", "--seed", "3",
             "--sparse-backend", backend, *METHODS[method], *extra]
 
@@ -44,7 +45,10 @@ def test_csr_backend_through_the_cli_matches_masked(mnist_root, tmp_path, method
     b, eb, run = train(mnist_root, tmp_path, method, "csr", "--no-batch-norm")
     assert len(ea) == len(eb) >= 2
     # the same topology changes: counts and per-layer densities after every change
-    assert [(e["pruned"], e["grown"], e["densities"]) for e in ea] == [(e["pruned"], e["grown"], e["densities"]) for e in eb]
+    def changes(events):
+        return [(e["pruned"], e["grown"], e["densities"]) for e in events]
+
+    assert changes(ea) == changes(eb)
     for ra, rb in zip(a["history"], b["history"]):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
         assert ra["test_top1"] == pytest.approx(rb["test_top1"], abs=1.0)

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_quick_throughput_run_counts_the_topology_changes_of_every_repeat(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_throughput.py"), "--quick", "--period", "2", "--periods", "2",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_throughput.py"), "--quick", "--period", "2", "--periods",
+           "2",
            "--output", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

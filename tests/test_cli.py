@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynsparse.legacy import method_of
 from dynsparse.cli import main, parse_train_args
 from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
+from dynsparse.legacy import method_of
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL = REPO.parent / "shared" / "reference" / "original" / "experiments"
@@ -50,7 +50,7 @@ def test_every_original_job_line_parses():
 
 
 def test_split_schedule_path_of_job_68_is_joined():
-    line = next(l for l in job_lines() if "learning_schedules/ wrnet" in l)
+    line = next(ln for ln in job_lines() if "learning_schedules/ wrnet" in ln)
     cfg, _ = parse_train_args(shlex.split(line)[2:])
     # joined, then resolved to the bundled copy that a run uses (issue 23: the file used is recorded)
     assert cfg.schedule_file.endswith("learning_schedules/wrnet_schedule.yaml") and Path(cfg.schedule_file).is_file()

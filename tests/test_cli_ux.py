@@ -157,7 +157,8 @@ def test_progress_lines_every_tenth_of_an_epoch():
     train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), desc="epoch 0",
                     progress_lines=lines.append)
     assert len(lines) == 9, lines
-    assert lines[0].startswith("epoch 0:  10% (2/20 steps) mean so far: loss ") and lines[-1].startswith("epoch 0:  90% (18/20")
+    assert lines[0].startswith("epoch 0:  10% (2/20 steps) mean so far: loss ")
+    assert lines[-1].startswith("epoch 0:  90% (18/20")
     assert all(re.search(r"acc \d+\.\d\d% [\d,]+ samples/s ETA \d+:\d\d$", line) for line in lines)
 
 

@@ -23,12 +23,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dynsparse import data
-from dynsparse import datasets
-from dynsparse.errors import DynsparseError
-
 from conftest import MNIST_STEMS, idx_bytes, mnist_arrays, write_cifar, write_mnist  # noqa: E402
+
+from dynsparse import data, datasets
+from dynsparse.errors import DynsparseError
 
 CPU = torch.device("cpu")
 

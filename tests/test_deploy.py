@@ -35,7 +35,8 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(v, b[part][k]), k
     for i, st in a["optimizer"]["state"].items():
         for k, v in st.items():
-            assert torch.equal(v, b["optimizer"]["state"][i][k]) if torch.is_tensor(v) else v == b["optimizer"]["state"][i][k]
+            other = b["optimizer"]["state"][i][k]
+            assert torch.equal(v, other) if torch.is_tensor(v) else v == other
     for k, v in a["sparsifier"]["masks"].items():
         assert torch.equal(v, b["sparsifier"]["masks"][k]), k
 
@@ -155,7 +156,8 @@ def test_export_round_trips(tiny_mnist, tmp_path, backend):
     back = load_sparse(tmp_path / "sparse.safetensors", dense=True)
     assert back.keys() == dense.keys() and all(torch.equal(back[k], dense[k]) for k in dense)
     csr = load_sparse(tmp_path / "sparse.safetensors")
-    assert csr["fc1.weight"].layout == torch.sparse_csr and torch.equal(csr["fc1.weight"].to_dense(), dense["fc1.weight"])
+    assert csr["fc1.weight"].layout == torch.sparse_csr and torch.equal(csr["fc1.weight"].to_dense(),
+                                                                        dense["fc1.weight"])
     assert (tmp_path / "sparse.safetensors").stat().st_size < (tmp_path / "dense.safetensors").stat().st_size / 3
     served = load_model(tmp_path / "sparse.safetensors", backend="csr")
     assert isinstance(served.fc1, SparseInferenceLinear)
@@ -251,9 +253,11 @@ def test_huggingface_save_of_a_csr_model_reloads_with_from_pretrained(tmp_path):
     assert isinstance(reloaded.bert.encoder.layer[0].output.dense, nn.Linear)
     ids = torch.randint(4, 40, (3, 12))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5,
+                                   rtol=0)
     copied = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "copy")).eval()
-    assert torch.equal(copied.bert.encoder.layer[0].output.dense.weight, reloaded.bert.encoder.layer[0].output.dense.weight)
+    assert torch.equal(copied.bert.encoder.layer[0].output.dense.weight,
+                       reloaded.bert.encoder.layer[0].output.dense.weight)
     w = reloaded.bert.encoder.layer[0].output.dense.weight
     assert 0.2 < float(w.ne(0).float().mean()) <= 0.3  # the sparse weights, not a fresh initialization
 

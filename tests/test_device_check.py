@@ -83,7 +83,8 @@ def test_no_host_sync_and_one_device_between_updates(name, backend, hooks):
     assert all(sp.storage == backend for sp in s.params.values())
     totals = s.totals()
     if name != "static":  # the topology really changed (gradual pruning only drops)
-        assert totals["total_pruned"] > 0 and totals["total_grown"] == (0 if name == "prune" else totals["total_pruned"])
+        assert totals["total_pruned"] > 0 and totals["total_grown"] == (0 if name == "prune"
+                                                                        else totals["total_pruned"])
 
 
 def test_the_checker_catches_a_sync_and_a_device_mix():

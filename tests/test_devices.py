@@ -171,7 +171,8 @@ def test_masks_follow_the_weights_dtype():
     g = torch.Generator().manual_seed(0)
     for step in range(2, 6):  # an update at step 3
         opt.zero_grad()
-        F.cross_entropy(m(torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)), torch.randint(10, (8,))).backward()
+        F.cross_entropy(m(torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)),
+                        torch.randint(10, (8,))).backward()
         opt.step()
         if step == 2:  # before any topology change: the cached float32 mask must not be used
             assert {sp.mask_view().dtype for sp in s.params.values()} == {torch.float64}

@@ -48,7 +48,9 @@ def test_two_ranks_hold_identical_masks_and_weights(method, tiny_mnist, tmp_path
     run = tmp_path / "runs" / "ddp"
     r0 = read_checkpoint(run / "debug_rank0.pt")
     r1 = read_checkpoint(run / "debug_rank1.pt")
-    strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]
+
+    def strip(h):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in h]
     assert strip(r0["history"]) == strip(r1["history"])
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k

@@ -9,19 +9,35 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError
 from dynsparse.regularizers import sparsity_penalty
-from dynsparse.sparse import (DSR, MEST, POLICIES, SET, SNFS, AtEpochEnds, DeepR, GradualPruning, Periodic, Policy,
-                              RigL, Sparsifier, Static, allocate)
+from dynsparse.sparse import (
+    DSR,
+    MEST,
+    POLICIES,
+    SET,
+    SNFS,
+    AtEpochEnds,
+    DeepR,
+    GradualPruning,
+    Periodic,
+    Policy,
+    RigL,
+    Sparsifier,
+    Static,
+    allocate,
+)
 from dynsparse.sparse.masks import SparseParam
 
 
 def set_mask(s: Sparsifier, name: str, mask: list) -> None:
-    sp = s.params[name]
-    sp.mask.copy_(torch.tensor(mask, dtype=torch.bool).view(sp.mask.shape))
-    sp.num_active = int(sp.mask.sum())
+    """Through the storages' own loading (flat indices: both storages take them)."""
+    s.params[name].load_topology(torch.nonzero(torch.tensor(mask)).view(-1))
 
 
 def mask_of(s: Sparsifier, name: str) -> list:
-    return s.params[name].mask.view(-1).int().tolist()
+    saved = s.params[name].topology()  # a bool mask (masked storage) or sorted flat indices (CSR)
+    if saved.dtype != torch.bool:
+        saved = torch.zeros(s.params[name].num_entries, dtype=torch.bool).index_fill_(0, saved, True)
+    return saved.view(-1).int().tolist()
 
 
 def toy(shape=(2, 4), n=1):
@@ -29,29 +45,36 @@ def toy(shape=(2, 4), n=1):
     return model
 
 
+def toy_with(weights: list[list[float]], policy: Policy, backend: str) -> tuple[nn.Sequential, Sparsifier]:
+    """2x4 layers holding ``weights``, masked at their nonzeros (``init="from_weights"``): set up
+    through the public constructor, so the same case runs on either storage."""
+    model = toy(n=len(weights))
+    with torch.no_grad():
+        for layer, w in zip(model, weights):
+            layer.weight.copy_(torch.tensor(w).view(2, 4))
+    s = Sparsifier(model, None, policy=policy, init="from_weights", backend=backend)
+    assert {sp.storage for sp in s.params.values()} == {backend}
+    return model, s
+
+
+STORAGES = ["masked", "csr"]
+
+
 # ---- exact toy cases -------------------------------------------------------------------------
 
-def test_set_prunes_smallest_and_regrows_only_free_positions():
-    model = toy()
-    s = Sparsifier(model, None, policy=SET(fraction=0.25), densities={"0.weight": 0.75})
-    set_mask(s, "0.weight", [1, 1, 1, 1, 1, 1, 0, 0])
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[0.5, -0.01, 0.3, 0.02, -0.9, 0.4, 0.0, 0.0]]).view(2, 4))
+@pytest.mark.parametrize("backend", STORAGES)
+def test_set_prunes_smallest_and_regrows_only_free_positions(backend):
+    _, s = toy_with([[0.5, -0.01, 0.3, 0.02, -0.9, 0.4, 0.0, 0.0]], SET(fraction=0.25), backend)
     pruned, grown = s.policy.update(s)
     # k = int(0.25 * 6) + 1 = 2 smallest |w| among actives: positions 1 and 3; the two free ones grow
     assert (pruned, grown) == (2, 2)
     assert mask_of(s, "0.weight") == [1, 0, 1, 0, 1, 1, 1, 1]
 
 
-def test_dsr_threshold_prune_proportional_regrowth_and_h_adaptation():
-    model = toy(n=2)
-    s = Sparsifier(model, None, policy=DSR(n_prune=10, scaling=True, threshold=0.1),
-                   densities={"0.weight": 0.5, "1.weight": 0.5})
-    set_mask(s, "0.weight", [1, 1, 1, 1, 0, 0, 0, 0])
-    set_mask(s, "1.weight", [1, 1, 1, 1, 1, 1, 0, 0])
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.]).view(2, 4))
-        model[1].weight.copy_(torch.tensor([0.01, 0.02, 0.03, 0.5, 0.6, 0.7, 0, 0.]).view(2, 4))
+@pytest.mark.parametrize("backend", STORAGES)
+def test_dsr_threshold_prune_proportional_regrowth_and_h_adaptation(backend):
+    _, s = toy_with([[0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.], [0.01, 0.02, 0.03, 0.5, 0.6, 0.7, 0, 0.]],
+                    DSR(n_prune=10, scaling=True, threshold=0.1), backend)
     pruned, grown = s.policy.update(s)
     # below H=0.1: one entry of layer 0, three of layer 1 -> 4 pruned, 3 survivors each;
     # 4 regrown in proportion 3:3 -> 2 + 2; layer 1 has only 2 free slots (just-pruned excluded)
@@ -62,12 +85,9 @@ def test_dsr_threshold_prune_proportional_regrowth_and_h_adaptation():
     assert s.policy.threshold == 0.2  # 4 < 0.9 * 10: doubled
 
 
-def test_dsr_halves_threshold_and_keeps_one_entry_per_tensor():
-    model = toy()
-    s = Sparsifier(model, None, policy=DSR(n_prune=1, threshold=1.0), densities={"0.weight": 0.5})
-    set_mask(s, "0.weight", [1, 1, 1, 0, 0, 0, 0, 0])
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([0.1, -0.3, 0.2, 0, 0, 0, 0, 0.]).view(2, 4))
+@pytest.mark.parametrize("backend", STORAGES)
+def test_dsr_halves_threshold_and_keeps_one_entry_per_tensor(backend):
+    _, s = toy_with([[0.1, -0.3, 0.2, 0, 0, 0, 0, 0.]], DSR(n_prune=1, threshold=1.0), backend)
     pruned, grown = s.policy.update(s)
     assert pruned == 2 and grown == 2  # all three were below H: the largest (|-0.3|) is kept
     m = mask_of(s, "0.weight")
@@ -75,15 +95,10 @@ def test_dsr_halves_threshold_and_keeps_one_entry_per_tensor():
     assert s.policy.threshold == 0.5  # 2 > 1.1 * 1: halved
 
 
-def test_dsr_without_scaling_regrows_each_tensors_own_count():
-    model = toy(n=2)
-    s = Sparsifier(model, None, policy=DSR(n_prune=2, scaling=False, threshold=0.1),
-                   densities={"0.weight": 0.5, "1.weight": 0.5})
-    set_mask(s, "0.weight", [1, 1, 1, 1, 0, 0, 0, 0])
-    set_mask(s, "1.weight", [1, 1, 1, 1, 0, 0, 0, 0])
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.]).view(2, 4))
-        model[1].weight.copy_(torch.tensor([0.5, 0.5, 0.6, 0.7, 0, 0, 0, 0.]).view(2, 4))
+@pytest.mark.parametrize("backend", STORAGES)
+def test_dsr_without_scaling_regrows_each_tensors_own_count(backend):
+    _, s = toy_with([[0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.], [0.5, 0.5, 0.6, 0.7, 0, 0, 0, 0.]],
+                    DSR(n_prune=2, scaling=False, threshold=0.1), backend)
     s.policy.update(s)
     assert sum(mask_of(s, "0.weight")) == 4 and mask_of(s, "1.weight") == [1, 1, 1, 1, 0, 0, 0, 0]
 

@@ -20,18 +20,16 @@ from dynsparse.sparse import POLICIES, REGISTRY, create_policy
 
 def test_mest_drops_by_magnitude_plus_gradient_and_grows_at_random():
     model = nn.Sequential(nn.Linear(4, 2, bias=False))
-    s = Sparsifier(model, None, policy=MEST(fraction=0.5, lam=1.0, when=Periodic(1)), densities={"0.weight": 0.5})
-    sp = s.params["0.weight"]
-    sp.mask.copy_(torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool).view(2, 4))
-    sp.num_active = 4
-    with torch.no_grad():
+    with torch.no_grad():  # the mask: these nonzeros
         model[0].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0, 0, 0, 0]).view(2, 4))
+    s = Sparsifier(model, None, policy=MEST(fraction=0.5, lam=1.0, when=Periodic(1)), init="from_weights")
+    sp = s.params["0.weight"]
     # |w| + |g| = 0.1+0.5, 0.2+0.0, 0.3+0.0, 0.4+0.0: the two smallest are positions 1 and 2,
     # where magnitude alone would drop 0 and 1
     model[0].weight.grad = torch.tensor([0.5, 0.0, 0.0, 0.0, 9, 9, 9, 9]).view(2, 4)
     s.before_optimizer_step()
     s.step()
-    m = sp.mask.view(-1).tolist()
+    m = sp.topology().view(-1).tolist()
     assert m[:4] == [True, False, False, True] and sum(m[4:]) == 2  # two grown among the free four
     assert s.total_pruned == s.total_grown == 2
 
@@ -40,8 +38,8 @@ def test_mest_from_the_command_line(tiny_mnist, tmp_path):
     from dynsparse.cli import parse_train_args
     from dynsparse.run import run_training
     cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
-                               "--initial-sparsity-fc", "0.9", "--mest", "--drop-fraction", "0.2", "--update-period", "2",
-                               "--no-progress"])
+                               "--initial-sparsity-fc", "0.9", "--mest", "--drop-fraction", "0.2", "--update-period",
+                               "2", "--no-progress"])
     assert method_of(cfg) == "mest" == method_of(parse_train_args(["--method", "mest"])[0])
     summary = run_training(cfg)
     assert summary["method"] == "mest" and summary["total_pruned"] == summary["total_grown"] > 0

@@ -72,6 +72,7 @@ def test_copied_mask_with_resume_initial_starts_from_the_other_runs_init(tiny_mn
 
 def _deepr_net(new_weights="zero"):
     from torch import nn
+
     from dynsparse.sparse import DeepR, Sparsifier
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 25, bias=False), nn.ReLU(), nn.Linear(25, 4, bias=False))
@@ -148,8 +149,9 @@ def test_global_prune_is_global_magnitude_pruning():
     # half of all 266,200 weights go, (almost) all from the tiny fc1: about 235,200 - 133,100 left there
     assert abs(dens["fc1.weight"] - 102_100 / 235_200) < 1e-3 and dens["fc_int.weight"] > 0.999
     import pytest
-    from dynsparse.errors import DynsparseError
+
     from dynsparse.cli import parse_train_args
+    from dynsparse.errors import DynsparseError
     with pytest.raises(DynsparseError, match="--global-prune needs --prune"):
         parse_train_args(["--global-prune"])
 
@@ -178,6 +180,7 @@ def test_tied_is_elementwise_by_default_and_per_kernel_on_request():
 
 def test_set_with_rewire_scaling_regrows_in_proportion_to_survivors():
     from torch import nn
+
     from dynsparse.sparse import SET, Periodic, Sparsifier
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 10, bias=False), nn.Linear(10, 10, bias=False))

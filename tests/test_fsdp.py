@@ -2,7 +2,8 @@
 
 The multi-process tests train the same tiny model (uneven row splits over 2 and 3 ranks) with
 SET, RigL, DSR, SNFS, MEST, DeepR, gradual pruning and static masks unsharded and sharded
-(tests/fsdp_worker.py) and require the same whole masks after every topology update and the same losses; a distributed checkpoint
+(tests/fsdp_worker.py) and require the same whole masks after every topology update and the same
+losses; a distributed checkpoint
 saved on 2 ranks resumes on 3 with the answers of the uninterrupted unsharded run.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def assert_same_run(ref: dict, got: dict, policy: str) -> None:
     assert g["losses"] == pytest.approx(r["losses"], rel=1e-12, abs=1e-12), policy
 
 
-POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial", "rigl-conv", "deepr", "deepr-initial", "prune",
+POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial", "rigl-conv", "deepr", "deepr-initial",
+            "prune",
             "prune-global"]
 
 
@@ -65,7 +67,8 @@ def test_sharded_training_matches_unsharded(nproc, reference, tmp_path):
         assert got[policy]["world"] == nproc
         if policy.startswith("deepr"):  # masks recorded every step: some of them changed
             masks = [m for _, m in reference[policy]["updates"]]
-            assert len(masks) == 40 and sum(any(not torch.equal(a[n], b[n]) for n in a) for a, b in itertools.pairwise(masks)) >= 5
+            assert len(masks) == 40 and sum(any(not torch.equal(a[n], b[n]) for n in a) for a,
+                                            b in itertools.pairwise(masks)) >= 5
         elif policy.startswith("prune"):  # 4 prunes, at the last one to the targets
             assert len(got[policy]["updates"]) == 4
         elif policy != "static":
@@ -81,7 +84,8 @@ def test_sharded_training_matches_unsharded(nproc, reference, tmp_path):
 def test_checkpoint_saved_on_two_ranks_resumes_on_three(reference, tmp_path):
     policies = "rigl,dsr,snfs"  # those with state beyond the masks: fraction, threshold, momentum
     first = run_worker(tmp_path / "a.pt", 2, "--steps", "100", "--policies", policies, "--save", str(tmp_path / "ckpt"))
-    second = run_worker(tmp_path / "b.pt", 3, "--steps", "100", "--policies", policies, "--resume", str(tmp_path / "ckpt"))
+    second = run_worker(tmp_path / "b.pt", 3, "--steps", "100", "--policies", policies, "--resume",
+                        str(tmp_path / "ckpt"))
     for policy in policies.split(","):
         joined = {policy: {"losses": first[policy]["losses"] + second[policy]["losses"],
                            "updates": first[policy]["updates"] + second[policy]["updates"]}}
@@ -183,7 +187,8 @@ def test_cli_fsdp_mnist_mlp_matches_one_process_and_resumes_on_three_ranks(tiny_
     mlp = ["--initial-sparsity-fc", "0.9", "--no-batch-norm", *DSR_FLAGS]
     one = cli(1, tmp_path, tiny_mnist, "one", [*mlp, "--epochs", "3"])
     cli(2, tmp_path, tiny_mnist, "sharded", [*mlp, "--epochs", "2"])
-    two = cli(3, tmp_path, tiny_mnist, "sharded", [*mlp, "--epochs", "3", "--resume", str(tmp_path / "runs" / "sharded")])
+    two = cli(3, tmp_path, tiny_mnist, "sharded",
+              [*mlp, "--epochs", "3", "--resume", str(tmp_path / "runs" / "sharded")])
     assert [r["epoch"] for r in two["history"]] == [0, 1, 2] and two["evidence"]["world_size"] == 3
     assert two["reallocations"] == one["reallocations"] >= 6
     # float32: gradients averaged over 2 or 3 shards differ from one process's in the last bits, and
@@ -204,11 +209,13 @@ def test_cli_fsdp_deepr_and_gradual_pruning_agree_across_ranks(tiny_mnist, tmp_p
     # the L1 penalty on sharded weights: each rank's rows, the same gradient as one process
     one = cli(1, tmp_path, tiny_mnist, "l1-one", [*mlp, "--L1-loss-coeff", "1e-2"])
     two = cli(2, tmp_path, tiny_mnist, "l1-two", [*mlp, "--L1-loss-coeff", "1e-2"])
-    assert [r["train_loss"] for r in two["history"]] == pytest.approx([r["train_loss"] for r in one["history"]], rel=1e-4)
+    assert [r["train_loss"] for r in two["history"]] == pytest.approx([r["train_loss"] for r in one["history"]],
+                                                                      rel=1e-4)
     deepr = cli(2, tmp_path, tiny_mnist, "deepr", [*mlp, "--DeepR", "--L1-loss-coeff", "1e-4"])
     assert deepr["history"][-1]["densities"] == deepr["history"][0]["densities"]
     assert deepr["total_pruned"] > 0
-    prune = cli(2, tmp_path, tiny_mnist, "prune", [*mlp, "--prune", "--prune-from-scratch", "--prune-target-sparsity-fc", "0.8",
+    prune = cli(2, tmp_path, tiny_mnist, "prune",
+                [*mlp, "--prune", "--prune-from-scratch", "--prune-target-sparsity-fc", "0.8",
                                                    "--prune-iterations", "1"])
     assert all(d == pytest.approx(0.2, abs=0.01) for d in prune["history"][-1]["densities"].values())
 

@@ -28,8 +28,20 @@ import torch.nn.functional as F
 from dynsparse.cli import parse_train_args
 from dynsparse.models import create_model, sparse_parameter_names
 from dynsparse.run import run_training
-from dynsparse.sparse import (DSR, MEST, POLICIES, SET, SNFS, AtEpochEnds, DeepR, GradualPruning, Periodic, RigL,
-                              Sparsifier, Static)
+from dynsparse.sparse import (
+    DSR,
+    MEST,
+    POLICIES,
+    SET,
+    SNFS,
+    AtEpochEnds,
+    DeepR,
+    GradualPruning,
+    Periodic,
+    RigL,
+    Sparsifier,
+    Static,
+)
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]

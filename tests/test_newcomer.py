@@ -38,7 +38,8 @@ def test_a_resume_that_would_shorten_a_finished_run_is_refused_and_changes_nothi
     run = tmp_path / "runs" / "full"
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     code, _, err = run_main(capsys, [*base, "--epochs", "2", "--resume", str(run)])
-    assert_one_line_error(code, err, "already has 3 trained epochs", "--epochs 2 would shorten it", "nothing was changed")
+    assert_one_line_error(code, err, "already has 3 trained epochs", "--epochs 2 would shorten it",
+                          "nothing was changed")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert json.loads((run / "summary.json").read_text())["config"]["epochs"] == 3
 
@@ -221,12 +222,14 @@ def test_a_torchvision_run_says_its_image_size_and_lands_in_a_portable_folder(tm
                                      str(tmp_path / "runs"), "--rewire", "--initial-sparsity-conv", "0.8", "--epochs",
                                      "1", "-b", "2", "--no-progress", "-j", "0"])
     assert code == 0 and "warning: on this CPU the run takes" not in out  # 1 epoch of 2 steps: seconds
-    assert "data: images 20 px, the size of the images" in out and (tmp_path / "runs" / "torchvision-resnet18_0").is_dir()
+    assert "data: images 20 px, the size of the images" in out and (tmp_path / "runs"
+                                                                    / "torchvision-resnet18_0").is_dir()
 
 
 def test_report_plot_files_have_no_colon(tmp_path):
-    from dynsparse.report import build_report
     from test_report import fake_run
+
+    from dynsparse.report import build_report
     d = fake_run(tmp_path / "runs", "tv", "dsr", 0.8, 0, 50.0, 1000)
     s = json.loads((d / "summary.json").read_text())
     s["model"] = s["config"]["model"] = "torchvision:resnet18"
@@ -265,6 +268,7 @@ def test_accuracy_plot_writes_a_huge_spread_and_spreads_equal_parameter_counts(t
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from dynsparse.report import build_report
     kept = []
     monkeypatch.setattr(plt, "close", kept.append)
@@ -303,7 +307,7 @@ def test_under_torchrun_a_bad_input_is_said_once_and_last(tiny_mnist, tmp_path):
     line = "dynsparse: error: --batch-size 33 (the global batch) must be divisible by the 2 processes"
     out = done.stdout + done.stderr
     assert out.count(line) == 2, out  # printed by rank 0, and shown again by torchrun's summary
-    assert sum(l.startswith("dynsparse") for l in out.splitlines()) == 1, out  # rank 1 said nothing
+    assert sum(ln.startswith("dynsparse") for ln in out.splitlines()) == 1, out  # rank 1 said nothing
     summary = out.split("Root Cause (first observed failure):")[1]
     assert "rank      : 0" in summary and f"traceback : {line}" in summary
     assert not (tmp_path / "runs").exists()

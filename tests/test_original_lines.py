@@ -11,9 +11,8 @@ transplants need the DSR run they copy) runs that one first. With ``DYNSPARSE_TE
 """
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import os
 import shlex
 from pathlib import Path
@@ -23,9 +22,9 @@ import torch
 import yaml
 
 from dynsparse.checkpoint import read_checkpoint
-from dynsparse.legacy import method_of
 from dynsparse.cli import parse_train_args
 from dynsparse.config import TrainConfig
+from dynsparse.legacy import method_of
 from dynsparse.run import run_training
 
 LISTS = Path(__file__).resolve().parents[1] / "experiments" / "original"

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.regularizers import sparsity_penalty
 from dynsparse.legacy import mnist_output_layer_targets
+from dynsparse.regularizers import sparsity_penalty
 from dynsparse.sparse import AtEpochEnds, Sparsifier
 from dynsparse.sparse.policies.pruning import GradualPruning, keep_count, scheduled_sparsity
 from dynsparse.tied import TiedModel, uniform_coverage
@@ -39,7 +39,9 @@ def test_schedules_match_the_original_per_prune_fractions():
     for i in range(n):
         exp_frac = 1 - (1 - scheduled_sparsity(s, i + 1, n, False)) / (1 - scheduled_sparsity(s, i, n, False))
         assert abs(exp_frac - (1 - (1 - s) ** (1 / n))) < 1e-12
-        mult = lambda j: (1 - j / n) ** 3
+
+        def mult(j, n=n):
+            return (1 - j / n) ** 3
         original = 1 - (1 - s + s * mult(i + 1)) / (1 - s + s * mult(i))
         ours = 1 - (1 - scheduled_sparsity(s, i + 1, n, True)) / (1 - scheduled_sparsity(s, i, n, True))
         assert abs(original - ours) < 1e-12
@@ -81,7 +83,8 @@ def test_sparsity_never_decreases_under_pruning_with_training():
     for epoch in range(6):
         s.set_epoch(epoch)
         for _ in range(5):
-            loss = nn.functional.cross_entropy(model(torch.randn(8, 20, generator=g)), torch.randint(0, 5, (8,), generator=g))
+            loss = nn.functional.cross_entropy(model(torch.randn(8, 20, generator=g)),
+                                               torch.randint(0, 5, (8,), generator=g))
             opt.zero_grad()
             loss.backward()
             s.before_optimizer_step()

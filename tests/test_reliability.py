@@ -103,7 +103,8 @@ def test_resume_refuses_flags_that_change_the_result_and_allows_the_others(tiny_
     run_training(cfg(tiny_mnist, runs, "--initial-sparsity-fc", "0.98", "--epochs", "1"))
     before = (run / "checkpoint.pt").read_bytes()
     for extra, needle in ((["--initial-sparsity-fc", "0.9"], "--initial-sparsity-fc 0.98 -> 0.9"),
-                          (["--initial-sparsity-fc", "0.98", "--seed", "3", "-b", "32"], "--batch-size 16 -> 32; --seed 0 -> 3"),
+                          (["--initial-sparsity-fc", "0.98", "--seed", "3", "-b", "32"],
+                           "--batch-size 16 -> 32; --seed 0 -> 3"),
                           (["--initial-sparsity-fc", "0.98", "--rewire"], "--rewire False -> True")):
         with pytest.raises(DynsparseError, match="different configuration") as e:
             run_training(cfg(tiny_mnist, runs, *extra, "--resume", str(run)))
@@ -168,7 +169,8 @@ def test_empty_checkpoint_and_runs_dir_that_is_a_file(tiny_mnist, tmp_path, caps
     empty = tmp_path / "r" / "checkpoint.pt"
     empty.parent.mkdir()
     empty.touch()
-    one_line_error(capsys, ["train", *argv_for(tiny_mnist, tmp_path, "--resume", str(empty.parent))], "is empty (0 bytes)")
+    one_line_error(capsys, ["train", *argv_for(tiny_mnist, tmp_path, "--resume", str(empty.parent))],
+                   "is empty (0 bytes)")
     afile = tmp_path / "afile"
     afile.write_text("x")
     one_line_error(capsys, ["train", *argv_for(tiny_mnist, afile)], f"--runs-dir {afile} is a file")
@@ -210,14 +212,15 @@ def test_flag_typo_in_one_job_of_a_list_is_one_line(tmp_path, capsys):
     assert main(["sweep", str(lst), "--dry-run", "--", "--runs-dir", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "usage:" not in captured.err + captured.out
-    failed = [l for l in captured.out.splitlines() if l.startswith("  job 1:")]
+    failed = [ln for ln in captured.out.splitlines() if ln.startswith("  job 1:")]
     assert failed == ["  job 1: failed: unrecognized arguments: --lrr 0.1; did you mean --lr?"]
 
 
 # ---- 4. every interruption resumes -------------------------------------------------------------
 
 def test_run_interrupted_in_its_first_epoch_resumes_exactly(tiny_mnist, tmp_path, monkeypatch):
-    flags = ("--initial-sparsity-fc", "0.9", "--rewire", "--threshold-prune", "--rewire-scaling", "--n-prune-params", "50")
+    flags = ("--initial-sparsity-fc", "0.9", "--rewire", "--threshold-prune", "--rewire-scaling", "--n-prune-params",
+             "50")
     run_training(cfg(tiny_mnist, tmp_path / "a", *flags))
     interrupt_epoch(monkeypatch, 0)
     run = tmp_path / "b" / "mnist_mlp_0"
@@ -320,7 +323,8 @@ def test_failed_download_leaves_no_empty_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "_fetch", offline)
     (tmp_path / "m").mkdir()
     (tmp_path / "c").mkdir()
-    for loader, root in ((datasets.load_mnist, tmp_path / "m" / "deep"), (datasets.load_cifar10, tmp_path / "c" / "deep")):
+    for loader, root in ((datasets.load_mnist, tmp_path / "m" / "deep"),
+                         (datasets.load_cifar10, tmp_path / "c" / "deep")):
         with pytest.raises(DynsparseError, match="download from"):
             loader(root)
         assert not root.exists()
@@ -330,8 +334,8 @@ def test_failed_download_leaves_no_empty_directories(tmp_path, monkeypatch):
 def test_val_column_is_a_dash_without_a_validation_set(tiny_mnist, tmp_path):
     lines: list[str] = []
     run_training(cfg(tiny_mnist, tmp_path, "--epochs", "1"), echo=lines.append)
-    header = next(l for l in lines if "val%" in l and "img/s" in l)  # the heads, not the legend
-    row = next(l for l in lines if l.split()[:1] == ["0"])
+    header = next(ln for ln in lines if "val%" in ln and "img/s" in ln)  # the heads, not the legend
+    row = next(ln for ln in lines if ln.split()[:1] == ["0"])
     assert "nan" not in row
     assert row.split()[header.split().index("val%")] == "-"
 

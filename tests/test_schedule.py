@@ -11,8 +11,10 @@ from dynsparse.schedule import BUNDLED_DIR, PiecewiseConstant, load_schedules, r
 
 def test_wrnet_schedule_boundaries():
     s = load_schedules("./learning_schedules/wrnet_schedule.yaml")  # resolved to the bundled copy
-    assert [s.lr(e) for e in (0, 59, 60, 119, 120, 159, 160, 199)] == [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008]
-    assert [s.rewire_period_at(e) for e in (0, 24, 25, 79, 80, 139, 140, 1000)] == [100, 100, 200, 200, 400, 400, 800, 800]
+    assert [s.lr(e) for e in (0, 59, 60, 119, 120, 159, 160, 199)] == [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008,
+                                                                       0.0008]
+    assert [s.rewire_period_at(e) for e in (0, 24, 25, 79, 80, 139, 140, 1000)] == [100, 100, 200, 200, 400, 400, 800,
+                                                                                    800]
     assert [s.deepr_temperature(e) for e in (0, 24, 25, 80, 140)] == [1e-5, 1e-5, 1e-8, 1e-12, 1e-15]
 
 

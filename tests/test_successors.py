@@ -16,18 +16,17 @@ def two_by_four(n=1):
 
 
 def setup(model, policy, masks, weights):
-    s = Sparsifier(model, None, policy=policy, densities={f"{i}.weight": 0.5 for i in range(len(masks))})
+    """Masks at the weights' nonzeros, through the public constructor (no storage internals)."""
     with torch.no_grad():
-        for i, (m, w) in enumerate(zip(masks, weights)):
-            sp = s.params[f"{i}.weight"]
-            sp.mask.copy_(torch.tensor(m, dtype=torch.bool).view(2, 4))
-            sp.num_active = sum(m)
-            sp.param.copy_(torch.tensor(w).view(2, 4))
+        for i, w in enumerate(weights):
+            model[i].weight.copy_(torch.tensor(w).view(2, 4))
+    s = Sparsifier(model, None, policy=policy, init="from_weights")
+    assert [mask(s, f"{i}.weight") for i in range(len(masks))] == masks
     return s
 
 
 def mask(s, name):
-    return s.params[name].mask.view(-1).int().tolist()
+    return s.params[name].topology().view(-1).int().tolist()
 
 
 def test_cosine_fraction():
@@ -190,7 +189,8 @@ def test_training_flops_follow_the_rigl_paper():
     assert training_multiplier("dsr", f, d) == pytest.approx(0.1)
     assert training_multiplier("dense", f, []) == 1.0
     assert training_multiplier("snfs", f, d, update_end=1.0) == pytest.approx((2 * 0.1 + 1) / 3)
-    assert training_multiplier("rigl", f, d, period=100, update_end=1.0) == pytest.approx((3 * 0.1 * 100 + 2 * 0.1 + 1) / 101 / 3)
+    assert training_multiplier("rigl", f, d, period=100,
+                               update_end=1.0) == pytest.approx((3 * 0.1 * 100 + 2 * 0.1 + 1) / 101 / 3)
     wrn = model_layer_flops({"model": "cifar10_WideResNet", "layers": 28, "widen_factor": 2})
     assert wrn["conv1.weight"] == 2 * 27 * 16 * 32 * 32 and len(wrn) == 24 + 1 + 3 + 1
 

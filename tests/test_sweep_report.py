@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_list(path: Path, lines: list[str]) -> Path:
-    path.write_text("jobs:\n" + "".join(f"  - {l}\n" for l in lines))
+    path.write_text("jobs:\n" + "".join(f"  - {ln}\n" for ln in lines))
     return path
 
 
@@ -62,7 +62,8 @@ def test_bad_lists(tmp_path, text, needle):
 
 def test_skips_finished_and_resumes_interrupted(tmp_path):
     runs = tmp_path / "runs"
-    lst = write_list(tmp_path / "l.yaml", [f"python main.py --name r{i} --resume elsewhere --job-idx {i}" for i in range(3)])
+    lst = write_list(tmp_path / "l.yaml",
+                     [f"python main.py --name r{i} --resume elsewhere --job-idx {i}" for i in range(3)])
     (runs / "r0").mkdir(parents=True)
     (runs / "r0" / "summary.json").write_text("{}")
     (runs / "r1").mkdir()
@@ -85,9 +86,11 @@ def test_sweep_end_to_end_on_tiny_mnist(tiny_mnist, tmp_path, capsys):
     lst = write_list(tmp_path / "l.yaml", [
         "dynsparse train --initial-sparsity-fc 0 --epochs 1 -b 32 --name dense",
         "dynsparse train --initial-sparsity-fc 0.5 --prune --prune-target-sparsity-fc 0.8 --prune-iterations 2 "
-        "--start-pruning-after-epoch 0 --prune-epoch-frequency 1 --post-prune-epochs 1 --resume runs/dense -b 32 --name pruned",
+        "--start-pruning-after-epoch 0 --prune-epoch-frequency 1 --post-prune-epochs 1 --resume runs/dense -b 32 "
+        "--name pruned",
     ])
-    argv = ["sweep", str(lst), "--", "--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "elsewhere"), "--no-progress"]
+    argv = ["sweep", str(lst), "--", "--data", str(tiny_mnist), "--runs-dir", str(tmp_path / "elsewhere"),
+            "--no-progress"]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "elsewhere" / "pruned" / "summary.json").read_text())
     assert summary["method"] == "prune" and summary["epochs"] == 2

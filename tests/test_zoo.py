@@ -33,7 +33,8 @@ def test_zoo_models_use_imagefolder_data_and_validate():
 
 
 def test_unknown_names_are_one_line_errors_with_suggestions():
-    with pytest.raises(DynsparseError, match=r"unknown torchvision model 'resnet181'; did you mean torchvision:resnet18") as e:
+    with pytest.raises(DynsparseError,
+                       match=r"unknown torchvision model 'resnet181'; did you mean torchvision:resnet18") as e:
         dataset_of("torchvision:resnet181")
     assert "classification models, e.g. torchvision:resnet18" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(DynsparseError, match="names no model"):

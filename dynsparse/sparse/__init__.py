@@ -4,7 +4,8 @@ Layers: ``masks`` (the mask set and its primitives), ``when`` (when the topology
 ``policy`` and ``dropgrow`` (the protocol and the drop-allocate-grow base), ``policies/`` (one
 small file per method), ``budget`` and ``select`` (which tensors, at which density),
 ``sparsifier`` (binds model, optimizer and policy), ``attach`` (its optimizer and gradient
-hooks), ``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models, the configuration, the command line or the loop.
+hooks), ``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models,
+the configuration, the command line or the loop.
 
 ``POLICIES`` is the library's view of the one registry of methods (``policies/registry.py``):
 each policy class registers itself with ``@register_policy``, and ``create_policy(name, ...)``,
@@ -17,8 +18,7 @@ from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR
 from dynsparse.sparse.policies.mest import MEST
 from dynsparse.sparse.policies.pruning import GradualPruning
-from dynsparse.sparse.policies.registry import (POLICIES, REGISTRY, PolicySpec, create_policy,
-                                                register_policy)
+from dynsparse.sparse.policies.registry import POLICIES, REGISTRY, PolicySpec, create_policy, register_policy
 from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policies.snfs import SNFS
@@ -28,8 +28,8 @@ from dynsparse.sparse.select import aliases, select_weights
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 
-__all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never", "POLICIES",
-           "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL", "SET", "SNFS", "SparseParam",
-           "Sparsifier", "Static", "When",
+__all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST", "Never",
+           "POLICIES", "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL", "SET", "SNFS",
+           "SparseParam", "Sparsifier", "Static", "When",
            "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
            "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import types
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,11 +63,12 @@ def _wants_csr(backend: str, name: str, p: torch.Tensor, density: float, owner, 
         if p.dtype not in CSR_DTYPES:
             raise DynsparseError(f"{name}: {dtype_message(p.dtype)}")
         return True
+    assert batch_size is not None  # build_params requires it for backend 'auto'
     return (owner is not None and p.device.type == "cpu" and p.dtype in CSR_DTYPES
             and prefer_csr(density, batch_size))
 
 
-def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter,
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new: nn.Parameter,
                        flat: torch.Tensor) -> None:
     if optimizer is None:
         return
@@ -78,8 +80,8 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Paramete
                                 for k, v in state.items()}
 
 
-def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, init: str | None, granularity: int,
-                 generator: torch.Generator, backend: str, batch_size: int | None = None) -> dict:
+def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | None], *, init: str | None,
+                 granularity: int, generator: torch.Generator, backend: str, batch_size: int | None = None) -> dict:
     """One storage object per sparse tensor, in ``densities`` order (the generator's draws are in
     that order, whatever the backend)."""
     check_backend(backend)
@@ -94,11 +96,13 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
         if name in existing:
             out[name] = _adopt(name, existing[name], density, init)
             continue
+        assert density is not None  # only existing CSR weights (adopted above) come without one
         if not 0.0 < density <= 1.0:
             raise DynsparseError(f"density of {name} must be in (0, 1] (sparsity in [0, 1)), got {density}")
-        p = named[name]
+        p: torch.Tensor = named[name]
         if is_sharded(p) and backend == "csr":
-            raise DynsparseError(f"backend 'csr' is single-device: {name} is sharded by FSDP2 (a DTensor); use backend 'masked'")
+            raise DynsparseError(f"backend 'csr' is single-device: {name} is sharded by FSDP2 (a DTensor); use backend "
+                                 f"'masked'")
         sharded, p = is_sharded(p), full_weight(p)  # masks are drawn from the whole tensor, as on one device
         g = effective_granularity(p, granularity)
         kept = None
@@ -116,6 +120,7 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
         if sharded:  # each rank keeps its rows of the mask (backend 'auto' keeps sharded tensors masked)
             out[name] = ShardedParam.from_full(name, named[name], g, mask, active)
         elif _wants_csr(backend, name, p, density, owner, batch_size):
+            assert owner is not None  # _wants_csr says no (or raises) without one
             parent, child, linear = owner
             module = csr_linear_from_linear(linear, mask)
             setattr(parent, child, module)
@@ -124,7 +129,7 @@ def build_params(model: nn.Module, optimizer, densities: dict[str, float], *, in
             _swap_in_optimizer(optimizer, linear.weight, module.weight.values, module.weight.active_flat())
             out[name] = CSRParam(name, module.weight)
         else:
-            out[name] = SparseParam(name, p, g, mask, active)
+            out[name] = SparseParam(name, named[name], g, mask, active)  # (p is this parameter here)
     if any(sp.storage == "csr" for sp in out.values()):
         save_pretrained_dense(model)
     return out
@@ -136,10 +141,11 @@ def save_pretrained_dense(model: nn.Module) -> None:
     CSR ``state_dict`` (values and indices) would load as a randomly initialized model. Bound as
     a method, so that a deep copy of the model saves the copy."""
     if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
-        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
+        # (torch's stubs type Module.__setattr__'s value as a Tensor or Module; any value works)
+        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)  # type: ignore[assignment]
 
 
-def _save_pretrained_dense(self: nn.Module, *args, state_dict=None, **kwargs):
+def _save_pretrained_dense(self: Any, *args, state_dict=None, **kwargs):
     if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
         state_dict = dense_state_dict(self)
     return type(self).save_pretrained(self, *args, state_dict=state_dict, **kwargs)
@@ -147,7 +153,8 @@ def _save_pretrained_dense(self: nn.Module, *args, state_dict=None, **kwargs):
 
 def _adopt(name: str, weight: CSRWeight, density: float | None, init: str | None) -> CSRParam:
     check_on_cpu(name, weight.values.device)  # e.g. the wide MLP built in CSR form, moved to a GPU
-    if init != "from_weights" and density is not None and count_for_density(weight.num_entries, density) != weight.num_active:
+    if (init != "from_weights" and density is not None
+            and count_for_density(weight.num_entries, density) != weight.num_active):
         raise DynsparseError(f"{name} is already a CSR weight with {weight.num_active} of {weight.num_entries} entries "
                              f"(density {weight.density:.4g}); density {density} asks for "
                              f"{count_for_density(weight.num_entries, density)}")
@@ -162,8 +169,8 @@ def resolve_with_csr(model: nn.Module, densities, density, include, exclude, res
     if not existing:
         return resolve(model, densities, density, include, exclude)
     if isinstance(densities, str):
-        raise DynsparseError(f"a budget by name ({densities!r}) needs every tensor's dense shape; the model already holds "
-                             f"CSR weights ({', '.join(existing)}): give densities as a number or a dict")
+        raise DynsparseError(f"a budget by name ({densities!r}) needs every tensor's dense shape; the model already "
+                             f"holds CSR weights ({', '.join(existing)}): give densities as a number or a dict")
     if isinstance(densities, Mapping):
         rest = {n: d for n, d in densities.items() if n not in existing}
         own = {n: float(d) for n, d in densities.items() if n in existing}

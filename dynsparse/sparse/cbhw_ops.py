@@ -130,6 +130,7 @@ def batch_norm_relu_cbhw(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
         return F.relu(batch_norm_cbhw(bn, x))
     y, mean, invstd = _BNReLU.apply(x, bn.weight, bn.bias, bn.eps)
     if bn.track_running_stats and bn.running_mean is not None:
+        assert bn.running_var is not None and bn.num_batches_tracked is not None  # tracked together
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum

@@ -16,6 +16,7 @@ keeps momentum there; weights changed behind the sparsifier) is kept dense: neve
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -102,7 +103,7 @@ def pack_state(state: dict, sparsifier) -> dict:
     model, masks = dict(state["model"]), dict(state["sparsifier"]["masks"])
     optim = state.get("optimizer")
     opt_state = dict(optim["state"]) if isinstance(optim, dict) and "state" in optim else None
-    records = {}
+    records: dict[str, dict[str, Any]] = {}
     for name, sp in params.items():
         if sp.storage == "csr":  # the model's own crow/col indices say it: store nothing twice
             if name + ".crow_indices" in model:
@@ -111,10 +112,11 @@ def pack_state(state: dict, sparsifier) -> dict:
             continue
         entries = tuple(sp.mask.shape)
         flat = torch.nonzero(sp.mask.reshape(-1)).view(-1)
-        record = {"storage": "masked", "shape": list(sp.param.shape), "entries": list(entries),
+        record: dict[str, Any] = {"storage": "masked", "shape": list(sp.param.shape), "entries": list(entries),
                   "index": encode_index(flat, entries), "model_keys": [], "optimizer": {}}
         ptr = sp.param.data_ptr()
-        for key in [k for k, v in model.items() if torch.is_tensor(v) and v.data_ptr() == ptr and v.shape == sp.param.shape]:
+        for key in [k for k, v in model.items() if torch.is_tensor(v) and v.data_ptr() == ptr
+                    and v.shape == sp.param.shape]:
             values = gather(model[key], flat, sp.num_entries)
             if values is not None:
                 record["model_keys"].append(key)
@@ -135,7 +137,7 @@ def pack_state(state: dict, sparsifier) -> dict:
         masks.pop(name)
         records[name] = record
     out = dict(state, model=model, sparsifier=dict(state["sparsifier"], masks=masks), compact=records)
-    if opt_state is not None:
+    if opt_state is not None and isinstance(optim, dict):  # (opt_state is set only from a dict optim)
         out["optimizer"] = dict(optim, state=opt_state)
     return out
 

@@ -57,8 +57,8 @@ def _build() -> dict:
 
     # nt: numba's thread count, passed in (calling numba.get_num_threads inside would stop the
     # kernels from being cached). Loop order, all three kernels: output row outermost, then each
-    # thread's block of channels. The input rows one output row needs (3 rows of every channel: 1.5 MB at 64 channels, 16
-    # wide, batch 128) are then read from L2 by every channel of the block, instead of the whole
+    # thread's block of channels. The input rows one output row needs (3 rows of every channel: 1.5 MB
+    # at 64 channels, 16 wide, batch 128) are then read from L2 by every channel of the block, instead of the whole
     # input being streamed from L3 once per channel (measured ~1.5-2x slower).
     @njit(**opts)
     def forward(x, crow, xoff, ki_e, kj_e, val, stride, pad, y, nt):

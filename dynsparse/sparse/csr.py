@@ -24,8 +24,19 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr_ops import (INDEX_DTYPE, GradientCapture, check_flat, csr_from_flat, flat_of,
-                                      merge_pattern, merge_sorted, rows_of, sample_flat, sparse_linear, transpose_indices)
+from dynsparse.sparse.csr_ops import (
+    INDEX_DTYPE,
+    GradientCapture,
+    check_flat,
+    csr_from_flat,
+    flat_of,
+    merge_pattern,
+    merge_sorted,
+    rows_of,
+    sample_flat,
+    sparse_linear,
+    transpose_indices,
+)
 
 __all__ = ["CROSSOVER_DENSITY", "CSRLinear", "CSRWeight", "csr_linear_from_linear", "dense_state_dict",
            "prefer_csr", "sample_flat"]
@@ -57,6 +68,9 @@ def prefer_csr(density: float, batch_size: int) -> bool:
 class CSRWeight(nn.Module):
     """A sparse ``[out, in]`` weight: ``values`` (parameter) + int32 CSR indices (buffers)."""
 
+    crow_indices: torch.Tensor  # buffers, declared for the type checker
+    col_indices: torch.Tensor
+
     def __init__(self, shape: tuple[int, int], flat: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
@@ -79,7 +93,7 @@ class CSRWeight(nn.Module):
     @classmethod
     def random(cls, out_features: int, in_features: int, density: float, generator: torch.Generator, *,
                init: str | torch.Tensor = "linear", device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> "CSRWeight":
+               dtype: torch.dtype = torch.float32) -> CSRWeight:
         """Exactly ``int(density * out * in + 0.1)`` entries at uniform positions, never a dense
         tensor or mask. ``init``: ``"linear"`` (nn.Linear's U(-1/sqrt(in), 1/sqrt(in))),
         ``"zeros"``, or a 1-D tensor of that many values."""
@@ -92,7 +106,8 @@ class CSRWeight(nn.Module):
             values = init.to(device=device, dtype=dtype)
         elif init == "linear":
             bound = 1.0 / math.sqrt(in_features)
-            values = (torch.rand(k, generator=generator, device=generator.device, dtype=dtype) * (2 * bound) - bound).to(device)
+            values = (torch.rand(k, generator=generator, device=generator.device,
+                                 dtype=dtype) * (2 * bound) - bound).to(device)
         elif init == "zeros":
             values = torch.zeros(k, device=device, dtype=dtype)
         else:
@@ -100,12 +115,13 @@ class CSRWeight(nn.Module):
         return cls((out_features, in_features), flat, values)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> "CSRWeight":
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> CSRWeight:
         """The entries of ``weight`` where the bool ``mask`` is True (same values, same order)."""
         if weight.dim() != 2 or mask.shape != weight.shape:
-            raise DynsparseError(f"need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+            raise DynsparseError(f"need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} and "
+                                 f"{tuple(mask.shape)}")
         flat = torch.nonzero(mask.reshape(-1)).view(-1)
-        return cls(tuple(weight.shape), flat, weight.detach().reshape(-1)[flat])
+        return cls((weight.shape[0], weight.shape[1]), flat, weight.detach().reshape(-1)[flat])
 
     # topology ---------------------------------------------------------------------------------
     @property
@@ -132,7 +148,8 @@ class CSRWeight(nn.Module):
         block[rows, self.col_indices[a:b].long()] = True
         return block
 
-    def sample_inactive(self, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_inactive(self, count: int, generator: torch.Generator,
+                        exclude: torch.Tensor | None = None) -> torch.Tensor:
         """``count`` sorted flat indices drawn uniformly among inactive entries not in ``exclude``
         (e.g. the positions just dropped, which the original DSR never regrows at once)."""
         taken = self.active_flat()
@@ -149,7 +166,8 @@ class CSRWeight(nn.Module):
         ``.grad`` and the optimizer's per-entry state follow their entries, new entries get zero."""
         n_old = self.num_active
         if keep.dtype != torch.bool or keep.shape != (n_old,):
-            raise DynsparseError(f"keep must be a bool tensor of shape {(n_old,)}, got {keep.dtype} {tuple(keep.shape)}")
+            raise DynsparseError(f"keep must be a bool tensor of shape {(n_old,)}, "
+                                 f"got {keep.dtype} {tuple(keep.shape)}")
         add_flat = add_flat.to(device=self.values.device, dtype=torch.int64).reshape(-1)
         add_sorted, order = torch.sort(add_flat)
         if add_values is not None:
@@ -275,7 +293,7 @@ def csr_linear_from_linear(linear: nn.Linear, mask: torch.Tensor) -> CSRLinear:
     """A :class:`CSRLinear` with ``linear``'s values where ``mask`` is True, and its bias."""
     module = CSRLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                        weight=CSRWeight.from_dense(linear.weight, mask.bool()))
-    if linear.bias is not None:
+    if linear.bias is not None and module.bias is not None:
         module.bias.data.copy_(linear.bias.detach())
     return module
 

@@ -16,6 +16,8 @@ gradient capture (RigL/SNFS growth) has no convolution form here.
 """
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -30,10 +32,12 @@ __all__ = ["CSRConv2d", "CSRWideResNet", "batch_norm_cbhw", "conv1x1_cbhw", "csr
 class CSRConv2d(nn.Module):
     """A bias-free ``nn.Conv2d`` (square kernel, stride 1 or 2) with a CSR weight, on ``[C, H, W, B]``."""
 
-    def __init__(self, weight: CSRWeight, in_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> None:
+    def __init__(self, weight: CSRWeight, in_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0) -> None:
         super().__init__()
         if weight.shape[1] != in_channels * kernel_size * kernel_size:
-            raise DynsparseError(f"CSR weight shape {weight.shape} is not [out, {in_channels}*{kernel_size}*{kernel_size}]")
+            raise DynsparseError(f"CSR weight shape {weight.shape} is not [out, "
+                                 f"{in_channels}*{kernel_size}*{kernel_size}]")
         if stride not in (1, 2):
             raise DynsparseError(f"sparse conv stride must be 1 or 2, got {stride}")
         self.weight = weight
@@ -70,7 +74,8 @@ class CSRConv2d(nn.Module):
 def csr_conv_from_conv(conv: nn.Conv2d, mask: torch.Tensor) -> CSRConv2d:
     """A :class:`CSRConv2d` with ``conv``'s weights where ``mask`` (shaped like the weight) is True."""
     kh, kw = conv.kernel_size
-    if (conv.bias is not None or kh != kw or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]
+    if (isinstance(conv.padding, str) or conv.bias is not None or kh != kw or conv.stride[0] != conv.stride[1]
+        or conv.padding[0] != conv.padding[1]
             or conv.dilation != (1, 1) or conv.groups != 1):
         raise DynsparseError(f"CSRConv2d supports bias-free, square, undilated, ungrouped convs; got {conv}")
     flat_w = conv.weight.detach().reshape(conv.out_channels, -1)
@@ -92,7 +97,7 @@ class CSRWideResNet(nn.Module):
     (``{parameter name: bool mask}``); the first conv, batch norms, shortcuts and fc are the WRN's
     own modules (shared), the dense block convs are not kept."""
 
-    def __init__(self, wrn: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    def __init__(self, wrn: Any, masks: dict[str, torch.Tensor]) -> None:  # Any: the engine may not import convnets
         super().__init__()
         self.conv1, self.bn1, self.fc = wrn.conv1, wrn.bn1, wrn.fc
         self.blocks = nn.ModuleList()
@@ -110,7 +115,8 @@ class CSRWideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = to_cbhw(self.conv1(x))  # the only layout conversion (its input has 3 channels)
-        for b in self.blocks:
+        for block in self.blocks:
+            b = cast(dict[str, Any], block)  # a ModuleDict of the parts built above
             pre = batch_norm_relu_cbhw(b["bn1"], out)
             y = b["conv2"](batch_norm_relu_cbhw(b["bn2"], b["conv1"](pre)))
             short = conv1x1_cbhw(b["shortcut"].weight, pre, b["conv1"].stride) if "shortcut" in b else out

@@ -191,10 +191,10 @@ class GradientCapture:
     def dense_grad_rows(self, start: int, stop: int) -> torch.Tensor:
         if not self.pairs:
             raise RuntimeError("no gradient captured yet: run a forward and backward after capture_gradient()")
-        out = None
-        for xt, dyt in self.pairs:
-            block = dyt[start:stop] @ xt.t()
-            out = block if out is None else out.add_(block)
+        xt, dyt = self.pairs[0]
+        out = dyt[start:stop] @ xt.t()
+        for xt, dyt in self.pairs[1:]:
+            out.add_(dyt[start:stop] @ xt.t())
         return out if self.factor is None else out.mul_(self.factor)
 
 

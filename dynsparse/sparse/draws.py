@@ -14,7 +14,8 @@ def count_for_density(entries: int, density: float) -> int:
 
 
 
-def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, int]:
+def random_mask(shape: torch.Size, density: float, generator: torch.Generator,
+                device: torch.device) -> tuple[torch.Tensor, int]:
     """Exactly ``count_for_density(n, density)`` ones at uniformly random positions."""
     n = math.prod(shape)
     k = count_for_density(n, density)
@@ -30,7 +31,8 @@ def nonzero_entries(param: torch.Tensor, granularity: int) -> torch.Tensor:
     return nz if granularity == param.dim() else nz.flatten(granularity).any(-1)
 
 
-def keep_nonzeros_mask(nonzero: torch.Tensor, density: float, generator: torch.Generator) -> tuple[torch.Tensor, int] | None:
+def keep_nonzeros_mask(nonzero: torch.Tensor, density: float,
+                       generator: torch.Generator) -> tuple[torch.Tensor, int] | None:
     """For weights that are already sparse (at least half as many zero entries as ``density``
     drops: never a fresh initialization, still a layer that a reallocating method made denser):
     every nonzero entry, topped up with random zero entries to the count. None otherwise."""

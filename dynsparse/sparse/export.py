@@ -33,8 +33,8 @@ def check_off_mask_zero(s) -> None:
                 "learning rate): keep weights in float32 under autocast, or lower the learning rate")
         name, k = next(iter(bad.items()))
         raise DynsparseError(
-            f"{sum(bad.values())} weights are nonzero off the mask before step {s.step_count + 1} (e.g. {k} in {name!r}): "
-            "something changed them behind the sparsifier (weights loaded after it was built: call "
+            f"{sum(bad.values())} weights are nonzero off the mask before step {s.step_count + 1} (e.g. {k} in "
+            f"{name!r}): something changed them behind the sparsifier (weights loaded after it was built: call "
             "sparsifier.load_state_dict(...) or apply_masks(); a second optimizer: build the Sparsifier with it)")
 
 
@@ -54,7 +54,8 @@ def summary(s) -> str:
     sparse_total = s.num_sparse_weights()
     dense = sum(p.numel() for p in s.model.parameters()) - s.param_counts()["stored"]
     active = s.num_active_weights()
-    rows.append(("sparse tensors", "", f"{active / sparse_total:.4f}", str(sparse_total), str(active), str(sum(nonzero))))
+    rows.append(("sparse tensors", "", f"{active / sparse_total:.4f}", str(sparse_total), str(active),
+                 str(sum(nonzero))))
     rows.append(("dense rest", "", "1.0000", str(dense), str(dense), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -102,7 +103,8 @@ def sparse_tensors(s, layout: torch.layout = torch.sparse_coo) -> dict[str, torc
         w = sp.masked_weight()
         if layout == torch.sparse_csr:
             if w.dim() != 2:
-                raise DynsparseError(f"torch.sparse_csr holds 2-D tensors; {name} has shape {tuple(w.shape)}: use sparse_coo")
+                raise DynsparseError(f"torch.sparse_csr holds 2-D tensors; {name} has shape {tuple(w.shape)}: use "
+                                     f"sparse_coo")
             out[name] = w.to_sparse_csr()
         else:
             out[name] = w.to_sparse().coalesce()

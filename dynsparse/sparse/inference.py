@@ -43,12 +43,18 @@ def prefer_sparse(density: float, batch_size: int) -> bool:
     for lo, hi in zip(sizes, sizes[1:]):
         if lo <= b <= hi:
             t = (math.log(b) - math.log(lo)) / (math.log(hi) - math.log(lo))
-            return density < math.exp((1 - t) * math.log(INFERENCE_CROSSOVER[lo]) + t * math.log(INFERENCE_CROSSOVER[hi]))
+            return density < math.exp((1 - t) * math.log(INFERENCE_CROSSOVER[lo])
+                                      + t * math.log(INFERENCE_CROSSOVER[hi]))
     return density < INFERENCE_CROSSOVER[sizes[0]]
 
 
 class SparseInferenceLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` as values + int32 CSR indices (buffers, no gradient)."""
+
+    crow_indices: torch.Tensor  # buffers, declared for the type checker
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
                  bias: torch.Tensor | None = None) -> None:
@@ -64,11 +70,11 @@ class SparseInferenceLinear(nn.Module):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SparseInferenceLinear:
         csr = weight.detach().to_sparse_csr()
-        return cls(csr.crow_indices(), csr.col_indices(), csr.values(), tuple(weight.shape), bias)
+        return cls(csr.crow_indices(), csr.col_indices(), csr.values(), (weight.shape[0], weight.shape[1]), bias)
 
     @classmethod
     def from_csr(cls, csr: torch.Tensor, bias: torch.Tensor | None = None) -> SparseInferenceLinear:
-        return cls(csr.crow_indices(), csr.col_indices(), csr.values(), tuple(csr.shape), bias)
+        return cls(csr.crow_indices(), csr.col_indices(), csr.values(), (csr.shape[0], csr.shape[1]), bias)
 
     def _matrix(self) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
@@ -99,7 +105,9 @@ class SparseInferenceLinear(nn.Module):
 
 def _fold(layer: SparseInferenceLinear, bn: nn.BatchNorm1d) -> None:
     """Fold an eval-mode ``BatchNorm1d`` that follows ``layer`` into its values and bias."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+    assert bn.running_var is not None and bn.running_mean is not None  # the caller folds tracking layers only
+    std = torch.sqrt(bn.running_var + bn.eps)
+    scale = bn.weight.detach() / std if bn.affine else 1 / std
     shift = (bn.bias.detach() if bn.affine else 0) - bn.running_mean * scale
     rows = torch.repeat_interleave(torch.arange(layer.out_features), layer.crow_indices.long().diff())
     layer.values = layer.values * scale[rows].to(layer.values.dtype)
@@ -138,7 +146,8 @@ def sparse_inference(model: nn.Module, state: dict[str, torch.Tensor] | None = N
                 setattr(parent, name, layer)
     if state:
         dense = {k: v for k, v in state.items() if not v.is_sparse_csr}
-        missing = [k for k in model.state_dict() if k not in dense and not any(k.startswith(p) for p in _csr_prefixes(model))]
+        missing = [k for k in model.state_dict() if k not in dense
+                   and not any(k.startswith(p) for p in _csr_prefixes(model))]
         if missing:
             raise DynsparseError(f"the state does not fit this model: missing {', '.join(missing[:4])}")
         model.load_state_dict(dense, strict=False, assign=True)

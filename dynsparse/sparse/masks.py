@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -54,15 +55,22 @@ def conv_and_linear_weights(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if name in keep]
 
 
+class _Counted(Protocol):
+    @property
+    def num_entries(self) -> int: ...
+    @property
+    def num_active(self) -> int: ...
+
+
 class EntryCounts:
     """What both storages derive from ``num_entries`` and ``num_active``."""
 
     @property
-    def num_free(self) -> int:
+    def num_free(self: _Counted) -> int:
         return self.num_entries - self.num_active
 
     @property
-    def density(self) -> float:
+    def density(self: _Counted) -> float:
         return self.num_active / self.num_entries
 
 

@@ -8,7 +8,8 @@ and ``nn.Bilinear`` modules, ``MultiheadAttention``'s ``in_proj_weight`` (or its
 and biases stay dense unless included by name.
 
 ``include`` / ``exclude`` take glob patterns on parameter names (``"layer1.*"``) and module
-types (``nn.Embedding``; a type matches every parameter inside such a module); a pattern or type that matches nothing is an error, so a typo cannot
+types (``nn.Embedding``; a type matches every parameter inside such a module); a pattern or type
+that matches nothing is an error, so a typo cannot
 silently keep a layer dense. A parameter shared by several modules (tied embedding and output
 weights) is one sparse tensor, under its first name in ``named_parameters()``, whichever module
 was declared first; it is selected if any of its users selects it.
@@ -47,7 +48,7 @@ def _owners(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     """(attribute name, module) pairs owning each parameter, keyed by canonical name."""
     canon = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, list[tuple[str, nn.Module]]] = {}
-    for mname, m in model.named_modules(remove_duplicate=False):
+    for _, m in model.named_modules(remove_duplicate=False):
         for attr, p in m.named_parameters(recurse=False):
             out.setdefault(canon[id(p)], []).append((attr, m))
     return out
@@ -95,7 +96,8 @@ def select_weights(model: nn.Module, include: Rule | Sequence[Rule] | None = Non
     params = dict(model.named_parameters())
     inc, exc = _rules(include), _rules(exclude)
     if inc:
-        chosen = [n for n in names if params[n].dim() >= 2 and any(_matches(r, names[n], holders.get(n, [])) for r in inc)]
+        chosen = [n for n in names if params[n].dim() >= 2
+                  and any(_matches(r, names[n], holders.get(n, [])) for r in inc)]
         _unmatched("include", inc, [n for n in names if params[n].dim() >= 2], names, holders)
     else:
         chosen = [n for n in names if any(_is_matrix_weight(a, m) for a, m in owners.get(n, []))]
@@ -145,7 +147,8 @@ def resolve_densities(model: nn.Module, densities: float | str | Mapping[str, fl
         if densities not in NAMED_BUDGETS:
             raise unknown_choice("budget", densities, NAMED_BUDGETS)
         if density is None:
-            raise DynsparseError(f"densities={densities!r} spreads a total: pass density= (the kept fraction, e.g. 0.1)")
+            raise DynsparseError(f"densities={densities!r} spreads a total: "
+                                 "pass density= (the kept fraction, e.g. 0.1)")
         params = dict(model.named_parameters())
         return make_densities(densities, {n: tuple(params[n].shape) for n in names}, float(density))
     if densities is None:

@@ -26,16 +26,18 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TypeGuard, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.masks import SparseParam
 
 
-def is_sharded(t) -> bool:
+def is_sharded(t) -> TypeGuard[DTensor]:
     return isinstance(t, DTensor)
 
 
@@ -57,14 +59,15 @@ class ShardedParam(SparseParam):
     _local: torch.Tensor | None = None
 
     @classmethod
-    def from_full(cls, name: str, param: DTensor, granularity: int, full_mask: torch.Tensor, active: int) -> ShardedParam:
-        check_placement(name, param)
-        mesh = param.device_mesh
+    def from_full(cls, name: str, param: nn.Parameter, granularity: int, full_mask: torch.Tensor,
+                  active: int) -> ShardedParam:
+        check_placement(name, cast(DTensor, param))  # an FSDP2 parameter is also a DTensor
+        mesh = cast(DTensor, param).device_mesh
         world, rank = mesh.size(), mesh.get_local_rank()
         rows_total = param.shape[0]
         chunk = -(-rows_total // world)  # FSDP2 splits rows as torch.chunk does
         row0 = min(rank * chunk, rows_total)
-        rows = param.to_local().shape[0]
+        rows = cast(DTensor, param).to_local().shape[0]
         if row0 + rows > rows_total or rows != max(min(chunk, rows_total - row0), 0):
             raise DynsparseError(f"{name}: local shard of {rows} rows at row {row0} is not FSDP2's row split of "
                                  f"{rows_total} rows over {world} ranks")
@@ -73,19 +76,24 @@ class ShardedParam(SparseParam):
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
+    def dparam(self) -> DTensor:
+        """``param`` seen as the DTensor it also is (an FSDP2 parameter is both)."""
+        return cast(DTensor, self.param)
+
+    @property
     def num_entries(self) -> int:
         return math.prod(self.mask_shape)
 
     @property
     def rows(self) -> int:
-        return self.param.to_local().shape[0]
+        return self.dparam.to_local().shape[0]
 
     def _group(self):
-        return self.param.device_mesh.get_group()
+        return self.dparam.device_mesh.get_group()
 
     def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """The whole tensor from every rank's rows (shards padded to one size: uneven splits)."""
-        world = self.param.device_mesh.size()
+        world = self.dparam.device_mesh.size()
         padded = local.new_zeros((self.chunk, *local.shape[1:]))
         padded[:local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(world)]
@@ -125,7 +133,7 @@ class ShardedParam(SparseParam):
 
         def make():
             local = self.mask.view(self.mask.shape + extra).to(self.param.dtype)
-            return DTensor.from_local(local, self.param.device_mesh, self.param.placements, run_check=False,
+            return DTensor.from_local(local, self.dparam.device_mesh, self.dparam.placements, run_check=False,
                                       shape=torch.Size(shape), stride=_contiguous_stride(shape))
         return self._derived("float", make)
 
@@ -146,7 +154,7 @@ class ShardedParam(SparseParam):
             per_row = math.prod(self.mask_shape[1:])
             lo = self.row0 * per_row
             mine = (flat_idx >= lo) & (flat_idx < lo + self.rows * per_row)
-            w = self.param.to_local().detach().view(self.rows * per_row, self.slice_size)
+            w = self.dparam.to_local().detach().view(self.rows * per_row, self.slice_size)
             w[flat_idx[mine] - lo] = values[mine].to(w)
 
     # ---- DeepR: draws over the whole tensor, applied to this rank's rows ---------------------
@@ -156,7 +164,7 @@ class ShardedParam(SparseParam):
 
     def add_whole_(self, delta: torch.Tensor) -> None:
         """Add a whole-tensor ``delta`` (drawn identically on every rank) to this rank's rows."""
-        self.param.to_local().detach().add_(self.rows_of(delta))
+        self.dparam.to_local().detach().add_(self.rows_of(delta))
 
     def gather_flags(self, local: torch.Tensor) -> torch.Tensor:
         """Flat bool flags of the whole tensor from each rank's flags of its rows (one byte each)."""
@@ -166,23 +174,23 @@ class ShardedParam(SparseParam):
     def entries_before(self, count: int) -> int:
         """Sum of ``count`` over the ranks holding earlier rows: where this rank's active entries
         start in the whole tensor's flat active list (one small all-gather)."""
-        world = self.param.device_mesh.size()
+        world = self.dparam.device_mesh.size()
         mine = torch.tensor([count], dtype=torch.long, device=self.mask.device)
         parts = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine, group=self._group())
-        return int(torch.cat(parts)[:self.param.device_mesh.get_local_rank()].sum())
+        return int(torch.cat(parts)[:self.dparam.device_mesh.get_local_rank()].sum())
 
     # ---- what is stored ------------------------------------------------------------------------
     def masked_weight(self) -> torch.Tensor:
         """The whole weight (every rank takes part), zeros off the mask."""
-        return (self.param.detach() * self.mask_view()).full_tensor()
+        return cast(DTensor, self.param.detach() * self.mask_view()).full_tensor()
 
     def off_mask_nonzero(self) -> torch.Tensor:
-        local = self.param.to_local().detach() * self.inverse_mask_view().to_local()
+        local = self.dparam.to_local().detach() * cast(DTensor, self.inverse_mask_view()).to_local()
         return self._all_sum(local.ne(0).sum())
 
     def nonzero(self) -> torch.Tensor:
-        return self._all_sum(self.param.to_local().detach().ne(0).sum())
+        return self._all_sum(self.dparam.to_local().detach().ne(0).sum())
 
     def topology(self) -> DTensor:
         """The mask as a DTensor (rows sharded like the parameter) for distributed checkpoints."""
@@ -190,7 +198,7 @@ class ShardedParam(SparseParam):
 
     def placed(self, local: torch.Tensor) -> DTensor:
         """This rank's rows of a mask-shaped tensor as a DTensor placed like the parameter."""
-        return DTensor.from_local(local, self.param.device_mesh, self.param.placements, run_check=False,
+        return DTensor.from_local(local, self.dparam.device_mesh, self.dparam.placements, run_check=False,
                                   shape=torch.Size(self.mask_shape), stride=_contiguous_stride(self.mask_shape))
 
     def load_topology(self, saved: torch.Tensor, optimizer=None) -> None:
@@ -207,8 +215,8 @@ class ShardedParam(SparseParam):
 
 def check_placement(name: str, param: DTensor) -> None:
     if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-        raise DynsparseError(f"{name} is a DTensor placed {tuple(param.placements)} on a {param.device_mesh.ndim}-D mesh; "
-                             "sparse training supports FSDP2's fully_shard on a 1-D mesh (Shard(0)) only")
+        raise DynsparseError(f"{name} is a DTensor placed {tuple(param.placements)} on a {param.device_mesh.ndim}-D "
+                             "mesh; sparse training supports FSDP2's fully_shard on a 1-D mesh (Shard(0)) only")
 
 
 def check_policy(policy, params: dict) -> None:

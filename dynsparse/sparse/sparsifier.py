@@ -39,8 +39,8 @@ from torch import nn
 import dynsparse.sparse.export as _export
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.attach import StepHooks
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
+from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policy import Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
 from dynsparse.sparse.sharded import check_policy, whole_masks
@@ -80,8 +80,8 @@ class Sparsifier:
             raise DynsparseError(f"init must be 'random' or 'from_weights', got {init!r}")
         check_backend(backend)
         if backend != "masked" and not mask_optimizer_state:
-            raise DynsparseError("mask_optimizer_state=False keeps optimizer state off the mask, which CSR storage does "
-                                 "not hold: use backend='masked'")
+            raise DynsparseError("mask_optimizer_state=False keeps optimizer state off the mask, which CSR storage "
+                                 "does not hold: use backend='masked'")
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise DynsparseError(f"total_steps must be a whole number of optimizer steps >= 1, got {total_steps!r}")
         self.model, self.optimizer, self.policy = model, optimizer, policy
@@ -99,15 +99,15 @@ class Sparsifier:
             if densities is not None or density is not None:
                 raise DynsparseError("init='from_weights' takes each density from the weights' nonzeros: "
                                      "pass no densities (include/exclude choose the tensors)")
-            densities = {**dict.fromkeys(select_weights(model, include, exclude), 1.0), **dict.fromkeys(csr_weights(model))}
+            chosen = dict.fromkeys(select_weights(model, include, exclude), 1.0) | dict.fromkeys(csr_weights(model))
         else:
-            densities = resolve_with_csr(model, densities, density, include, exclude, resolve_densities)
+            chosen = resolve_with_csr(model, densities, density, include, exclude, resolve_densities)
         # always on the CPU (every draw moves its result): a checkpoint restores on any device,
         # and a seed gives the same masks on CPU and GPU
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         # SparseParam (masked) or CSRParam: the same primitives, so policies never know which
-        self.params = build_params(model, optimizer, densities, init=init, granularity=granularity,
+        self.params = build_params(model, optimizer, chosen, init=init, granularity=granularity,
                                    generator=self.generator, backend=backend, batch_size=batch_size)
         check_policy(policy, self.params)
         self.apply_masks()
@@ -124,7 +124,8 @@ class Sparsifier:
         want = None
         for sp in self.params.values():
             if sp.storage == "csr":
-                want = (self.policy.when.active(self.epoch) and self.policy.wants_dense_grad(self)) if want is None else want
+                want = (self.policy.when.active(self.epoch)
+                        and self.policy.wants_dense_grad(self)) if want is None else want
                 sp.capture(want)
 
     def remove_hooks(self) -> None:

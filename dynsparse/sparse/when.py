@@ -73,7 +73,8 @@ class Periodic(When):
         """Raise if the end is a fraction of a training length nobody gave."""
         if self.end_step is None and self.end_fraction is not None:
             raise DynsparseError(f"topology updates end at {self.end_fraction:.0%} of training, which is unknown: pass "
-                                 "total_steps= (optimizer steps) to the Sparsifier, or when=Periodic(period, end_step=N)")
+                                 "total_steps= (optimizer steps) to the Sparsifier, or when=Periodic(period, "
+                                 "end_step=N)")
 
     def due(self, step: int, epoch: int) -> bool:
         self.check_end()

@@ -79,7 +79,8 @@ class DeepR(DropGrow):
             # by position, not through a flat view: any memory layout (channels_last)
             g.index_put_(torch.unravel_index(idx, g.shape), noise_of(idx.numel()).to(g), accumulate=True)
 
-    def update(self, s: Sparsifier) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+    # counts stay on the device (no host sync every step): Policy.update's declared ints are too narrow
+    def update(self, s: Sparsifier) -> tuple[torch.Tensor | int, torch.Tensor | int]:  # type: ignore[override]
         """Drop the sign flips and regrow as many at random, all on the device (no host sync: this
         runs every step; the storages' ``swap_random``). Drops and grows always match, so the
         density never drifts: should the random draws find fewer free entries than there are

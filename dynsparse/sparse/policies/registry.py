@@ -58,7 +58,7 @@ class PolicySpec:
     def options(self) -> dict[str, Option]:
         """The constructor's parameters the command line sets, in signature order."""
         out = {}
-        for p in list(inspect.signature(self.cls.__init__).parameters.values())[1:]:
+        for p in inspect.signature(self.cls).parameters.values():
             if p.name in ("when", *self.context) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             if p.default is inspect.Parameter.empty:
