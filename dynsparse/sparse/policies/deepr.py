@@ -9,8 +9,8 @@ import torch
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import SparseParam
-from dynsparse.sparse.sharded import ShardedParam, is_sharded
 from dynsparse.sparse.policy import Context
+from dynsparse.sparse.sharded import ShardedParam, is_sharded
 from dynsparse.sparse.when import EveryStep, When
 
 
