@@ -57,7 +57,7 @@ def step(model, opt, x, y) -> None:
 
 
 def change(s) -> None:
-    s._record(*s.policy.update(s))
+    s._record(*s.policy.update(s.context()))
 
 
 def state_bytes(model, opt, s) -> dict[str, int]:

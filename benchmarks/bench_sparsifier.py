@@ -101,7 +101,7 @@ def main() -> None:
     sp.policy.threshold = 0.01  # a realistic operating point: thousands of entries move
     realloc_t, step_t, moved = [], [], []
     def realloc():
-        moved.append(sp.policy.update(sp)[0])
+        moved.append(sp.policy.update(sp.context())[0])
         sp.apply_masks()
 
     for _ in range(args.repeats):

@@ -83,7 +83,7 @@ def update_seconds(sp: Sparsifier, times: int = 3) -> list[float]:
     for _ in range(times):
         sync()
         t0 = time.perf_counter()
-        sp._record(*sp.policy.update(sp))
+        sp._record(*sp.policy.update(sp.context()))
         sync()
         out.append(time.perf_counter() - t0)
     return out

@@ -159,7 +159,7 @@ def copy_masks(run: _Run, source: str) -> None:
         for name, sp in run.sparsifier.params.items():  # CSR: the values at the copied topology
             if init and sp.storage == "csr":
                 sp.param.copy_(init[name].reshape(-1)[sp.topology()])
-    run.sparsifier.policy.attach(run.sparsifier)  # DeepR records the signs of these values
+    run.sparsifier.policy.attach(run.sparsifier.context())  # DeepR records the signs of these values
     run.echo(f"copied the masks of {path}")
 
 

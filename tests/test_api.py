@@ -313,8 +313,11 @@ def test_everything_the_readme_names_imports_from_the_top():
 def test_rigl_ends_at_three_quarters_of_total_steps_without_set_epoch():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    s = Sparsifier(model, opt, policy=RigL(when=Periodic(4, end_fraction=0.75)), densities=0.2, total_steps=40)
-    assert RigL().when.end_fraction == 0.75 and s.policy.when.end_step == 30
+    policy = RigL(when=Periodic(4, end_fraction=0.75))
+    s = Sparsifier(model, opt, policy=policy, densities=0.2, total_steps=40)
+    assert RigL().when.end_fraction == 0.75 and s.when.end_step == 30
+    # the sparsifier resolves the schedule into its own copy: the caller's policy is not written to
+    assert policy.when == Periodic(4, end_fraction=0.75) and policy.when.end_step is None
     plain_loop(model, opt, batches(40))
     assert [e.step for e in s.drain_events()] == [4, 8, 12, 16, 20, 24, 28]
 

@@ -104,3 +104,38 @@ def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
         assert "dynsparse.a" in str(e)
     else:
         raise AssertionError("a cycle went unnoticed")
+
+
+# A policy is handed a Context (dynsparse/sparse/policy.py), never the sparsifier: it may name
+# Sparsifier in annotations (under TYPE_CHECKING) but must not depend on it at run time. The
+# check is on what each module imports itself (Python's package initialisation aside).
+SPARSIFIER_MODULES = ("dynsparse.sparse.sparsifier", "dynsparse.sparse.Sparsifier", "dynsparse.Sparsifier")
+
+
+def policy_modules() -> list[Path]:
+    engine = PACKAGE / "sparse"
+    return [engine / "policy.py", engine / "dropgrow.py", *sorted((engine / "policies").glob("*.py"))]
+
+
+def sparsifier_imports(path: Path) -> set[str]:
+    return {m for m in imports_of(path) if m.startswith(SPARSIFIER_MODULES)}
+
+
+def test_no_policy_imports_the_sparsifier_at_run_time():
+    assert len(policy_modules()) >= 10  # policy, dropgrow and the eight policies: the glob found them
+    found = {module_name(p): sorted(deps) for p in policy_modules() if (deps := sparsifier_imports(p))}
+    assert not found, f"policy modules that import the sparsifier at run time: {found}"
+
+
+def test_the_policy_import_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from dynsparse.sparse.sparsifier import Policy, Sparsifier\n")
+    assert sparsifier_imports(bad) == {"dynsparse.sparse.sparsifier", "dynsparse.sparse.sparsifier.Policy",
+                                       "dynsparse.sparse.sparsifier.Sparsifier"}
+    inside = tmp_path / "inside.py"
+    inside.write_text("def f():\n    from dynsparse.sparse import Sparsifier\n")
+    assert sparsifier_imports(inside) == {"dynsparse.sparse.Sparsifier"}
+    annotations_only = tmp_path / "ok.py"
+    annotations_only.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                "    from dynsparse.sparse.sparsifier import Sparsifier\n")
+    assert sparsifier_imports(annotations_only) == set()

@@ -53,8 +53,8 @@ def run_checked(name: str, backend: str, hooks: bool, *, new_weights: str = "zer
         for step in range(steps):
             # DeepR changes the topology every step: on masked storage even that must not sync;
             # CSR storage runs on the CPU only, where its updates may read counts
-            due = s.policy.when.due(s.step_count + 1, s.epoch)
-            if isinstance(s.policy.when, EveryStep):
+            due = s.when.due(s.step_count + 1, s.epoch)
+            if isinstance(s.when, EveryStep):
                 due = backend == "csr"
             with check.update(due or (hooks and step == 0)):  # the first step checks the weights once
                 x, y = torch.randn(16, 24, generator=g), torch.randint(10, (16,), generator=g)

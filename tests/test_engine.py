@@ -65,7 +65,7 @@ STORAGES = ["masked", "csr"]
 @pytest.mark.parametrize("backend", STORAGES)
 def test_set_prunes_smallest_and_regrows_only_free_positions(backend):
     _, s = toy_with([[0.5, -0.01, 0.3, 0.02, -0.9, 0.4, 0.0, 0.0]], SET(fraction=0.25), backend)
-    pruned, grown = s.policy.update(s)
+    pruned, grown = s.policy.update(s.context())
     # k = int(0.25 * 6) + 1 = 2 smallest |w| among actives: positions 1 and 3; the two free ones grow
     assert (pruned, grown) == (2, 2)
     assert mask_of(s, "0.weight") == [1, 0, 1, 0, 1, 1, 1, 1]
@@ -75,7 +75,7 @@ def test_set_prunes_smallest_and_regrows_only_free_positions(backend):
 def test_dsr_threshold_prune_proportional_regrowth_and_h_adaptation(backend):
     _, s = toy_with([[0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.], [0.01, 0.02, 0.03, 0.5, 0.6, 0.7, 0, 0.]],
                     DSR(n_prune=10, scaling=True, threshold=0.1), backend)
-    pruned, grown = s.policy.update(s)
+    pruned, grown = s.policy.update(s.context())
     # below H=0.1: one entry of layer 0, three of layer 1 -> 4 pruned, 3 survivors each;
     # 4 regrown in proportion 3:3 -> 2 + 2; layer 1 has only 2 free slots (just-pruned excluded)
     assert (pruned, grown) == (4, 4)
@@ -88,7 +88,7 @@ def test_dsr_threshold_prune_proportional_regrowth_and_h_adaptation(backend):
 @pytest.mark.parametrize("backend", STORAGES)
 def test_dsr_halves_threshold_and_keeps_one_entry_per_tensor(backend):
     _, s = toy_with([[0.1, -0.3, 0.2, 0, 0, 0, 0, 0.]], DSR(n_prune=1, threshold=1.0), backend)
-    pruned, grown = s.policy.update(s)
+    pruned, grown = s.policy.update(s.context())
     assert pruned == 2 and grown == 2  # all three were below H: the largest (|-0.3|) is kept
     m = mask_of(s, "0.weight")
     assert m[:3] == [0, 1, 0] and sum(m) == 3
@@ -99,7 +99,7 @@ def test_dsr_halves_threshold_and_keeps_one_entry_per_tensor(backend):
 def test_dsr_without_scaling_regrows_each_tensors_own_count(backend):
     _, s = toy_with([[0.05, 0.5, 0.6, 0.7, 0, 0, 0, 0.], [0.5, 0.5, 0.6, 0.7, 0, 0, 0, 0.]],
                     DSR(n_prune=2, scaling=False, threshold=0.1), backend)
-    s.policy.update(s)
+    s.policy.update(s.context())
     assert sum(mask_of(s, "0.weight")) == 4 and mask_of(s, "1.weight") == [1, 1, 1, 1, 0, 0, 0, 0]
 
 
@@ -117,10 +117,10 @@ def test_deepr_prunes_sign_flips_and_regrows_in_same_tensor():
     set_mask(s, "0.weight", [1, 1, 1, 1, 0, 0, 0, 0])
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4, 0, 0, 0, 0.]).view(2, 4))
-    s.policy.attach(s)  # record signs
+    s.policy.attach(s.context())  # record signs
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([-0.1, -0.2, 0.3, 0.4, 0, 0, 0, 0.]).view(2, 4))
-    pruned, grown = s.policy.update(s)
+    pruned, grown = s.policy.update(s.context())
     m = mask_of(s, "0.weight")
     assert (pruned, grown) == (2, 2)
     assert m[:4] == [0, 1, 1, 0] and sum(m[4:]) == 2
@@ -154,7 +154,7 @@ def test_big_new_weights_are_drawn_from_the_initial_distribution():
     model = nn.Sequential(nn.Linear(400, 100, bias=False))
     s = Sparsifier(model, None, policy=SET(0.5), densities={"0.weight": 0.5}, new_weights="initial")
     before = s.params["0.weight"].mask.clone()
-    s.policy.update(s)
+    s.policy.update(s.context())
     grown = s.params["0.weight"].mask & ~before
     vals = model[0].weight[grown]
     assert vals.numel() > 1000 and torch.all(vals != 0)

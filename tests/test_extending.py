@@ -86,7 +86,7 @@ class MySET(SET):
         super().__init__(fraction, when=when)
         self.my_opt = my_opt
 
-    def drop_count(self, s, sp):
+    def drop_count(self, ctx, sp):
         return keep_one(sp.num_active, self.my_opt)
 """
 

@@ -53,10 +53,10 @@ def test_rigl_reads_gradients_only_before_update_steps_and_stops_at_end_step():
     s = Sparsifier(model, None, policy=RigL(0.5, when=Periodic(2, end_step=3)), densities={"0.weight": 0.5})
     model[0].weight.grad = torch.ones(2, 4)
     s.before_optimizer_step()  # step 1 is not an update step
-    assert s.policy.grow_signal == {}
+    assert s.signals == {}
     s.step()
     s.before_optimizer_step()  # step 2 is
-    assert set(s.policy.grow_signal) == {"0.weight"}
+    assert set(s.signals) == {"0.weight"}
     s.step()
     for _ in range(4):  # steps 3..6 are at or after end_step: no update
         s.before_optimizer_step()
@@ -73,7 +73,7 @@ def snfs_update(layer1_momentum: list[float]):
     pol.momentum = {"0.weight": torch.tensor([1.0, 1, 1, 1, 0, 0.2, 0.8, 0.1]).view(2, 4),
                     "1.weight": torch.tensor(layer1_momentum).view(2, 4)}
     s.step_count = 0
-    return s, pol.update(s)
+    return s, pol.update(s.context())
 
 
 def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():

@@ -5,7 +5,7 @@ gradient-accumulation hooks, so a loop that only calls ``optimizer.step()`` is s
   (``register_post_accumulate_grad_hook``), so gradient clipping, logging and the optimizer see
   masked gradients, micro-batch by micro-batch.
 * A policy that reads the gradient off the mask (RigL before an update, SNFS every step: its
-  ``wants_dense_grad``) gets it: the off-mask part is set aside before masking, summed over
+  ``wants_dense_grad()``) gets it: the off-mask part is set aside before masking, summed over
   micro-batches (a fresh accumulation is told apart by the gradient's identity and version),
   and handed back for the policy's ``before_optimizer_step``. If the masked gradient was scaled
   meanwhile (``GradScaler.unscale_``, ``clip_grad_norm_``) the set-aside part gets the same
@@ -63,7 +63,7 @@ class StepHooks:
         if g is None:
             return
         sp = s.params[name]
-        capture = s.policy.when.active(s.epoch) and s.policy.wants_dense_grad(s)
+        capture = s.when.active(s.epoch) and s.wants_dense_grad()
         if capture:
             off = g * sp.inverse_mask_view()
             prev = self.seen.get(name)

@@ -38,9 +38,12 @@ def csr_weights(model: nn.Module) -> dict[str, CSRWeight]:
     return {name: m for name, m in model.named_modules() if isinstance(m, CSRWeight)}
 
 
-def check_backend(backend: str) -> None:
+def check_backend(backend: str, mask_optimizer_state: bool = True) -> None:
     if backend not in BACKENDS:
         raise unknown_choice("sparse backend", backend, BACKENDS)
+    if backend != "masked" and not mask_optimizer_state:
+        raise DynsparseError("mask_optimizer_state=False keeps optimizer state off the mask, which CSR storage does "
+                             "not hold: use backend='masked'")
 
 
 def _linear_owner(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear] | None:

@@ -12,7 +12,7 @@ Policies cannot tell the two apart. The differences stay here:
   (:func:`~dynsparse.sparse.draws.choose_random_among_free`), and growth by dense scores sees
   the same scores: same seed and same scores, same topology;
 * the dense gradient a policy reads off the mask (RigL, SNFS) comes from the products the
-  weight captured while ``wants_dense_grad`` held: RigL's scores are formed in blocks of rows at
+  weight captured while ``wants_dense_grad()`` held: RigL's scores are formed in blocks of rows at
   the update, never as one dense tensor; SNFS's momentum is dense by definition.
 """
 from __future__ import annotations

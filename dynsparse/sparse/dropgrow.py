@@ -1,14 +1,14 @@
 """The drop-and-grow base that every dynamic policy specializes.
 
 ``DropGrow.update`` runs one topology change in six steps, each an overridable method
-(after ``prepare(s)``, where a policy reads what this update needs, e.g. its drop fraction):
+(after ``prepare(ctx)``, where a policy reads what this update needs, e.g. its drop fraction):
 
-1. ``drop_count(s, sp)`` - how many entries of each tensor to drop;
-2. ``drop_scores(s, sp)`` - which are least useful (default: magnitude);
+1. ``drop_count(ctx, sp)`` - how many entries of each tensor to drop;
+2. ``drop_scores(ctx, sp)`` - which are least useful (default: magnitude);
    (``select_drops`` combines 1-2 for all tensors at once; threshold rules override it);
 3. drop them (their weights are zeroed with the masks after the update);
-4. ``allocate(s, sps, dropped)`` - how many each tensor grows (default: what it dropped);
-5. ``grow_scores(s, sp)`` - where to grow (default None: uniformly at random);
+4. ``allocate(ctx, sps, dropped)`` - how many each tensor grows (default: what it dropped);
+5. ``grow_scores(ctx, sp)`` - where to grow (default None: uniformly at random);
 6. grow, never at an entry just dropped, new weights zero (or ``--big-new-weights``).
 
 SET is this base with a count rule; RigL is SET with gradient grow scores; SNFS is RigL with
@@ -23,49 +23,63 @@ import math
 import torch
 
 from dynsparse.sparse.masks import SparseParam
-from dynsparse.sparse.sparsifier import Policy, Sparsifier
+from dynsparse.sparse.policy import Context, Policy
 from dynsparse.sparse.when import Periodic, When
 
 
 class DropGrow(Policy):
+    """The six steps of the module docstring. Required: how many to drop (``drop_count``), or the
+    drops of all tensors at once (``select_drops``), or the whole ``update``: a subclass that
+    overrides none of them is refused when built, not left to drop nothing. Every other step
+    has the documented default."""
+
     def __init__(self, when: When | None = None) -> None:
+        cls = type(self)
+        if (cls.drop_count is DropGrow.drop_count and cls.select_drops is DropGrow.select_drops
+                and cls.update is DropGrow.update):
+            raise TypeError(f"{cls.__name__} must override drop_count (or select_drops, or update)")
         self.when = when if when is not None else Periodic(100)
 
     # ---- the steps ----------------------------------------------------------------------
-    def prepare(self, s: Sparsifier) -> None:
-        """Read what this update needs before anything is dropped."""
+    def prepare(self, ctx: Context) -> None:
+        """Optional: read what this update needs before anything is dropped. Default: nothing."""
 
-    def drop_count(self, s: Sparsifier, sp: SparseParam) -> int:
-        return 0
+    def drop_count(self, ctx: Context, sp: SparseParam) -> int:
+        """Required unless ``select_drops`` is overridden: how many active entries ``sp`` drops."""
+        raise NotImplementedError(f"{type(self).__name__} must override drop_count or select_drops")
 
-    def drop_scores(self, s: Sparsifier, sp: SparseParam) -> torch.Tensor:
+    def drop_scores(self, ctx: Context, sp: SparseParam) -> torch.Tensor:
+        """Optional: drop-side scores, the lowest dropped first. Default: magnitude."""
         return sp.magnitude()
 
-    def select_drops(self, s: Sparsifier, sps: list[SparseParam]) -> list[torch.Tensor]:
-        """Flat indices to drop, per tensor (all active)."""
-        return [sp.lowest_active(self.drop_scores(s, sp), self.drop_count(s, sp)) for sp in sps]
+    def select_drops(self, ctx: Context, sps: list[SparseParam]) -> list[torch.Tensor]:
+        """Flat indices to drop, per tensor (all active). Default: the ``drop_count`` lowest
+        ``drop_scores`` of each tensor."""
+        return [sp.lowest_active(self.drop_scores(ctx, sp), self.drop_count(ctx, sp)) for sp in sps]
 
-    def allocate(self, s: Sparsifier, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+    def allocate(self, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+        """Optional: how many entries each tensor grows. Default: what it dropped."""
         return list(dropped)
 
-    def grow_scores(self, s: Sparsifier, sp: SparseParam) -> torch.Tensor | None:
+    def grow_scores(self, ctx: Context, sp: SparseParam) -> torch.Tensor | None:
+        """Optional: grow-side scores, the highest grown first. Default None: uniformly at random."""
         return None
 
     # ---- the pipeline -------------------------------------------------------------------
-    def update(self, s: Sparsifier) -> tuple[int, int]:
-        self.prepare(s)
-        sps = list(s.params.values())
-        drops = self.select_drops(s, sps)
+    def update(self, ctx: Context) -> tuple[int, int]:
+        self.prepare(ctx)
+        sps = list(ctx.params.values())
+        drops = self.select_drops(ctx, sps)
         for sp, idx in zip(sps, drops):
             sp.drop(idx)
         dropped = [idx.numel() for idx in drops]
         grown = 0
-        for sp, count, idx in zip(sps, self.allocate(s, sps, dropped), drops):
-            scores = self.grow_scores(s, sp)
-            new = sp.grow_random(count, idx, s.generator) if scores is None else sp.grow_top(scores, count, idx)
-            grown += s.grow(sp, new)
+        for sp, count, idx in zip(sps, self.allocate(ctx, sps, dropped), drops):
+            scores = self.grow_scores(ctx, sp)
+            new = sp.grow_random(count, idx, ctx.generator) if scores is None else sp.grow_top(scores, count, idx)
+            grown += ctx.grow(sp, new)
         for sp in sps:  # CSR storage moves values and optimizer state now; masks are already done
-            sp.commit(s.optimizer)
+            ctx.commit(sp)
         return sum(dropped), grown
 
 
@@ -95,6 +109,15 @@ def allocate_proportionally(sps: list[SparseParam], dropped: list[int], weights:
     each tensor's free space (excluding the entries it just dropped)."""
     capacity = [sp.num_free - k for sp, k in zip(sps, dropped)]
     return allocate(weights, sum(dropped), capacity)
+
+
+def allocate_by_survivors(policy, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+    """The ``allocate`` step of SET and DSR (``allocate = allocate_by_survivors``): with
+    ``policy.scaling`` (the original's ``--rewire-scaling``) everything dropped is regrown across
+    tensors in proportion to their surviving entries; without it each tensor regrows what it dropped."""
+    if not policy.scaling:
+        return list(dropped)
+    return allocate_proportionally(sps, dropped, [sp.num_active for sp in sps])
 
 
 def cosine_fraction(initial: float, step: int, end_step: int) -> float:

@@ -19,6 +19,13 @@ def _off_mask_nonzero(s) -> list[int]:
     return torch.stack(counts).tolist() if counts else []
 
 
+def param_counts(s) -> dict[str, int]:
+    """:meth:`Sparsifier.param_counts`."""
+    return {"sparse": s.num_active_weights(), "sparse_nonzero": s.num_nonzero_weights(),
+            "sparse_total": s.num_sparse_weights(), "tied": 0,
+            "stored": sum(sp.param.numel() for sp in s.params.values())}
+
+
 def check_off_mask_zero(s) -> None:
     """Raise if a weight off the mask is nonzero: something changed the weights behind the
     sparsifier's back (weights loaded after it was built, an optimizer it is not attached to)."""

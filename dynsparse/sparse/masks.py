@@ -186,7 +186,7 @@ class SparseParam(EntryCounts):
     # ---- gradients off the mask (grow side) -----------------------------------------------
     def gradient_scores(self) -> torch.Tensor | None:
         """Grow-side scores of the dense gradient (RigL), read in ``before_optimizer_step`` of a
-        step whose policy ``wants_dense_grad``; None without a gradient."""
+        step when the sparsifier ``wants_dense_grad()`` (the policy's ``needs``); None without a gradient."""
         return None if self.param.grad is None else self.scores(self.param.grad)
 
     def dense_gradient(self) -> torch.Tensor | None:

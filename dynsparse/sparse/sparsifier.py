@@ -40,14 +40,13 @@ import dynsparse.sparse.export as _export
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.attach import StepHooks
 from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
-from dynsparse.sparse.masks import SparseParam
-from dynsparse.sparse.policy import Policy, RewireEvent
+from dynsparse.sparse.policy import Context, Needs, Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
 from dynsparse.sparse.sharded import check_policy, whole_masks
 from dynsparse.sparse.when import EveryStep, Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
-__all__ = ["Policy", "RewireEvent", "Sparsifier"]
+__all__ = ["Context", "Policy", "RewireEvent", "Sparsifier"]
 
 ZERO_PRESERVING_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad,
                               torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
@@ -78,12 +77,8 @@ class Sparsifier:
             raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
         if init not in (None, "random", "from_weights"):
             raise DynsparseError(f"init must be 'random' or 'from_weights', got {init!r}")
-        check_backend(backend)
-        if backend != "masked" and not mask_optimizer_state:
-            raise DynsparseError("mask_optimizer_state=False keeps optimizer state off the mask, which CSR storage "
-                                 "does not hold: use backend='masked'")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            raise DynsparseError(f"total_steps must be a whole number of optimizer steps >= 1, got {total_steps!r}")
+        check_backend(backend, mask_optimizer_state)
+        self.when = with_total_steps(policy.when, total_steps)  # ours: the caller's policy is never written to
         self.model, self.optimizer, self.policy = model, optimizer, policy
         self.new_weights, self.mask_optimizer_state, self.total_steps = new_weights, mask_optimizer_state, total_steps
         self.after_update = None  # e.g. the distributed consistency check
@@ -93,6 +88,7 @@ class Sparsifier:
         self.remask_weights = not (mask_optimizer_state and isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS))
         self.step_count, self.epoch, self.epoch_end_updates = 0, 0, 0
         self.events: list[RewireEvent] = []
+        self.signals: dict[str, object] = {}  # what the policy's ``needs`` asked for, for the coming step
         self.total_pruned = self.total_grown = 0
         self._before_done, self._verify = False, True
         if init == "from_weights":
@@ -111,22 +107,35 @@ class Sparsifier:
                                    generator=self.generator, backend=backend, batch_size=batch_size)
         check_policy(policy, self.params)
         self.apply_masks()
-        policy.when = with_total_steps(policy.when, total_steps)
-        policy.attach(self)
+        policy.attach(self.context())
         self._hooks = StepHooks(self) if hooks and optimizer is not None else None
-        if self._hooks is not None and isinstance(policy.when, Periodic):
-            policy.when.check_end()  # attached to a loop: say it now, not at its first backward
+        if self._hooks is not None and isinstance(self.when, Periodic):
+            self.when.check_end()  # attached to a loop: say it now, not at its first backward
         self._arm_capture()
 
     def _arm_capture(self) -> None:
-        """CSR weights keep the products' inputs through the coming step when the policy will
-        read the dense gradient (RigL before an update, SNFS every step), and only then."""
+        """CSR weights keep the products' inputs through the coming step only if the policy needs them."""
         want = None
         for sp in self.params.values():
             if sp.storage == "csr":
-                want = (self.policy.when.active(self.epoch)
-                        and self.policy.wants_dense_grad(self)) if want is None else want
+                want = (self.when.active(self.epoch) and self.wants_dense_grad()) if want is None else want
                 sp.capture(want)
+
+    def update_next(self) -> bool:  # whether the coming optimizer step changes the topology
+        return self.when.due(self.step_count + 1, self.epoch)
+
+    def _needs_now(self) -> Needs | None:
+        """The policy's ``needs`` if it asks for a signal of the coming step."""
+        needs = self.policy.needs
+        return needs if needs is not None and (needs.at == "step" or self.update_next()) else None
+
+    def wants_dense_grad(self) -> bool:
+        return (needs := self._needs_now()) is not None and needs.dense  # then CSR captures, hooks set aside
+
+    def context(self) -> Context:
+        """What the policy is handed (:class:`~dynsparse.sparse.policy.Context`), never the sparsifier."""
+        return Context(self.step_count, self.epoch, self.when, self.epoch_end_updates, self.generator, self.params,
+                       self.signals, self.new_weights, _commit=lambda sp: sp.commit(self.optimizer))
 
     def remove_hooks(self) -> None:
         """Detach from the optimizer and the gradients; the loop then calls ``before_optimizer_step()``
@@ -157,11 +166,14 @@ class Sparsifier:
             self._before_done = True
             self._hooks.restore_dense()
             # a host sync: after a load, and before a change unless changes come every step (DeepR)
-            if self._verify or (self.policy.when.due(self.step_count + 1, self.epoch)
-                                and not isinstance(self.policy.when, EveryStep)):
+            if self._verify or (self.update_next() and not isinstance(self.when, EveryStep)):
                 _export.check_off_mask_zero(self)
-        if self.policy.when.active(self.epoch):
-            self.policy.before_optimizer_step(self)
+        if self.when.active(self.epoch):
+            if (needs := self._needs_now()) is not None:
+                self.signals = needs.gather(self.params)
+            self.policy.before_optimizer_step(self.context())
+            if needs is not None and needs.at == "step":
+                self.signals = {}  # read by the hook; not held on to (the dense gradients)
         for name, sp in self.params.items():
             g = sp.param.grad
             # the accumulation hook masked it and nothing has touched it since: no second pass
@@ -185,14 +197,14 @@ class Sparsifier:
         if self.remask_weights:
             self.apply_masks(optimizer_state=False)
         last = self.total_steps is not None and self.step_count >= self.total_steps
-        if not last and self.policy.when.due(self.step_count, self.epoch):
+        if not last and self.when.due(self.step_count, self.epoch):
             self._record(*self._update())
         self._arm_capture()
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """Called after the last step of an epoch: epoch-driven policies (gradual pruning) act here."""
-        if self.policy.when.due_at_epoch_end(self.epoch, self.epoch_end_updates):
+        if self.when.due_at_epoch_end(self.epoch, self.epoch_end_updates):
             if self._hooks is not None:
                 _export.check_off_mask_zero(self)
             self.epoch_end_updates += 1
@@ -200,7 +212,8 @@ class Sparsifier:
 
     def _update(self) -> tuple[int, int]:
         with whole_masks(self.params.values()):  # FSDP2-sharded tensors decide on the whole mask
-            return self.policy.update(self)
+            out, self.signals = self.policy.update(self.context()), {}  # the signals were for this update
+        return out
 
     def _record(self, pruned: int, grown: int) -> None:
         for sp in self.params.values():  # a policy that drops and grows by hand, not through DropGrow
@@ -222,17 +235,6 @@ class Sparsifier:
         for sp in self.params.values():
             sp.apply_masks(optimizer)
 
-    def grow(self, sp: SparseParam, flat_idx: torch.Tensor) -> int:
-        """Activate ``flat_idx`` with new weights that are zero, or drawn from the initial
-        distribution with ``new_weights="initial"``; returns how many."""
-        count = flat_idx.numel()
-        values = None
-        if self.new_weights == "initial" and count:
-            values = torch.randn(count, sp.slice_size, generator=self.generator,
-                                 device=self.generator.device) * sp.new_weights_std()
-        sp.activate(flat_idx, values)
-        return count
-
     # ---- statistics -------------------------------------------------------------------------
     def densities(self) -> dict[str, float]:
         return {n: sp.density for n, sp in self.params.items()}
@@ -251,9 +253,7 @@ class Sparsifier:
     def param_counts(self) -> dict[str, int]:
         """Active weights of the sparse tensors (mask entries), those really nonzero, and the size
         of those tensors (the run's parameter accounting adds the dense rest)."""
-        return {"sparse": self.num_active_weights(), "sparse_nonzero": self.num_nonzero_weights(),
-                "sparse_total": self.num_sparse_weights(), "tied": 0,
-                "stored": sum(sp.param.numel() for sp in self.params.values())}
+        return _export.param_counts(self)
 
     def summary(self) -> str:
         """A printable table: each sparse tensor (with its other names), shape, density, mask

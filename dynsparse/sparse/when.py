@@ -101,7 +101,10 @@ class AtEpochEnds(When):
 
 
 def with_total_steps(when: When, total_steps: int | None) -> When:
-    """``when`` with an ``end_fraction`` turned into an ``end_step`` of ``total_steps``."""
+    """``when`` with an ``end_fraction`` turned into an ``end_step`` of ``total_steps`` (a new
+    object: ``when`` is the caller's)."""
+    if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+        raise DynsparseError(f"total_steps must be a whole number of optimizer steps >= 1, got {total_steps!r}")
     if total_steps is None or not isinstance(when, Periodic) or when.end_fraction is None or when.end_step is not None:
         return when
     return replace(when, end_step=max(int(when.end_fraction * total_steps), 1), end_fraction=None)

@@ -10,8 +10,8 @@ from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policies.registry import register_policy
+from dynsparse.sparse.policy import Context
 from dynsparse.sparse.sharded import ShardedParam, is_sharded
-from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.when import EveryStep, When
 
 
@@ -44,11 +44,11 @@ class DeepR(DropGrow):
         self.signs: dict[str, torch.Tensor] = {}
         self.sharded: dict[str, ShardedParam] = {}
 
-    def attach(self, s: Sparsifier) -> None:
-        if any(sp.granularity != len(sp.shape) for sp in s.params.values()):
+    def attach(self, ctx: Context) -> None:
+        if any(sp.granularity != len(sp.shape) for sp in ctx.params.values()):
             raise DynsparseError("DeepR needs per-weight masks (--sub-kernel-granularity 4)")
-        self.signs = {n: self._sign(sp) for n, sp in s.params.items()}
-        self.sharded = {n: sp for n, sp in s.params.items() if isinstance(sp, ShardedParam)}
+        self.signs = {n: self._sign(sp) for n, sp in ctx.params.items()}
+        self.sharded = {n: sp for n, sp in ctx.params.items() if isinstance(sp, ShardedParam)}
 
     @staticmethod
     def _sign(sp: SparseParam) -> torch.Tensor:
@@ -64,14 +64,14 @@ class DeepR(DropGrow):
         noise = noise_of(sp.num_active)[start:start + idx.numel()]  # the whole tensor's draw, our part
         local.index_put_(torch.unravel_index(idx, local.shape), noise.to(local), accumulate=True)
 
-    def before_optimizer_step(self, s: Sparsifier) -> None:
-        std = math.sqrt(2.0 * self.eta * self.temperature(s.epoch))
-        for sp in s.params.values():
+    def before_optimizer_step(self, ctx: Context) -> None:
+        std = math.sqrt(2.0 * self.eta * self.temperature(ctx.epoch))
+        for sp in ctx.params.values():
             g = sp.param.grad
             if g is None or sp.num_active == sp.num_entries or std == 0.0:
                 continue
             def noise_of(n: int) -> torch.Tensor:
-                return torch.randn(n, generator=s.generator, device=s.generator.device) * std
+                return torch.randn(n, generator=ctx.generator, device=ctx.generator.device) * std
             if isinstance(sp, ShardedParam):
                 self._sharded_noise(sp, g, noise_of)
                 continue
@@ -80,23 +80,23 @@ class DeepR(DropGrow):
             g.index_put_(torch.unravel_index(idx, g.shape), noise_of(idx.numel()).to(g), accumulate=True)
 
     # counts stay on the device (no host sync every step): Policy.update's declared ints are too narrow
-    def update(self, s: Sparsifier) -> tuple[torch.Tensor | int, torch.Tensor | int]:  # type: ignore[override]
+    def update(self, ctx: Context) -> tuple[torch.Tensor | int, torch.Tensor | int]:  # type: ignore[override]
         """Drop the sign flips and regrow as many at random, all on the device (no host sync: this
         runs every step; the storages' ``swap_random``). Drops and grows always match, so the
         density never drifts: should the random draws find fewer free entries than there are
         flips (a tensor nearly full, or flips by the thousand), only the first flips are dropped."""
         changed: torch.Tensor | int = 0
-        for sp in s.params.values():
+        for sp in ctx.params.values():
             sign = self.signs[sp.name].to(sp.device)
             if sp.num_free == 0:
                 continue
             flips = (self._sign(sp) * sign < 0)
             # sharded: the whole tensor's flips (the mask is whole during an update)
             flips = sp.only_active(sp.gather_flags(flips) if isinstance(sp, ShardedParam) else flips.reshape(-1))
-            new_std = sp.new_weights_std() if s.new_weights == "initial" else None
-            changed = changed + sp.swap_random(flips, flips.sum(), s.generator, new_std)
-        for sp in s.params.values():
-            sp.commit(s.optimizer)  # CSR storage moves its values now
+            new_std = sp.new_weights_std() if ctx.new_weights == "initial" else None
+            changed = changed + sp.swap_random(flips, flips.sum(), ctx.generator, new_std)
+        for sp in ctx.params.values():
+            ctx.commit(sp)  # CSR storage moves its values now
             if isinstance(sp, ShardedParam):  # the sparsifier zeroes the weights after the update
                 sign = self._sign(sp)
                 self.signs[sp.name] = sign * sp.rows_of(sp.mask).view_as(sign)

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 import torch
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.dropgrow import DropGrow, allocate_proportionally
+from dynsparse.sparse.dropgrow import DropGrow, allocate_by_survivors
 from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policies.registry import register_policy
-from dynsparse.sparse.sparsifier import Sparsifier
+from dynsparse.sparse.policy import Context
 from dynsparse.sparse.when import When
 
 
@@ -37,7 +37,7 @@ class DSR(DropGrow):
         super().__init__(when)
         self.n_prune, self.scaling, self.threshold, self.tolerance = n_prune, scaling, threshold, tolerance
 
-    def select_drops(self, s: Sparsifier, sps: list[SparseParam]) -> list[torch.Tensor]:
+    def select_drops(self, ctx: Context, sps: list[SparseParam]) -> list[torch.Tensor]:
         mags = [sp.magnitude() for sp in sps]
         below = [sp.active_below(m, self.threshold) for sp, m in zip(sps, mags)]
         counts = torch.stack([b.sum() for b in below]).tolist()  # one host sync for all tensors
@@ -49,13 +49,10 @@ class DSR(DropGrow):
             out.append(torch.nonzero_static(b, size=k).view(-1))  # the count is known: no device sync
         return out
 
-    def allocate(self, s: Sparsifier, sps: list[SparseParam], dropped: list[int]) -> list[int]:
-        if not self.scaling:
-            return list(dropped)
-        return allocate_proportionally(sps, dropped, [sp.num_active for sp in sps])
+    allocate = allocate_by_survivors
 
-    def update(self, s: Sparsifier) -> tuple[int, int]:
-        dropped, grown = super().update(s)
+    def update(self, ctx: Context) -> tuple[int, int]:
+        dropped, grown = super().update(ctx)
         if dropped > (1 + self.tolerance) * self.n_prune:
             self.threshold /= 2
         elif dropped < (1 - self.tolerance) * self.n_prune:

@@ -30,7 +30,7 @@ from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import SparseParam, count_for_density
 from dynsparse.sparse.policies.registry import register_policy
-from dynsparse.sparse.sparsifier import Sparsifier
+from dynsparse.sparse.policy import Context
 from dynsparse.sparse.when import AtEpochEnds, When
 
 
@@ -60,20 +60,17 @@ class GradualPruning(DropGrow):
         self.targets = dict(targets)
         self.cubic, self.global_threshold = cubic, global_threshold
 
-    @property
-    def iterations(self) -> int:
-        return getattr(self.when, "count", 1)
-
-    def counts(self, s: Sparsifier) -> dict[str, int]:
-        """Entries each tensor loses at the prune being made (the ``s.epoch_end_updates``-th)."""
+    def counts(self, ctx: Context) -> dict[str, int]:
+        """Entries each tensor loses at the prune being made (the ``ctx.epoch_end_updates``-th)."""
         out = {}
-        for name, sp in s.params.items():
-            target = scheduled_sparsity(self.targets.get(name, 0.0), s.epoch_end_updates, self.iterations, self.cubic)
+        iterations = getattr(ctx.when, "count", 1)
+        for name, sp in ctx.params.items():
+            target = scheduled_sparsity(self.targets.get(name, 0.0), ctx.epoch_end_updates, iterations, self.cubic)
             out[name] = max(sp.num_active - keep_count(sp.num_entries, target), 0)
         return out
 
-    def select_drops(self, s: Sparsifier, sps: list[SparseParam]) -> list[torch.Tensor]:
-        counts = self.counts(s)
+    def select_drops(self, ctx: Context, sps: list[SparseParam]) -> list[torch.Tensor]:
+        counts = self.counts(ctx)
         if not self.global_threshold:
             return [sp.lowest_active(sp.magnitude(), counts[sp.name]) for sp in sps]
         # global: the same total, taken where magnitudes are globally smallest (one entry kept per tensor)
@@ -96,5 +93,5 @@ class GradualPruning(DropGrow):
             offset += m.numel()
         return [out.get(sp.name, empty) for sp in sps]
 
-    def allocate(self, s: Sparsifier, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+    def allocate(self, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
         return [0] * len(sps)

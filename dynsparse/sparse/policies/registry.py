@@ -56,10 +56,11 @@ class PolicySpec:
 
     @property
     def options(self) -> dict[str, Option]:
-        """The constructor's parameters the command line sets, in signature order."""
+        """The constructor's parameters the command line sets, in signature order. Keyword-only
+        ones (after ``*``) are for subclasses to set (SET's ``extra`` and ``cosine``), not flags."""
         out = {}
         for p in inspect.signature(self.cls).parameters.values():
-            if p.name in ("when", *self.context) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.name in ("when", *self.context) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY):
                 continue
             if p.default is inspect.Parameter.empty:
                 raise DynsparseError(f"policy {self.name}: parameter {p.name!r} needs a default (or list it in "

@@ -8,10 +8,10 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import allocate_proportionally
-from dynsparse.sparse.masks import SparseParam, keep_one
+from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policies.rigl import RigL
-from dynsparse.sparse.sparsifier import Sparsifier
+from dynsparse.sparse.policy import Context, Needs
 from dynsparse.sparse.when import When
 
 
@@ -28,6 +28,8 @@ class SNFS(RigL):
     the policy's own dense exponential average of the gradient, ``m = beta m + g``, because the
     optimizer's momentum is kept zero off the mask here."""
 
+    needs = Needs("dense_grad", at="step")  # the momentum is dense, every step
+
     def __init__(self, fraction: float = 0.5, beta: float = 0.9, when: When | None = None) -> None:
         super().__init__(fraction, when)
         if not 0.0 <= beta < 1.0:
@@ -35,39 +37,37 @@ class SNFS(RigL):
         self.beta = beta
         self.momentum: dict[str, torch.Tensor] = {}
         self.importance: list[float] = []
+        self.momentum_scores: dict[str, torch.Tensor] = {}  # grow scores of the update being made
 
-    def attach(self, s: Sparsifier) -> None:
-        self._params = s.params  # where the weights live, for a loaded momentum
+    def attach(self, ctx: Context) -> None:
+        self._params = ctx.params  # where the weights live, for a loaded momentum
         # allocated up front (0 * beta + g is g exactly), so that a state_dict taken before the
         # first step already holds every momentum: torch.distributed.checkpoint loads into it
-        self.momentum = {n: torch.zeros_like(sp.param) for n, sp in s.params.items() if sp.storage == "masked"}
+        self.momentum = {n: torch.zeros_like(sp.param) for n, sp in ctx.params.items() if sp.storage == "masked"}
 
-    def wants_dense_grad(self, s: Sparsifier) -> bool:
-        return True  # the momentum is dense, every step
-
-    def before_optimizer_step(self, s: Sparsifier) -> None:
-        for name, sp in s.params.items():
-            g = sp.dense_gradient()
-            if g is None:
-                continue
+    def before_optimizer_step(self, ctx: Context) -> None:
+        for name, g in ctx.signals.items():
             m = self.momentum.get(name)
             if m is not None and m.device != g.device:  # the model was moved (model.to(...))
                 m = m.to(g.device)
             self.momentum[name] = g.detach().clone() if m is None else m.mul_(self.beta).add_(g)
 
-    def prepare(self, s: Sparsifier) -> None:
-        super().prepare(s)
-        self.grow_signal = {n: sp.scores(self.momentum[n]) for n, sp in s.params.items()}
-        self.importance = torch.stack([sp.active_mean(self.grow_signal[n]) for n, sp in s.params.items()]).tolist()
+    def prepare(self, ctx: Context) -> None:
+        super().prepare(ctx)
+        self.momentum_scores = {n: sp.scores(self.momentum[n]) for n, sp in ctx.params.items()}
+        self.importance = torch.stack([sp.active_mean(self.momentum_scores[n])
+                                       for n, sp in ctx.params.items()]).tolist()
 
-    def drop_count(self, s: Sparsifier, sp: SparseParam) -> int:
-        return keep_one(sp.num_active, int(self.frac * sp.num_active))
-
-    def allocate(self, s: Sparsifier, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+    def allocate(self, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
         return allocate_proportionally(sps, dropped, self.importance)
 
-    def update(self, s: Sparsifier) -> tuple[int, int]:
-        return super().update(s) if self.momentum else (0, 0)
+    def grow_scores(self, ctx: Context, sp: SparseParam) -> torch.Tensor | None:
+        return self.momentum_scores.get(sp.name)
+
+    def update(self, ctx: Context) -> tuple[int, int]:
+        out = super().update(ctx) if self.momentum else (0, 0)
+        self.momentum_scores = {}
+        return out
 
     def state_dict(self) -> dict:
         return {"fraction": self.fraction, "beta": self.beta,
