@@ -57,10 +57,12 @@ class PolicySpec:
     @property
     def options(self) -> dict[str, Option]:
         """The constructor's parameters the command line sets, in signature order. Keyword-only
-        ones (after ``*``) are for subclasses to set (SET's ``extra`` and ``cosine``), not flags."""
+        ones (after ``*``) are for subclasses to set (SET's ``extra`` and ``cosine``), not flags,
+        unless ``fields`` maps them to a flag (pruning's ``cubic``: ``--cubic-prune-schedule``)."""
         out = {}
         for p in inspect.signature(self.cls).parameters.values():
-            if p.name in ("when", *self.context) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY):
+            if p.name in ("when", *self.context) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or \
+                    (p.kind == p.KEYWORD_ONLY and p.name not in self.fields):
                 continue
             if p.default is inspect.Parameter.empty:
                 raise DynsparseError(f"policy {self.name}: parameter {p.name!r} needs a default (or list it in "
