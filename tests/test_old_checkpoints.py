@@ -1,9 +1,9 @@
 """A checkpoint written before the package was split by concern (issue 24 item 4) still loads and resumes.
 
 tests/data/old_layout_run/ holds ``checkpoint.pt`` and ``config.json`` of a 1-epoch ``mnist_mlp`` run at fc
-sparsity 0.9 on the tiny synthetic MNIST of conftest.py, written by commit 2e3538b (flat layout: dynsparse/run.py,
-dynsparse/checkpoint.py, ...). Checkpoints are read with ``weights_only=True``, so they hold no module paths; this
-test keeps it that way.
+sparsity 0.9 on the tiny synthetic MNIST of conftest.py, written by commit 2e3538b (the flat layout:
+``dynsparse/run.py``, ``dynsparse/checkpoint.py``, ...). Checkpoints are read with ``weights_only=True``, so they
+hold no module paths; this test keeps it that way.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from dynsparse.checkpoint import read_checkpoint
-from dynsparse.cli import parse_train_args
-from dynsparse.run import run_training
+from dynsparse.cli.main import parse_train_args
+from dynsparse.training.checkpoint import read_checkpoint
+from dynsparse.training.run import run_training
 
 OLD = Path(__file__).parent / "data" / "old_layout_run"
 

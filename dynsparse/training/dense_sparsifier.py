@@ -3,7 +3,7 @@
 The loop calls ``set_epoch``, ``before_optimizer_step``, ``step`` and ``end_epoch``; the run
 calls ``drain_events``, ``metrics``, ``param_counts``, ``totals``, ``state_dict`` and ``restore``.
 :class:`~dynsparse.sparse.Sparsifier` implements them all; :class:`NoSparsity` (dense training)
-and :class:`~dynsparse.tied.TiedModel` implement what they need on top of this base.
+and :class:`~dynsparse.training.tied_weights.TiedModel` implement what they need on top of this base.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Field names follow the original command-line flags (``--initial-sparsity-conv`` ->
 ``initial_sparsity_conv``, ``--DeepR_eta`` -> ``DeepR_eta``) so that a configuration can be
 compared with an original job line at a glance. Which method a set of flags means is decided by
-the method table in :mod:`dynsparse.legacy`, which also checks the method's own settings.
+the method table in :mod:`dynsparse.training.engine_adapter`, which also checks the method's own settings.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     overwrite: bool = False
     progress: bool = True
-    logger: str = ""  # comma-separated: csv, tensorboard, wandb (dynsparse.loggers)
+    logger: str = ""  # comma-separated: csv, tensorboard, wandb (dynsparse.training.loggers)
     # issue 11: global magnitude pruning (the original's --threshold-prune is ignored in prune mode)
     global_prune: bool = False
     tied_per_kernel: bool = False  # issue 11: --tied shares per 3x3 kernel (the original always shares per weight)
@@ -104,11 +104,11 @@ class TrainConfig:
     dataset: str = ""  # "": the model's own; fashion_mnist for the MNIST models (DATASET_CHOICES)
     sparse_backend: str = "masked"  # issue 14: masked, csr (truly sparse linear layers) or auto
     sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
-    image_size: int = 0  # ImageFolder crop size; 0: from the data, at most 224 (dynsparse.imagefolder)
-    fsdp: bool = False  # issue 26: parameters sharded by FSDP2 under torchrun (dynsparse.fsdp)
+    image_size: int = 0  # ImageFolder crop size; 0: from the data, at most 224 (dynsparse.data.imagefolder)
+    fsdp: bool = False  # issue 26: parameters sharded by FSDP2 under torchrun (dynsparse.training.fsdp)
     # issue 24: the policy options given by their own flags (--lam 0.5), as sorted (name, value) pairs
     method_options: tuple[tuple[str, object], ...] = ()
-    plugin: str = ""  # comma-separated modules (or .py files) that register methods (dynsparse.method_flags)
+    plugin: str = ""  # comma-separated modules (or .py files) that register methods (dynsparse.training.method_flags)
 
     def __post_init__(self) -> None:
         # configs come back from JSON as lists, from the command line as "300,100"
@@ -168,7 +168,7 @@ class TrainConfig:
             other = "" if own in DATASET_CHOICES else " (fashion_mnist is for the MNIST models: mnist_mlp)"
             raise DynsparseError(f"--dataset {self.dataset} is not available for {self.model}; valid choices: "
                                  f"{', '.join(choices)}{other}")
-        from dynsparse.loggers import parse_names
+        from dynsparse.training.loggers import parse_names
         parse_names(self.logger)
         for flag, value in (("--initial-sparsity-conv", self.initial_sparsity_conv),
                             ("--initial-sparsity-fc", self.initial_sparsity_fc)):

@@ -37,7 +37,7 @@ def _flag(field: str) -> str:
 def config_differences(saved: dict, new: dict) -> list[str]:
     """``--flag saved -> new`` for every field that differs and may not change on resume. A field
     the saved configuration lacks (a run from before the field existed) counts as its default."""
-    from dynsparse.config import TrainConfig
+    from dynsparse.training.config import TrainConfig
     defaults = TrainConfig().to_dict()
     out = []
     for key in sorted(set(saved) | set(new)):
@@ -50,7 +50,7 @@ def config_differences(saved: dict, new: dict) -> list[str]:
 def _same_file(old, now) -> bool:
     """Two schedule paths that name the same file: a run saved the name it was given
     (``mnist_schedule.yaml``), a newer one the bundled copy that name resolved to."""
-    from dynsparse.schedule import resolve_schedule_path
+    from dynsparse.training.epoch_schedules import resolve_schedule_path
     if not old or not now:
         return False
     try:

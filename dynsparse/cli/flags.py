@@ -1,9 +1,9 @@
 """The flags of ``dynsparse train``: every flag of the original ``main.py`` with the same names,
 meanings and defaults, plus dynsparse's own, a registered method's own switch (``--mest``) and one
-per option of a registered policy (``dynsparse.method_flags``).
+per option of a registered policy (``dynsparse.training.method_flags``).
 
 ``config_from_args`` is the one table-driven translation from parsed flags to a
-:class:`~dynsparse.config.TrainConfig`; nothing else reads argparse attributes.
+:class:`~dynsparse.training.config.TrainConfig`; nothing else reads argparse attributes.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynsparse.config import TrainConfig
-from dynsparse.config_file import peek_config, read_config_file
+from dynsparse.cli.config_file import peek_config, read_config_file
 from dynsparse.errors import DynsparseError
-from dynsparse.legacy import METHODS, check
-from dynsparse.method_flags import add_option_flags, load_plugins, options_from_args, peek_plugins
-from dynsparse.schedule import resolve_schedule_path
 from dynsparse.sparse.budget import BUDGETS
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.engine_adapter import METHODS, check
+from dynsparse.training.epoch_schedules import resolve_schedule_path
+from dynsparse.training.method_flags import add_option_flags, load_plugins, options_from_args, peek_plugins
 
 DEFAULTS = TrainConfig()
 

@@ -1,5 +1,5 @@
 """The command line: ``dynsparse train`` (every flag of the original ``main.py``, see
-:mod:`dynsparse.flags`), ``dynsparse sweep`` and ``dynsparse report``. Every
+:mod:`dynsparse.cli.flags`), ``dynsparse sweep`` and ``dynsparse report``. Every
 :class:`~dynsparse.errors.DynsparseError` ends the program with one line on stderr and exit 2;
 Ctrl-C and SIGTERM end it with the path to resume from.
 """
@@ -11,9 +11,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from dynsparse import __version__, torchrun
+from dynsparse import __version__
+from dynsparse.cli import torchrun
+from dynsparse.cli.flags import SuggestingParser, parse_train_args
 from dynsparse.errors import DynsparseError
-from dynsparse.flags import SuggestingParser, parse_train_args
 
 __all__ = ["build_parser", "main", "original_main", "parse_train_args"]
 
@@ -102,13 +103,13 @@ def _main(argv: list[str]) -> int:
         if argv and argv[0] == "train":
             cfg, opts = parse_train_args(argv[1:], with_options=True, one_line_errors=True)
             if opts.dry_run:
-                from dynsparse.dryrun import describe
+                from dynsparse.cli.dryrun import describe
                 text, problem = describe(cfg)
                 print(text)
                 if problem:
                     raise DynsparseError(f"{problem}; pass --data DIR or set DYNSPARSE_DATA")
                 return 0
-            from dynsparse.run import run_training
+            from dynsparse.training.run import run_training
             run_training(cfg, argv=["dynsparse", *argv], echo=print, debug_distributed=opts.debug_distributed)
             return 0
         extra: list[str] = []
@@ -116,18 +117,18 @@ def _main(argv: list[str]) -> int:
             argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
         ns = build_parser().parse_args(argv)
         if ns.command == "sweep":
-            from dynsparse.sweep import outcome_summary, run_sweep
+            from dynsparse.experiments.sweep import outcome_summary, run_sweep
             outcome = run_sweep(ns.file, job_idx=ns.job_idx, index_range=ns.index_range, extra=extra,
                                 dry_run=ns.dry_run)
             print(outcome_summary(outcome, dry_run=ns.dry_run))
             return 1 if any(v.startswith("failed") for v in outcome.values()) else 0
         if ns.command == "export":
-            from dynsparse.deploy import export_run
+            from dynsparse.training.deploy import export_run
             done = export_run(ns.run_dir, ns.out, ns.export_format)
             print(f"wrote {done['file']} ({done['bytes']:,} bytes, {done['format']}) from {done['checkpoint']}")
             return 0
         if ns.command == "report":
-            from dynsparse.report import build_report
+            from dynsparse.experiments.report import build_report
             paths = build_report(ns.runs, ns.out, title=ns.title)
             print("wrote " + ", ".join(str(p) for p in paths))
             return 0

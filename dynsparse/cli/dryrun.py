@@ -11,15 +11,21 @@ from pathlib import Path
 
 import torch
 
-from dynsparse.checkpoint import holds_run
-from dynsparse.config import TrainConfig
 from dynsparse.data import resolve_data_root
-from dynsparse.datasets import CIFAR10_DIR, CIFAR10_FILES, MNIST_FILES
+from dynsparse.data.datasets import CIFAR10_DIR, CIFAR10_FILES, MNIST_FILES
+from dynsparse.data.imagefolder import count_images, default_workers, image_size, seconds_per_step, slow_cpu_warning
 from dynsparse.errors import DynsparseError
-from dynsparse.imagefolder import count_images, default_workers, image_size, seconds_per_step, slow_cpu_warning
-from dynsparse.legacy import build_sparsifier, direct_sparse_density, method_label, method_of, param_counts
 from dynsparse.models import create_model
-from dynsparse.schedule import BUNDLED_DIR, load_schedules
+from dynsparse.training.checkpoint import holds_run
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.engine_adapter import (
+    build_sparsifier,
+    direct_sparse_density,
+    method_label,
+    method_of,
+    param_counts,
+)
+from dynsparse.training.epoch_schedules import BUNDLED_DIR, load_schedules
 
 # classes and training samples of each data set, as the loaders will find them
 KNOWN = {"mnist": (10, 60_000), "fashion_mnist": (10, 60_000), "cifar10": (10, 50_000), "imagenet": (1000, 1_281_167)}

@@ -1,7 +1,7 @@
 """The training loop: plain functions that read top to bottom.
 
 Nothing here imports the sparsity code. The loop calls a *sparsifier* (any object with
-``before_optimizer_step()`` and ``step()``, see :mod:`dynsparse.hooks`; ``None`` for dense
+``before_optimizer_step()`` and ``step()``, see :mod:`dynsparse.training.dense_sparsifier`; ``None`` for dense
 training) at the two visible points of every step, and adds an optional ``penalty()`` to the loss.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dynsparse.hooks import NoSparsity
+from dynsparse.training.dense_sparsifier import NoSparsity
 
 
 class Diverged(Exception):

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynsparse.convnets import Bottleneck, ResNet50, WideBasicBlock, WideResNet  # noqa: F401 (re-exported)
 from dynsparse.errors import DynsparseError, unknown_choice
+from dynsparse.models.convnets import Bottleneck, ResNet50, WideBasicBlock, WideResNet  # noqa: F401 (re-exported)
 from dynsparse.sparse.csr_ops import batch_norm
 from dynsparse.sparse.masks import conv_and_linear_weights
 
@@ -41,7 +41,7 @@ SPARSE_LAYER_TYPES: dict[str, tuple[str, ...]] = {
 def dataset_of(model_name: str) -> str:
     """The dataset a registered model is built for: ``"mnist"``, ``"cifar10"`` or ``"imagenet"``
     (``torchvision:NAME`` and ``timm:NAME`` models train on ImageFolder data: ``"imagenet"``)."""
-    from dynsparse import zoo
+    from dynsparse.models import zoo
     if zoo.is_zoo_name(model_name):
         zoo.check_zoo_name(model_name)
         return zoo.DATASET
@@ -124,10 +124,10 @@ def create_model(name: str, *, num_classes: int = 10, layers: int = 28, widen_fa
     and ResNet-50 (its default 10 is the reference CLI's WRN default; it would make a huge
     ResNet). Raises :class:`DynsparseError` for an unknown name (listing the valid ones), a WRN
     depth that is not 6n+4 with n >= 1, a non-positive ``widen_factor`` or ``num_classes``.
-    ``torchvision:NAME`` and ``timm:NAME`` build an untrained standard model (:mod:`dynsparse.zoo`).
+    ``torchvision:NAME`` and ``timm:NAME`` build an untrained standard model (:mod:`dynsparse.models.zoo`).
     """
-    if name.startswith(("torchvision:", "timm:")):  # standard models: dynsparse/zoo.py
-        from dynsparse.zoo import create_zoo_model
+    if name.startswith(("torchvision:", "timm:")):  # standard models: dynsparse/models/zoo.py
+        from dynsparse.models.zoo import create_zoo_model
         return create_zoo_model(name, num_classes)
     if name not in _BUILDERS:
         raise unknown_choice("model", name, MODEL_NAMES)

@@ -57,7 +57,7 @@ def _whole(obj):
 
 def prepare(cfg, model: nn.Module, info) -> None:
     """Checks, then the model sharded (before its optimizer is built: it must hold the shards)."""
-    from dynsparse.legacy import method_of
+    from dynsparse.training.engine_adapter import method_of
     check(cfg, method_of(cfg))
     if not info.enabled:
         raise DynsparseError("--fsdp shards over the processes of a torchrun job: launch with "
@@ -103,9 +103,9 @@ class _Whole:
 
 
 def check_consistency(model: nn.Module, sparsifier, info, where: str) -> None:
-    """``--debug-distributed``: :func:`dynsparse.distributed.check_consistency`, on the whole
+    """``--debug-distributed``: :func:`dynsparse.training.distributed.check_consistency`, on the whole
     tensors when they are sharded (each rank's rows differ by design)."""
-    from dynsparse import distributed
+    from dynsparse.training import distributed
     if any(is_sharded(p) for p in model.parameters()):
         params = getattr(sparsifier, "params", {})
         masks = {n: _Whole(full_weight(sp.topology())) for n, sp in params.items()}

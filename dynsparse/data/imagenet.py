@@ -28,9 +28,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
-from dynsparse.datasets import DATA_ENV
+from dynsparse.data.datasets import DATA_ENV
+from dynsparse.data.loaders import DataBundle, epoch_generator, pad_to_multiple
 from dynsparse.errors import DynsparseError
-from dynsparse.loaders import DataBundle, epoch_generator, pad_to_multiple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -171,7 +171,7 @@ def build_imagenet(root: Path, *, batch_size: int, eval_batch_size: int, device:
     ``holdout`` > 0 moves the last ``holdout`` training images (in ``ImageFolder``'s sorted
     order) into ``val``. Only the training loader keeps its workers alive between epochs: the
     evaluation loaders run once per epoch, and idle workers would each hold a copy of the
-    sample list. ``image_size``: the crop size, 0 for :func:`dynsparse.imagefolder.image_size`'s."""
+    sample list. ``image_size``: the crop size, 0 for :func:`dynsparse.data.imagefolder.image_size`'s."""
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         raise DynsparseError(f"ImageNet not found: missing {' and '.join(m + '/' for m in missing)}"
@@ -189,8 +189,8 @@ def build_imagenet(root: Path, *, batch_size: int, eval_batch_size: int, device:
                              f"images, but {os.path.abspath(root / 'train')} has only "
                              f"{len(samples)}")
     n = len(samples) - holdout
-    from dynsparse.imagefolder import image_size as size_of
-    from dynsparse.imagefolder import resize_size
+    from dynsparse.data.imagefolder import image_size as size_of
+    from dynsparse.data.imagefolder import resize_size
     crop, why = size_of(root, image_size, cap=CROP_SIZE)
     resize = RESIZE_SIZE if crop == CROP_SIZE else resize_size(crop)
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.hooks import NoSparsity
-from dynsparse.regularizers import sparsity_penalty
+from dynsparse.training.dense_sparsifier import NoSparsity
+from dynsparse.training.regularizers import sparsity_penalty
 
 
 def uniform_coverage(bank_size: int, positions: int, generator: torch.Generator) -> torch.Tensor:

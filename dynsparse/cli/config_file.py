@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from dynsparse.errors import DynsparseError, did_you_mean
-from dynsparse.io import read_yaml
+from dynsparse.outputs.atomic import read_yaml
 
 # keys that make no sense in a file of flags
 _NOT_IN_FILE = {"help", "config"}

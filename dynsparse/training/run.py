@@ -26,8 +26,14 @@ from pathlib import Path
 
 import torch
 
-from dynsparse import distributed, fsdp
-from dynsparse.checkpoint import (
+from dynsparse.data import build_data, resolve_data_root
+from dynsparse.errors import DynsparseError
+from dynsparse.models import create_model
+from dynsparse.outputs.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from dynsparse.outputs.evidence import evidence
+from dynsparse.sparse.compact import pack_state
+from dynsparse.training import distributed, fsdp
+from dynsparse.training.checkpoint import (
     CHECKPOINT_FORMAT,
     check_not_shorter,
     check_runs_dir,
@@ -37,13 +43,9 @@ from dynsparse.checkpoint import (
     load_checkpoint,
     prepare_run_dir,
 )
-from dynsparse.config import TrainConfig
-from dynsparse.console import epoch_header, run_header, write_failed
-from dynsparse.data import build_data, resolve_data_root
-from dynsparse.errors import DynsparseError
-from dynsparse.evidence import evidence
-from dynsparse.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from dynsparse.legacy import (
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.console import epoch_header, run_header, write_failed
+from dynsparse.training.engine_adapter import (
     build_penalty,
     build_sparsifier,
     direct_sparse_density,
@@ -51,11 +53,9 @@ from dynsparse.legacy import (
     method_of,
     param_counts,
 )
-from dynsparse.loggers import create_logger, epoch_scalars
-from dynsparse.models import create_model
-from dynsparse.schedule import load_schedules
-from dynsparse.sparse.compact import pack_state
-from dynsparse.train import Diverged, evaluate, set_lr, summarize, train_one_epoch
+from dynsparse.training.epoch_schedules import load_schedules
+from dynsparse.training.loggers import create_logger, epoch_scalars
+from dynsparse.training.loop import Diverged, evaluate, set_lr, summarize, train_one_epoch
 
 
 class _Run:

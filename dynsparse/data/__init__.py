@@ -16,13 +16,13 @@ Contract:
 - (Fashion-)MNIST and CIFAR-10 live entirely on the device as uint8 tensors; batches are gathered,
   augmented (CIFAR: reflect-pad 4, random 32x32 crop, horizontal flip) and normalized there,
   with no per-sample Python work. ImageNet (torchvision ``ImageFolder`` layout) is decoded by a
-  ``DataLoader`` with worker processes; see :mod:`dynsparse.imagenet`.
+  ``DataLoader`` with worker processes; see :mod:`dynsparse.data.imagenet`.
 - Data roots: MNIST is read from ``ROOT/MNIST/raw/`` (torchvision's layout) or ``ROOT/``;
   Fashion-MNIST (``"fashion_mnist"``, handled exactly as MNIST with its own normalization) from
   ``ROOT/FashionMNIST/raw/`` or ``ROOT/``; CIFAR-10 from ``ROOT/cifar-10-batches-py/`` or
   ``ROOT/``; ImageNet from ``ROOT/train`` and ``ROOT/val``. Missing MNIST/CIFAR files are
   downloaded (checksum verified) unless
-  ``download=False``; the readers and downloads are in :mod:`dynsparse.datasets`. Every problem
+  ``download=False``; the readers and downloads are in :mod:`dynsparse.data.datasets`. Every problem
   the user can fix raises :class:`DynsparseError`.
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dynsparse.datasets import DATA_ENV, load_cifar10, load_fashion_mnist, load_mnist
+from dynsparse.data.datasets import DATA_ENV, load_cifar10, load_fashion_mnist, load_mnist
+from dynsparse.data.loaders import DataBundle, Loader, epoch_generator, pad_to_multiple  # noqa: F401 (Loader: re-exported)
 from dynsparse.errors import DynsparseError, unknown_choice
-from dynsparse.loaders import DataBundle, Loader, epoch_generator, pad_to_multiple  # noqa: F401 (Loader: re-exported)
 
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "imagenet")
 DEFAULT_DATA_ROOT = Path("./data")
@@ -165,7 +165,7 @@ def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.devic
     flip; ImageNet random-resized-crop and flip, replaced by the evaluation resize and centre
     crop). (Fashion-)MNIST has no augmentation. ``workers`` is used by ImageNet only: the
     others need no worker processes (None: the CPUs available, at most 8); ``image_size`` is the
-    ImageNet crop (0: from the data, :mod:`dynsparse.imagefolder`). ``download`` applies to all but
+    ImageNet crop (0: from the data, :mod:`dynsparse.data.imagefolder`). ``download`` applies to all but
     ImageNet. ``eval_batch_size``
     defaults to ``batch_size``.
     """
@@ -177,7 +177,7 @@ def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.devic
     if not 0 <= rank < world_size:
         raise DynsparseError(f"rank must be in [0, world_size), got {rank} of {world_size}")
     if workers is None:
-        from dynsparse.imagefolder import default_workers
+        from dynsparse.data.imagefolder import default_workers
         workers = default_workers()
     if seed < 0 or workers < 0:
         raise DynsparseError(f"seed and workers must be >= 0, got {seed} and {workers}")
@@ -190,7 +190,7 @@ def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.devic
         except ImportError as e:
             raise DynsparseError("imagenet needs torchvision: pip install 'dynsparse[imagenet]'") \
                 from e
-        from dynsparse.imagenet import build_imagenet
+        from dynsparse.data.imagenet import build_imagenet
         return build_imagenet(root, batch_size=batch_size, eval_batch_size=eval_batch_size,
                               device=device, holdout=holdout, augment=augment, workers=workers,
                               seed=seed, rank=rank, world_size=world_size, image_size=image_size)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from dynsparse.checkpoint import load_checkpoint
 from dynsparse.errors import DynsparseError
-from dynsparse.io import atomic_write_bytes
+from dynsparse.outputs.atomic import atomic_write_bytes
+from dynsparse.training.checkpoint import load_checkpoint
 
 SPARSE_FORMAT, DENSE_FORMAT = "dynsparse-sparse-v1", "dynsparse-dense-v1"
 FORMATS = ("sparse", "dense")

@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from dynsparse.io import atomic_write_bytes
+from dynsparse.outputs.atomic import atomic_write_bytes
 
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#000000", "#b8860b", "#000080", "#66c2a5"]

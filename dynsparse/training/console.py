@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
-from dynsparse.legacy import method_of
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.engine_adapter import method_of
 
 COLUMNS = ("epoch", "lr", "loss", "train%", "test%", "top5%", "val%", "nonzero", "updates", "img/s", "time")
 WIDTHS = (5, 8, 7, 7, 7, 7, 7, 10, 7, 7, 6)
@@ -23,7 +23,7 @@ def run_header(run, counts: dict) -> list[str]:
     if data.note:
         lines.append(f"data: {data.note}")
     if data.image_size and run.device.type == "cpu" and run.start_epoch < cfg.total_epochs:
-        from dynsparse.imagefolder import seconds_per_step, slow_cpu_warning
+        from dynsparse.data.imagefolder import seconds_per_step, slow_cpu_warning
         step = seconds_per_step(run.model, data.image_size, cfg.batch_size // run.dist.world_size, data.num_classes)
         warning = slow_cpu_warning(step, len(data.train), cfg.total_epochs - run.start_epoch, data.image_size)
         lines += [warning] if warning else []

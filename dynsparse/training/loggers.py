@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from dynsparse.errors import DynsparseError, unknown_choice
-from dynsparse.io import atomic_write_text
+from dynsparse.outputs.atomic import atomic_write_text
 
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 

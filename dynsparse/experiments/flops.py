@@ -11,7 +11,8 @@ a training step costs (per sample):
   is updated (the dense gradient only at update steps), ``3 f_S`` after;
 * ``dense-grad-every-step`` (SNFS): ``2 f_S + f_D`` (its momentum needs the dense gradient every step).
 
-A method's cost kind is its registered ``cost`` (``@register_policy``, via :data:`dynsparse.legacy.METHODS`).
+A method's cost kind is its registered ``cost`` (``@register_policy``, via
+:data:`dynsparse.training.engine_adapter.METHODS`).
 
 ``multiplier`` is the whole run's cost divided by dense training's over the same epochs; the
 dense training before pruning is not included.
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import unknown_choice
-from dynsparse.legacy import METHODS
 from dynsparse.models import create_model, dataset_of
+from dynsparse.training.engine_adapter import METHODS
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dynsparse.errors import DynsparseError
-from dynsparse.io import file_mode
+from dynsparse.outputs.atomic import file_mode
 
 log = logging.getLogger(__name__)
 

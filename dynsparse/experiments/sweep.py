@@ -8,7 +8,7 @@ runs one, ``--range A:B`` those with A <= index < B, and with neither, ``SLURM_A
 
 Finished jobs (a ``summary.json`` in the run directory) are skipped. An interrupted job (a
 checkpoint or initial state but no summary) resumes exactly from its own checkpoint, but only
-when the configuration saved there is the job's (see :data:`dynsparse.checkpoint.RESUME_MAY_CHANGE`);
+when the configuration saved there is the job's (see :data:`dynsparse.training.checkpoint.RESUME_MAY_CHANGE`);
 otherwise the job fails with the differing flags and its directory is left as it is. A job that needs another
 run (``--resume``/``--copy-mask-from`` of ``./runs/X``) must come after it in the list. Flags
 given after ``--`` are appended to every line (so they win), e.g. ``-- --data DIR --epochs 1``.
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from dynsparse.checkpoint import ConfigMismatch, check_same_config, load_checkpoint
-from dynsparse.config import TrainConfig
+from dynsparse.cli.flags import parse_train_args
 from dynsparse.errors import DynsparseError
-from dynsparse.flags import parse_train_args
-from dynsparse.io import read_yaml
+from dynsparse.outputs.atomic import read_yaml
+from dynsparse.training.checkpoint import ConfigMismatch, check_same_config, load_checkpoint
+from dynsparse.training.config import TrainConfig
 
 PREFIXES = (["python", "main.py"], ["python3", "main.py"], ["dynsparse", "train"], ["main.py"])
 
@@ -127,7 +127,7 @@ def run_sweep(path: str | Path, *, job_idx: int | None = None, index_range: str 
     (with ``dry_run``: would run | would resume | skipped | failed: reason, and each job's
     command line and status is echoed)."""
     if train is None:
-        from dynsparse.run import run_training
+        from dynsparse.training.run import run_training
 
         def train(cfg, argv):
             return run_training(cfg, argv=["dynsparse", "train", *argv], echo=echo)

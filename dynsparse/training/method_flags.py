@@ -139,7 +139,7 @@ def peek_plugins(argv: list[str], config_file: str | None) -> str:
         elif word.startswith("--plugin="):
             found = word.split("=", 1)[1]
     if not found and config_file and Path(config_file).is_file():
-        from dynsparse.io import read_yaml
+        from dynsparse.outputs.atomic import read_yaml
         data = read_yaml(Path(config_file), "--config file")
         found = str(data.get("plugin", "")) if isinstance(data, dict) else ""
     return found

@@ -4,7 +4,7 @@ the policy it builds, and what a training step of the method costs (for FLOPs).
 ``METHODS`` is derived from the one registry of methods (``@register_policy`` at each policy
 class, ``dynsparse/sparse/policies/registry.py``), plus the command line's two methods that are
 no policy (dense training and tied weights); the command line, the run, the FLOPs counter and
-the report read it. The original's selector flags are one table in ``dynsparse.method_flags``.
+the report read it. The original's selector flags are one table in ``dynsparse.training.method_flags``.
 The original's own quirks that the engine must not know about (the MNIST output-layer pruning
 rule) live here too.
 """
@@ -18,13 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError, unknown_choice
-from dynsparse.hooks import NoSparsity
-from dynsparse.method_flags import TAKES_UPDATE_PERIOD, check_options, load_plugins, selected_method, selectors_given
 from dynsparse.models import layer_type, sparse_parameter_names
-from dynsparse.regularizers import sparsity_penalty
-from dynsparse.schedule import Schedules
 from dynsparse.sparse import (
     REGISTRY,
     AtEpochEnds,
@@ -37,7 +32,18 @@ from dynsparse.sparse import (
     When,
     make_densities,
 )
-from dynsparse.tied import TiedModel
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.dense_sparsifier import NoSparsity
+from dynsparse.training.epoch_schedules import Schedules
+from dynsparse.training.method_flags import (
+    TAKES_UPDATE_PERIOD,
+    check_options,
+    load_plugins,
+    selected_method,
+    selectors_given,
+)
+from dynsparse.training.regularizers import sparsity_penalty
+from dynsparse.training.tied_weights import TiedModel
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +177,7 @@ def check(cfg: TrainConfig) -> None:
                              "rewire_period_schedule in --schedule-file")
     check_options(cfg, method.name)
     if method.spec is not None:
-        from dynsparse.schedule import load_schedules
+        from dynsparse.training.epoch_schedules import load_schedules
         build_policy(method.spec, cfg, Context(cfg, load_schedules(None), 1, {}))
 
 

@@ -1,6 +1,6 @@
 """The loader contract shared by every dataset: what a loader offers, the bundle of a dataset's
 loaders, the per-epoch random stream and shard padding (see :mod:`dynsparse.data` for the
-contract in words). Kept apart so that :mod:`dynsparse.data` and :mod:`dynsparse.imagenet`
+contract in words). Kept apart so that :mod:`dynsparse.data` and :mod:`dynsparse.data.imagenet`
 both build on it without importing each other."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ The table gives the final test top-1 as mean +- std over seeds (sample std, n-1)
 best-epoch number (chosen on the validation split when the runs have one, else on the test set
 and called an oracle), the learnable parameter count, the training FLOPs, and the published
 number with the implementation and protocol it comes from. Plots (PNG, with matplotlib) are
-described in :mod:`dynsparse.plots`; without matplotlib the tables are still written.
+described in :mod:`dynsparse.experiments.plots`; without matplotlib the tables are still written.
 """
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynsparse.config import model_dataset
 from dynsparse.errors import DynsparseError
-from dynsparse.flops import model_layer_flops, training_multiplier
-from dynsparse.io import atomic_write_text
-from dynsparse.legacy import METHODS
-from dynsparse.published import PUBLISHED_NAME, architecture, published
-from dynsparse.schedule import load_schedules
+from dynsparse.experiments.flops import model_layer_flops, training_multiplier
+from dynsparse.experiments.published import PUBLISHED_NAME, architecture, published
+from dynsparse.outputs.atomic import atomic_write_text
+from dynsparse.training.config import model_dataset
+from dynsparse.training.engine_adapter import METHODS
+from dynsparse.training.epoch_schedules import load_schedules
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ NO_EFFECT = frozenset({"seed", "name", "job_idx", "data", "runs_dir", "workers",
 
 
 def _defaults() -> dict:
-    from dynsparse.config import TrainConfig
+    from dynsparse.training.config import TrainConfig
     return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
             for f in dataclasses.fields(TrainConfig)}
 
@@ -240,12 +240,13 @@ def table_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
 
 def markdown(rows: list[dict], title: str, figures: list[Path], excluded: list[dict],
              plots_note: str | None = None) -> str:
-    from dynsparse.published import SOURCES
+    from dynsparse.experiments.published import SOURCES
     out = [f"# {title}", "", "Final test top-1 (%), mean +- std over seeds. Runs are grouped by every setting that can "
            "change the result; a setting in parentheses tells groups of one method and sparsity apart. Training "
-           "FLOPs are relative to dense training, counted as in the RigL paper (`dynsparse/flops.py`; pruning "
-           "excludes its dense pre-training). `published` is someone else's number: the key names where it "
-           "comes from (below the table); it was not made with dynsparse or with our training protocol.", ""]
+           "FLOPs are relative to dense training, counted as in the RigL paper "
+           "(`dynsparse/experiments/flops.py`; pruning excludes its dense pre-training). `published` is someone "
+           "else's number: the key names where it comes from (below the table); it was not made with dynsparse or "
+           "with our training protocol.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         val = any(r["test_top1_at_best_val_mean"] is not None for r in mrows)
@@ -296,7 +297,7 @@ def write_csv(rows: list[dict]) -> str:
 def build_report(paths: Sequence[str | Path], out: str | Path, *, title: str = "dynsparse report") -> list[Path]:
     """Write ``report.md``, ``results.csv``, ``results.json`` and, with matplotlib, the PNG plots
     to ``out``; returns their paths. Nothing is created when the runs cannot be read."""
-    from dynsparse import plots
+    from dynsparse.experiments import plots
     out = Path(out)
     groups, excluded = group_runs([load_summary(r) for r in find_runs(paths)])
     rows = table_rows(groups)
