@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import write_mnist
 
-from dynsparse.cli.main import main
+from dynsparse.cli.commands import main
 from dynsparse.training.checkpoint import read_checkpoint
 
 METHODS = {

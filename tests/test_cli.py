@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynsparse.cli.main import main, parse_train_args
+from dynsparse.cli.commands import main, parse_train_args
 from dynsparse.errors import DynsparseError
 from dynsparse.training.config import TrainConfig
 from dynsparse.training.engine_adapter import method_of

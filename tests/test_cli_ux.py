@@ -13,8 +13,8 @@ import yaml
 
 import dynsparse
 import dynsparse.data as data_module
+from dynsparse.cli.commands import main
 from dynsparse.cli.flags import GROUPS, parse_train_args, train_parser
-from dynsparse.cli.main import main
 from dynsparse.errors import DynsparseError
 from dynsparse.experiments.sweep import outcome_summary, run_sweep
 from dynsparse.training.checkpoint import CHECKPOINT_FORMAT, RESUME_MAY_CHANGE, config_differences

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dynsparse import Sparsifier, Static, create_model, load_model, load_sparse, sparse_inference
-from dynsparse.cli.main import main, parse_train_args
+from dynsparse.cli.commands import main, parse_train_args
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.compact import decode_index, encode_index, pack_state, unpack_state
 from dynsparse.sparse.inference import SparseInferenceLinear

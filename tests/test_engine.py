@@ -346,7 +346,7 @@ def test_rewire_period_zero_is_rejected(tmp_path):
 
 
 def test_dsr_on_a_model_with_no_sparse_layer_is_refused(tmp_path):
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.models import create_model
     from dynsparse.training.engine_adapter import build_sparsifier
     from dynsparse.training.epoch_schedules import load_schedules

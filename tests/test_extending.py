@@ -35,7 +35,7 @@ def test_mest_drops_by_magnitude_plus_gradient_and_grows_at_random():
 
 
 def test_mest_from_the_command_line(tiny_mnist, tmp_path):
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.training.run import run_training
     cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
                                "--initial-sparsity-fc", "0.9", "--mest", "--drop-fraction", "0.2", "--update-period",
@@ -50,7 +50,7 @@ def test_mest_from_the_command_line(tiny_mnist, tmp_path):
 
 
 def test_method_by_name_only_where_it_means_one_thing():
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     # dense, tied and prune need their own flags (a --method dense run would have been static sparse)
     for name in ("dense", "tied", "prune"):
         with pytest.raises(DynsparseError, match=f"unknown method '{name}'; valid choices: deepr, dsr, mest"):
@@ -94,7 +94,7 @@ class MySET(SET):
 def test_a_method_in_a_users_own_module(tiny_mnist, tmp_path, monkeypatch, registry_restored):
     """One file with one decorated class: the library, dynsparse train --plugin, its own flag
     (--my-opt), config.json and resume, and a one-line refusal elsewhere."""
-    from dynsparse.cli.main import main, parse_train_args
+    from dynsparse.cli.commands import main, parse_train_args
     from dynsparse.training.checkpoint import ConfigMismatch
     from dynsparse.training.run import run_training
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
@@ -132,7 +132,7 @@ def test_a_method_in_a_users_own_module(tiny_mnist, tmp_path, monkeypatch, regis
 
 def test_every_policy_option_is_a_flag_that_reaches_the_policy():
     """MEST's lam and SNFS's beta (no flag before issue 24), DSR's threshold; defaults unchanged."""
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.training.engine_adapter import build_sparsifier
     from dynsparse.training.epoch_schedules import load_schedules
 
@@ -156,7 +156,7 @@ def test_the_report_orders_methods_as_registered():
 
 
 def test_the_original_selector_flags_are_one_table():
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     expected = {("--rewire", "--threshold-prune"): "dsr", ("--rewire",): "set", ("--DeepR",): "deepr",
                 ("--rigl",): "rigl", ("--sparse-momentum",): "snfs", ("--mest",): "mest", (): "static"}
     for flags, name in expected.items():
@@ -169,7 +169,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 def test_the_examples_of_docs_extending_run_as_written(tiny_mnist, tmp_path, monkeypatch, registry_restored):
     """Each python block runs (a block whose first line is ``# FILE.py`` is written to that file,
     as a user would); each ``dynsparse train`` line runs for one short epoch on tiny data."""
-    from dynsparse.cli.main import main
+    from dynsparse.cli.commands import main
     monkeypatch.chdir(tmp_path)
     text = DOC.read_text()
     blocks = re.findall(r"```(python|bash)\n(.*?)```", text, re.S)

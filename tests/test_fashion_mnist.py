@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dynsparse.data as data_module
-from dynsparse.cli.main import main
+from dynsparse.cli.commands import main
 from dynsparse.data import datasets
 from dynsparse.errors import DynsparseError
 from dynsparse.training.checkpoint import RESUME_MAY_CHANGE

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynsparse.cli.main import parse_train_args
+from dynsparse.cli.commands import parse_train_args
 from dynsparse.models import create_model, sparse_parameter_names
 from dynsparse.sparse import (
     DSR,

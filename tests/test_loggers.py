@@ -90,7 +90,7 @@ def test_train_with_logger_writes_scalars_per_epoch(tiny_mnist, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dynsparse.cli.main import main
+    from dynsparse.cli.commands import main
     argv = ["train", "--data", str(tiny_mnist), "--initial-sparsity-fc", "0.9", "--rewire", "--threshold-prune",
             "--rewire-scaling", "--epochs", "2", "-b", "32", "--runs-dir", str(tmp_path), "--name", "r",
             "--logger", "csv,tensorboard", "--no-progress"]

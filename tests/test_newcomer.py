@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynsparse.cli.main import main
+from dynsparse.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "mnist_mlp", "--initial-sparsity-fc", "0.9", "-b", "32", "--no-progress", "--threads", "1"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dynsparse.cli.main import parse_train_args
+from dynsparse.cli.commands import parse_train_args
 from dynsparse.training.checkpoint import read_checkpoint
 from dynsparse.training.run import run_training
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from dynsparse.cli.main import parse_train_args
+from dynsparse.cli.commands import parse_train_args
 from dynsparse.training.checkpoint import read_checkpoint
 from dynsparse.training.config import TrainConfig
 from dynsparse.training.engine_adapter import method_of

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import dynsparse.training.loop as train_module
 import dynsparse.training.run as run_module
-from dynsparse.cli.main import main, parse_train_args
+from dynsparse.cli.commands import main, parse_train_args
 from dynsparse.data import datasets
 from dynsparse.errors import DynsparseError
 from dynsparse.experiments.sweep import run_sweep
@@ -352,7 +352,7 @@ def test_losing_a_rank_stops_the_job_and_it_resumes(tiny_mnist, tmp_path):
         "    if desc == 'epoch 1' and os.environ.get('RANK') == '1':\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(*a, desc=desc, **kw)\n"
-        "R.train_one_epoch = fake\nfrom dynsparse.cli.main import main\nsys.exit(main(['train', *sys.argv[1:]]))\n")
+        "R.train_one_epoch = fake\nfrom dynsparse.cli.commands import main\nsys.exit(main(['train', *sys.argv[1:]]))\n")
     args = flags(tiny_mnist, tmp_path, "lost", DSR)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dynsparse.cli.main import main
+from dynsparse.cli.commands import main
 from dynsparse.errors import DynsparseError
 from dynsparse.experiments import plots
 from dynsparse.experiments.report import build_report, group_runs, load_summary, result_settings
@@ -139,7 +139,7 @@ def test_tables_without_matplotlib(tmp_path):
     """As after the README's first install command: no matplotlib. The CLI says so and writes the tables."""
     runs = tmp_path / "runs"
     fake_run(runs, "dsr_0", "dsr", 0.98, 0, 98.0, 6144)
-    code = ("import sys; sys.modules['matplotlib'] = None; from dynsparse.cli.main import main; "
+    code = ("import sys; sys.modules['matplotlib'] = None; from dynsparse.cli.commands import main; "
             f"sys.exit(main(['report', {str(runs)!r}, '--out', {str(tmp_path / 'out')!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynsparse.cli.main import main, parse_train_args
+from dynsparse.cli.commands import main, parse_train_args
 from dynsparse.errors import DynsparseError
 from dynsparse.training.checkpoint import read_checkpoint
 from dynsparse.training.run import run_training

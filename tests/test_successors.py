@@ -113,7 +113,7 @@ def test_update_period_overrides_the_schedule_and_snfs_defaults_to_one_epoch(tin
         due.append(len(s.drain_events()))
     assert due == [0, 0, 1, 0, 0, 1, 0]  # steps 3 and 6, not every step as the schedule says
 
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.models import create_model
     from dynsparse.training.engine_adapter import build_sparsifier
     from dynsparse.training.epoch_schedules import load_schedules
@@ -158,7 +158,7 @@ def test_er_ignores_kernel_dims_and_uniform_is_uniform():
 
 
 def test_any_method_can_use_any_budget(tiny_mnist, tmp_path):
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.training.run import run_training
     for method in (["--rewire", "--threshold-prune", "--rewire-scaling"], ["--rigl"], ["--sparse-momentum"]):
         cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
@@ -170,7 +170,7 @@ def test_any_method_can_use_any_budget(tiny_mnist, tmp_path):
 
 
 def test_dense_layers_option(tiny_mnist, tmp_path):
-    from dynsparse.cli.main import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.training.run import run_training
     cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
                                "--initial-sparsity-fc", "0.9", "--dense-layers", "fc2.*", "--no-progress"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dynsparse.cli.main import main
+from dynsparse.cli.commands import main
 from dynsparse.errors import DynsparseError
 from dynsparse.experiments.sweep import load_jobs, run_sweep, select
 
