@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import evidence, write_results  # noqa: E402
 from dynsparse import Sparsifier, Static, create_model  # noqa: E402
-from dynsparse.deploy import file_tensors  # noqa: E402
 from dynsparse.sparse.compact import pack_state  # noqa: E402
+from dynsparse.training.deploy import file_tensors  # noqa: E402
 
 GOALS = {0.001: None, 0.01: 20.0, 0.1: 4.0, 0.5: None}
 HIDDEN = (2000, 2000)

@@ -24,7 +24,7 @@ from common import evidence, interleaved, median, write_results  # noqa: E402
 from dynsparse.data import MNIST_MEAN, MNIST_STD, TensorLoader, load_mnist, resolve_data_root  # noqa: E402
 from dynsparse.errors import DynsparseError  # noqa: E402
 from dynsparse.models import create_model  # noqa: E402
-from dynsparse.train import train_one_epoch  # noqa: E402
+from dynsparse.training.loop import train_one_epoch  # noqa: E402
 
 
 class PerSample(torch.utils.data.Dataset):

@@ -33,7 +33,7 @@ import itertools
 
 from common import evidence, interleaved, median, write_results
 
-from dynsparse.convnets import WideResNet
+from dynsparse.models.convnets import WideResNet
 from dynsparse.sparse.conv_kernels import csc_of, kernels, sparse_conv2d, to_cbhw
 from dynsparse.sparse.csr_conv import CSRWideResNet
 

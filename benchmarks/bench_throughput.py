@@ -30,7 +30,7 @@ from common import evidence, interleaved, median, write_results  # noqa: E402
 
 from dynsparse.models import create_model, sparse_parameter_names  # noqa: E402
 from dynsparse.sparse import DSR, Periodic, Sparsifier  # noqa: E402
-from dynsparse.train import train_one_epoch  # noqa: E402
+from dynsparse.training.loop import train_one_epoch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

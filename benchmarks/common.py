@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dynsparse.evidence import git_state
-from dynsparse.io import atomic_write_text
+from dynsparse.outputs.atomic import atomic_write_text
+from dynsparse.outputs.evidence import git_state
 
 RESULTS = Path(__file__).with_name("results")
 

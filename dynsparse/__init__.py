@@ -10,7 +10,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from dynsparse.deploy import export_run, load_model, load_sparse
 from dynsparse.errors import DynsparseError
 from dynsparse.models import create_model, sparse_parameter_names
 from dynsparse.sparse import (
@@ -39,6 +38,7 @@ from dynsparse.sparse import (
     select_weights,
 )
 from dynsparse.sparse.inference import sparse_inference
+from dynsparse.training.deploy import export_run, load_model, load_sparse
 
 __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "DynsparseError", "EveryStep", "GradualPruning",
            "MEST", "Never", "POLICIES", "Periodic", "Policy", "RigL", "SET", "SNFS", "Sparsifier", "Static", "When",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynsparse import datasets
+from dynsparse.data import datasets
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the processes tests start
 torch.set_num_threads(1)

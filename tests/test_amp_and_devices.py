@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from dynsparse import distributed
 from dynsparse.errors import DynsparseError
+from dynsparse.training import distributed
 
 
 class _Stop(Exception):

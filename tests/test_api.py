@@ -377,8 +377,8 @@ def test_no_topology_change_on_the_last_step():
 def test_run_summary_counts_true_nonzeros_beside_mask_entries(tiny_mnist, tmp_path):
     # issue 15 item 6: params_nonzero counted mask entries; DSR regrows at zero, so after an update
     # on the last step some learnable entries are still exactly zero
-    from dynsparse.flags import parse_train_args
-    from dynsparse.run import run_training
+    from dynsparse.cli.flags import parse_train_args
+    from dynsparse.training.run import run_training
     schedule = tmp_path / "every4.yaml"
     schedule.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 4\n")
     cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles, a self-contained engine, modules of readable size."""
+"""The package's shape: packages by concern in layers, no import cycles, a self-contained engine, and a top level
+that holds only the public face."""
 from __future__ import annotations
 
 import ast
@@ -28,15 +29,16 @@ def _runtime_nodes(tree: ast.AST):
         stack.extend(ast.iter_child_nodes(node))
 
 
-def imports_of(path: Path) -> set[str]:
-    """Every dynsparse module ``path`` imports at run time, at module level or inside functions."""
+def imports_of(path: Path, modules: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """Every dynsparse module ``path`` imports at run time, at module level or inside functions. ``from P import x``
+    names module P.x when it is one of ``modules``, else P."""
     found = set()
     for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
+            found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names)
     return {m for m in found if m.split(".")[0] == "dynsparse"}
 
 
@@ -44,8 +46,7 @@ def graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     edges = {}
     for name, path in modules.items():
-        # ``from dynsparse import x`` names module dynsparse.x when it exists, else the package
-        edges[name] = {m for m in imports_of(path) if m in modules and m != name}
+        edges[name] = {m for m in imports_of(path, set(modules)) if m in modules and m != name}
     return edges
 
 
@@ -78,16 +79,72 @@ def test_the_engine_imports_nothing_of_the_cli_config_models_or_loop():
             assert not outside, f"{name} imports {sorted(outside)}"
 
 
-def _readable_lines(src: str) -> int:
-    """Lines, with an import statement counted as one (ruff's import sorting puts a long one's names
-    one per line)."""
-    imports = [n for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    return len(src.splitlines()) - sum(n.end_lineno - n.lineno for n in imports)
+# What each package may import from the rest of dynsparse (besides itself), bottom layer first. "dynsparse" is the
+# package's face, imported below it only for ``__version__``. A sweep's job is a ``dynsparse train`` command line, so
+# experiments may parse one with cli.flags, and nothing else of the command line.
+LAYERS = {
+    "errors": set(),
+    "sparse": {"errors"},
+    "outputs": {"errors", "dynsparse"},
+    "models": {"errors", "sparse"},
+    "data": {"errors", "outputs"},
+    "training": {"errors", "sparse", "outputs", "models", "data"},
+    "experiments": {"errors", "sparse", "outputs", "models", "data", "training", "cli.flags"},
+    "cli": {"errors", "sparse", "outputs", "models", "data", "training", "experiments", "dynsparse"},
+}
+# the top level: the public face only (the package's __init__ and its one exception type)
+TOP_LEVEL_MODULES = {"__init__.py", "errors.py"}
 
 
-def test_modules_stay_readable():
-    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := _readable_lines(p.read_text())) > 320}
-    assert not long, f"modules over ~300 lines: {long}"
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "dynsparse"
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    bad = []
+    for name, deps in graph().items():
+        layer = layer_of(name)
+        if layer == "dynsparse":
+            continue  # the face re-exports from every layer
+        allowed = LAYERS[layer]
+        for dep in deps:
+            dep_layer = layer_of(dep)
+            if dep_layer != layer and dep_layer not in allowed and \
+                    not any(dep == a or dep.startswith(a + ".") for a in {f"dynsparse.{x}" for x in allowed}):
+                bad.append(f"{name} -> {dep}")
+    assert not bad, f"imports against the layering (tests/test_architecture.py LAYERS): {sorted(bad)}"
+
+
+def test_every_package_has_a_layer():
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert packages <= set(LAYERS), f"packages without a layer rule: {sorted(packages - set(LAYERS))}"
+
+
+def test_the_top_level_holds_only_the_public_face():
+    modules = {p.name for p in PACKAGE.glob("*.py")}
+    assert modules == TOP_LEVEL_MODULES, f"top-level modules besides the face: {sorted(modules - TOP_LEVEL_MODULES)}"
+    stray = [p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"
+             and not (p / "__init__.py").is_file()]
+    assert not stray, f"top-level folders that are not packages: {stray}"
+
+
+def test_the_layering_check_can_fail(tmp_path, monkeypatch):
+    # data importing the training package goes against the layers and is reported
+    pkg = tmp_path / "dynsparse"
+    for sub in ("data", "training"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "training" / "run.py").write_text("")
+    (pkg / "data" / "loaders.py").write_text("def f():\n    from dynsparse.training.run import g\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    try:
+        test_each_package_imports_only_the_layers_below_it()
+    except AssertionError as e:
+        assert "dynsparse.data.loaders -> dynsparse.training.run" in str(e)
+    else:
+        raise AssertionError("an import against the layers went unnoticed")
 
 
 def test_the_cycle_check_can_fail(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import write_mnist
 
-from dynsparse.checkpoint import read_checkpoint
-from dynsparse.cli import main
+from dynsparse.cli.commands import main
+from dynsparse.training.checkpoint import read_checkpoint
 
 METHODS = {
     "dsr": ["--rewire", "--threshold-prune", "--rewire-scaling", "--n-prune-params", "300"],

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynsparse.cli import main, parse_train_args
-from dynsparse.config import TrainConfig
+from dynsparse.cli.commands import main, parse_train_args
 from dynsparse.errors import DynsparseError
-from dynsparse.legacy import method_of
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.engine_adapter import method_of
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL = REPO.parent / "shared" / "reference" / "original" / "experiments"

@@ -12,15 +12,15 @@ import torch
 import yaml
 
 import dynsparse
-from dynsparse import data as data_module
-from dynsparse.checkpoint import CHECKPOINT_FORMAT, RESUME_MAY_CHANGE, config_differences
-from dynsparse.cli import main
-from dynsparse.config import TrainConfig
+import dynsparse.data as data_module
+from dynsparse.cli.commands import main
+from dynsparse.cli.flags import GROUPS, parse_train_args, train_parser
 from dynsparse.errors import DynsparseError
-from dynsparse.flags import GROUPS, parse_train_args, train_parser
-from dynsparse.run import run_training
-from dynsparse.sweep import outcome_summary, run_sweep
-from dynsparse.train import train_one_epoch
+from dynsparse.experiments.sweep import outcome_summary, run_sweep
+from dynsparse.training.checkpoint import CHECKPOINT_FORMAT, RESUME_MAY_CHANGE, config_differences
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.loop import train_one_epoch
+from dynsparse.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

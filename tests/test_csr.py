@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
 from dynsparse.models import MnistMLP
 from dynsparse.sparse.csr import CSRLinear, CSRWeight, csr_linear_from_linear, dense_state_dict, sample_flat
 from dynsparse.sparse.csr_ops import SparseLinearFunction
+from dynsparse.training.config import TrainConfig
 
 
 def pair(out=6, inp=9, density=0.4, bias=True, seed=0, dtype=torch.float32):

@@ -10,8 +10,8 @@ from torch import nn
 
 pytest.importorskip("numba")
 
-from dynsparse.convnets import WideResNet
 from dynsparse.errors import DynsparseError
+from dynsparse.models.convnets import WideResNet
 from dynsparse.sparse.cbhw_ops import batch_norm_relu_cbhw
 from dynsparse.sparse.conv_kernels import from_cbhw, to_cbhw
 from dynsparse.sparse.csr_conv import (

@@ -1,4 +1,4 @@
-"""Tests of dynsparse.data (and dynsparse.datasets, dynsparse.imagenet): formats, loaders, sharding, errors.
+"""Tests of dynsparse.data (and dynsparse.data.datasets, dynsparse.data.imagenet): formats, loaders, sharding, errors.
 
 Everything runs on tiny synthetic files in tmp_path and never touches the network. Real-data
 tests run when DYNSPARSE_TEST_DATA (MNIST, tiny-imagenet, and CIFAR-10 made from its JPEG copy) or
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from conftest import MNIST_STEMS, idx_bytes, mnist_arrays, write_cifar, write_mnist  # noqa: E402
 
-from dynsparse import data, datasets
+import dynsparse.data as data
+from dynsparse.data import datasets
 from dynsparse.errors import DynsparseError
 
 CPU = torch.device("cpu")
@@ -369,7 +370,7 @@ def write_image_folder(root: Path, per_class: dict[str, int]) -> None:
 
 def test_imagenet_folders(tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
-    from dynsparse import imagenet
+    from dynsparse.data import imagenet
     write_image_folder(tmp_path / "train", {"a": 4, "b": 3})
     write_image_folder(tmp_path / "val", {"a": 2, "b": 1})
     monkeypatch.setattr(imagenet, "CROP_SIZE", 8)  # keep the decoded images tiny
@@ -405,7 +406,7 @@ def test_imagenet_crop_draws_match_torchvision_and_flip_flips(tmp_path, monkeypa
     tv = pytest.importorskip("torchvision")
     from PIL import Image
 
-    from dynsparse import imagenet
+    from dynsparse.data import imagenet
     for seed, (width, height) in enumerate([(500, 375), (64, 64), (30, 300), (300, 30)] * 50):
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
             torch.manual_seed(seed)

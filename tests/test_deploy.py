@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from dynsparse import Sparsifier, Static, create_model, load_model, load_sparse, sparse_inference
-from dynsparse.checkpoint import read_checkpoint
-from dynsparse.cli import main, parse_train_args
+from dynsparse.cli.commands import main, parse_train_args
 from dynsparse.errors import DynsparseError
-from dynsparse.run import run_training
 from dynsparse.sparse.compact import decode_index, encode_index, pack_state, unpack_state
 from dynsparse.sparse.inference import SparseInferenceLinear
+from dynsparse.training.checkpoint import read_checkpoint
+from dynsparse.training.run import run_training
 
 DSR = ("--initial-sparsity-fc", "0.9", "--rewire", "--threshold-prune", "--rewire-scaling", "--n-prune-params", "50")
 

@@ -12,15 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dynsparse import Sparsifier, distributed
-from dynsparse.convnets import ResNet50, WideResNet
+from dynsparse import Sparsifier
 from dynsparse.errors import DynsparseError
 from dynsparse.models import MnistMLP
+from dynsparse.models.convnets import ResNet50, WideResNet
 from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policies.snfs import SNFS
 from dynsparse.sparse.when import Periodic
+from dynsparse.training import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 

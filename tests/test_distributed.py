@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynsparse.checkpoint import read_checkpoint
+from dynsparse.training.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

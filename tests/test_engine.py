@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.regularizers import sparsity_penalty
 from dynsparse.sparse import (
     DSR,
     MEST,
@@ -26,6 +25,7 @@ from dynsparse.sparse import (
     allocate,
 )
 from dynsparse.sparse.masks import SparseParam
+from dynsparse.training.regularizers import sparsity_penalty
 
 
 def set_mask(s: Sparsifier, name: str, mask: list) -> None:
@@ -338,7 +338,7 @@ def test_bad_granularity_and_unknown_names():
 
 
 def test_rewire_period_zero_is_rejected(tmp_path):
-    from dynsparse.schedule import load_schedules
+    from dynsparse.training.epoch_schedules import load_schedules
     f = tmp_path / "s.yaml"
     f.write_text("lr_schedule:\n  - 0 : 0.1\nrewire_period_schedule:\n  - 0 : 0\n")
     with pytest.raises(DynsparseError, match="rewire_period_schedule values must be >= 1"):
@@ -346,10 +346,10 @@ def test_rewire_period_zero_is_rejected(tmp_path):
 
 
 def test_dsr_on_a_model_with_no_sparse_layer_is_refused(tmp_path):
-    from dynsparse.cli import parse_train_args
-    from dynsparse.legacy import build_sparsifier
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.models import create_model
-    from dynsparse.schedule import load_schedules
+    from dynsparse.training.engine_adapter import build_sparsifier
+    from dynsparse.training.epoch_schedules import load_schedules
     cfg, _ = parse_train_args(["--model", "cifar10_WideResNet", "--layers", "10", "--widen-factor", "1",
                                "--initial-sparsity-conv", "0", "--rewire", "--threshold-prune"])
     model = create_model("cifar10_WideResNet", layers=10, widen_factor=1)

@@ -14,8 +14,8 @@ from torch import nn
 
 from dynsparse import MEST, Periodic, Sparsifier
 from dynsparse.errors import DynsparseError
-from dynsparse.legacy import method_of
 from dynsparse.sparse import POLICIES, REGISTRY, create_policy
+from dynsparse.training.engine_adapter import method_of
 
 
 def test_mest_drops_by_magnitude_plus_gradient_and_grows_at_random():
@@ -35,8 +35,8 @@ def test_mest_drops_by_magnitude_plus_gradient_and_grows_at_random():
 
 
 def test_mest_from_the_command_line(tiny_mnist, tmp_path):
-    from dynsparse.cli import parse_train_args
-    from dynsparse.run import run_training
+    from dynsparse.cli.commands import parse_train_args
+    from dynsparse.training.run import run_training
     cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
                                "--initial-sparsity-fc", "0.9", "--mest", "--drop-fraction", "0.2", "--update-period",
                                "2", "--no-progress"])
@@ -50,7 +50,7 @@ def test_mest_from_the_command_line(tiny_mnist, tmp_path):
 
 
 def test_method_by_name_only_where_it_means_one_thing():
-    from dynsparse.cli import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     # dense, tied and prune need their own flags (a --method dense run would have been static sparse)
     for name in ("dense", "tied", "prune"):
         with pytest.raises(DynsparseError, match=f"unknown method '{name}'; valid choices: deepr, dsr, mest"):
@@ -64,7 +64,7 @@ def test_method_by_name_only_where_it_means_one_thing():
 @pytest.fixture
 def registry_restored():
     """Whatever a test registers or imports as a plugin is gone afterwards."""
-    from dynsparse import method_flags
+    from dynsparse.training import method_flags
     saved = dict(REGISTRY), dict(POLICIES), dict(method_flags._LOADED), set(sys.modules)
     yield
     for table, old in zip((REGISTRY, POLICIES, method_flags._LOADED), saved):
@@ -94,9 +94,9 @@ class MySET(SET):
 def test_a_method_in_a_users_own_module(tiny_mnist, tmp_path, monkeypatch, registry_restored):
     """One file with one decorated class: the library, dynsparse train --plugin, its own flag
     (--my-opt), config.json and resume, and a one-line refusal elsewhere."""
-    from dynsparse.checkpoint import ConfigMismatch
-    from dynsparse.cli import main, parse_train_args
-    from dynsparse.run import run_training
+    from dynsparse.cli.commands import main, parse_train_args
+    from dynsparse.training.checkpoint import ConfigMismatch
+    from dynsparse.training.run import run_training
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
     monkeypatch.chdir(tmp_path)  # the plugin is a module of the current directory
     with pytest.raises(DynsparseError, match="^--plugin nope_no_module: cannot import 'nope_no_module'"):
@@ -132,9 +132,9 @@ def test_a_method_in_a_users_own_module(tiny_mnist, tmp_path, monkeypatch, regis
 
 def test_every_policy_option_is_a_flag_that_reaches_the_policy():
     """MEST's lam and SNFS's beta (no flag before issue 24), DSR's threshold; defaults unchanged."""
-    from dynsparse.cli import parse_train_args
-    from dynsparse.legacy import build_sparsifier
-    from dynsparse.schedule import load_schedules
+    from dynsparse.cli.commands import parse_train_args
+    from dynsparse.training.engine_adapter import build_sparsifier
+    from dynsparse.training.epoch_schedules import load_schedules
 
     def policy(argv):
         cfg, _ = parse_train_args(["--initial-sparsity-fc", "0.9", *argv])
@@ -150,13 +150,13 @@ def test_every_policy_option_is_a_flag_that_reaches_the_policy():
 
 
 def test_the_report_orders_methods_as_registered():
-    from dynsparse.report import method_order
+    from dynsparse.experiments.report import method_order
     assert method_order() == ["dense", "thin dense", *REGISTRY, "tied"]
     assert list(REGISTRY)[:2] == ["prune", "dsr"] and method_order().index("mest") < method_order().index("tied")
 
 
 def test_the_original_selector_flags_are_one_table():
-    from dynsparse.cli import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     expected = {("--rewire", "--threshold-prune"): "dsr", ("--rewire",): "set", ("--DeepR",): "deepr",
                 ("--rigl",): "rigl", ("--sparse-momentum",): "snfs", ("--mest",): "mest", (): "static"}
     for flags, name in expected.items():
@@ -169,7 +169,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 def test_the_examples_of_docs_extending_run_as_written(tiny_mnist, tmp_path, monkeypatch, registry_restored):
     """Each python block runs (a block whose first line is ``# FILE.py`` is written to that file,
     as a user would); each ``dynsparse train`` line runs for one short epoch on tiny data."""
-    from dynsparse.cli import main
+    from dynsparse.cli.commands import main
     monkeypatch.chdir(tmp_path)
     text = DOC.read_text()
     blocks = re.findall(r"```(python|bash)\n(.*?)```", text, re.S)

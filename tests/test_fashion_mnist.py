@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from dynsparse import data as data_module
-from dynsparse import datasets
-from dynsparse.checkpoint import RESUME_MAY_CHANGE
-from dynsparse.cli import main
-from dynsparse.config import TrainConfig
+import dynsparse.data as data_module
+from dynsparse.cli.commands import main
+from dynsparse.data import datasets
 from dynsparse.errors import DynsparseError
+from dynsparse.training.checkpoint import RESUME_MAY_CHANGE
+from dynsparse.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import mnist_arrays, write_mnist  # noqa: E402

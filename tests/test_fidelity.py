@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dynsparse.checkpoint import read_checkpoint
 from dynsparse.models import create_model
+from dynsparse.training.checkpoint import read_checkpoint
 
 
 def test_no_bn_mlp_and_resnet_fc_biases_start_at_zero():
@@ -20,8 +20,8 @@ def test_no_bn_mlp_and_resnet_fc_biases_start_at_zero():
 # ---- 1. --copy-mask-from: fresh random-init values at every active position -------------------
 
 def _run(tiny_mnist, runs, *extra):
-    from dynsparse.cli import parse_train_args
-    from dynsparse.run import run_training
+    from dynsparse.cli.commands import parse_train_args
+    from dynsparse.training.run import run_training
     argv = ["--model", "mnist_mlp", "--data", str(tiny_mnist), "--runs-dir", str(runs), "--batch-size", "16",
             "--epochs", "1", "--no-progress", "--initial-sparsity-fc", "0.9", *extra]
     return run_training(parse_train_args(argv)[0])
@@ -119,15 +119,15 @@ def test_deepr_records_the_signs_of_big_new_weights():
 # ---- 3. --prune --threshold-prune prunes per layer (the original); --global-prune is global -------
 
 def _prune_config(*flags):
-    from dynsparse.cli import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     return parse_train_args(["--model", "mnist_mlp", "--prune", "--initial-sparsity-fc", "0",
                              "--prune-target-sparsity-fc", "0.5", "--prune-iterations", "1",
                              "--start-pruning-after-epoch", "0", *flags])[0]
 
 
 def _pruned_densities(cfg):
-    from dynsparse.legacy import build_sparsifier
-    from dynsparse.schedule import load_schedules
+    from dynsparse.training.engine_adapter import build_sparsifier
+    from dynsparse.training.epoch_schedules import load_schedules
     torch.manual_seed(0)
     model = create_model("mnist_mlp")
     with torch.no_grad():  # fc1 far smaller than the others: a global threshold empties it first
@@ -150,7 +150,7 @@ def test_global_prune_is_global_magnitude_pruning():
     assert abs(dens["fc1.weight"] - 102_100 / 235_200) < 1e-3 and dens["fc_int.weight"] > 0.999
     import pytest
 
-    from dynsparse.cli import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.errors import DynsparseError
     with pytest.raises(DynsparseError, match="--global-prune needs --prune"):
         parse_train_args(["--global-prune"])
@@ -159,9 +159,9 @@ def test_global_prune_is_global_magnitude_pruning():
 # ---- 4. --tied shares per weight at every granularity, per kernel only with --tied-per-kernel ----
 
 def test_tied_is_elementwise_by_default_and_per_kernel_on_request():
-    from dynsparse.cli import parse_train_args
-    from dynsparse.legacy import build_sparsifier
-    from dynsparse.schedule import load_schedules
+    from dynsparse.cli.commands import parse_train_args
+    from dynsparse.training.engine_adapter import build_sparsifier
+    from dynsparse.training.epoch_schedules import load_schedules
 
     def tied(*flags):
         cfg = parse_train_args(["--model", "cifar10_WideResNet", "--layers", "10", "--widen-factor", "1",
@@ -191,9 +191,9 @@ def test_set_with_rewire_scaling_regrows_in_proportion_to_survivors():
     # 249/273 and 24/273 of 277: 252.65 -> 253 and 24.35 -> 24 (per tensor it would be 251 and 26)
     assert (s.params["0.weight"].num_active, s.params["1.weight"].num_active) == (249 + 253, 24 + 24)
     assert s.total_pruned == s.total_grown == 277
-    from dynsparse.cli import parse_train_args
+    from dynsparse.cli.commands import parse_train_args
     cfg = parse_train_args(["--rewire", "--rewire-scaling", "--rewire-fraction", "0.2"])[0]
-    from dynsparse.legacy import method_of
+    from dynsparse.training.engine_adapter import method_of
     assert method_of(cfg) == "set"
 
 

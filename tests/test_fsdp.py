@@ -230,8 +230,8 @@ def test_cli_fsdp_wide_resnet_with_rigl(tiny_cifar, tmp_path):
 
 
 def test_cli_fsdp_refuses_csr_and_a_single_process(tmp_path):
-    from dynsparse.flags import parse_train_args
-    from dynsparse.fsdp import check, prepare
+    from dynsparse.cli.flags import parse_train_args
+    from dynsparse.training.fsdp import check, prepare
     cfg, _ = parse_train_args(["--fsdp", "--sparse-backend", "csr", "--rewire"])
     with pytest.raises(DynsparseError, match="CSR.*single-device: use --sparse-backend masked"):
         check(cfg, "set")

@@ -25,9 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynsparse.cli import parse_train_args
+from dynsparse.cli.commands import parse_train_args
 from dynsparse.models import create_model, sparse_parameter_names
-from dynsparse.run import run_training
 from dynsparse.sparse import (
     DSR,
     MEST,
@@ -42,6 +41,7 @@ from dynsparse.sparse import (
     Sparsifier,
     Static,
 )
+from dynsparse.training.run import run_training
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dynsparse.errors import DynsparseError
-from dynsparse.loggers import CSVLogger, create_logger, epoch_scalars, flatten
+from dynsparse.training.loggers import CSVLogger, create_logger, epoch_scalars, flatten
 
 # an epoch row as run._train_loop builds it for a DSR run with a validation split
 ROW = {"epoch": 3, "lr": 0.1, "train_loss": 0.5, "train_top1_running": 85.0, "val_loss": 0.4, "val_top1": 88.0,
@@ -90,7 +90,7 @@ def test_train_with_logger_writes_scalars_per_epoch(tiny_mnist, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dynsparse.cli import main
+    from dynsparse.cli.commands import main
     argv = ["train", "--data", str(tiny_mnist), "--initial-sparsity-fc", "0.9", "--rewire", "--threshold-prune",
             "--rewire-scaling", "--epochs", "2", "-b", "32", "--runs-dir", str(tmp_path), "--name", "r",
             "--logger", "csv,tensorboard", "--no-progress"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynsparse.cli import main
+from dynsparse.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "mnist_mlp", "--initial-sparsity-fc", "0.9", "-b", "32", "--no-progress", "--threads", "1"]
@@ -48,7 +48,7 @@ def test_a_schedule_name_that_is_not_a_file_here_says_and_records_the_bundled_co
                                                                                   monkeypatch):
     """Item 6: a missing --schedule-file path silently used the bundled copy, and the dry run and
     config.json recorded the path that does not exist."""
-    from dynsparse.schedule import BUNDLED_DIR
+    from dynsparse.training.epoch_schedules import BUNDLED_DIR
     monkeypatch.chdir(tmp_path)
     used = str(BUNDLED_DIR / "mnist_schedule.yaml")
     base = ["train", *TINY, "--data", str(tiny_mnist), "--schedule-file", "mnist_schedule.yaml", "--epochs", "1"]
@@ -59,7 +59,7 @@ def test_a_schedule_name_that_is_not_a_file_here_says_and_records_the_bundled_co
     saved = json.loads((tmp_path / "runs" / "mnist_mlp_0" / "config.json").read_text())
     assert saved["config"]["schedule_file"] == used and Path(saved["config"]["schedule_file"]).is_file()
     # a run saved with the bare name (before this change) still resumes under the resolved path
-    from dynsparse.checkpoint import config_differences
+    from dynsparse.training.checkpoint import config_differences
     assert config_differences({"schedule_file": "mnist_schedule.yaml"}, {"schedule_file": used}) == []
     assert config_differences({"schedule_file": "mnist_prune_schedule.yaml"}, {"schedule_file": used}) != []
 
@@ -96,7 +96,7 @@ def test_output_explains_its_words():
     import torch
 
     from dynsparse import DSR, Sparsifier
-    from dynsparse.flags import train_parser
+    from dynsparse.cli.flags import train_parser
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     s = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=DSR(), densities=0.5)
     head = s.summary().splitlines()[0]
@@ -182,7 +182,7 @@ def test_imagefolder_images_keep_their_size_workers_fit_the_machine(tmp_path):
     import torch
 
     from dynsparse.data import build_data
-    from dynsparse.imagefolder import available_cpus
+    from dynsparse.data.imagefolder import available_cpus
     root = image_folder(tmp_path / "data")
     bundle = build_data("imagenet", root, batch_size=2, device=torch.device("cpu"), workers=0)
     x, _ = next(iter(bundle.train))
@@ -198,8 +198,8 @@ def test_imagefolder_images_keep_their_size_workers_fit_the_machine(tmp_path):
 def test_torchvision_runs_get_portable_names_a_plain_dry_run_and_a_time_warning(tmp_path, capsys):
     """Item 5: run folders and plot files got a colon (runs/torchvision:resnet18_0); the dry run
     called the data "imagenet"; a CPU run of hours started without a word."""
-    from dynsparse import imagefolder
-    from dynsparse.config import TrainConfig
+    from dynsparse.data import imagefolder
+    from dynsparse.training.config import TrainConfig
     assert TrainConfig(model="torchvision:resnet18").run_name == "torchvision-resnet18_0"
     root = image_folder(tmp_path / "data")
     argv = ["train", "--model", "torchvision:resnet18", "--data", str(root), "--runs-dir", str(tmp_path / "runs"),
@@ -229,7 +229,7 @@ def test_a_torchvision_run_says_its_image_size_and_lands_in_a_portable_folder(tm
 def test_report_plot_files_have_no_colon(tmp_path):
     from test_report import fake_run
 
-    from dynsparse.report import build_report
+    from dynsparse.experiments.report import build_report
     d = fake_run(tmp_path / "runs", "tv", "dsr", 0.8, 0, 50.0, 1000)
     s = json.loads((d / "summary.json").read_text())
     s["model"] = s["config"]["model"] = "torchvision:resnet18"
@@ -262,14 +262,14 @@ def test_benchmark_evidence_records_the_cpu_model_and_its_vector_extensions(tmp_
 def test_accuracy_plot_writes_a_huge_spread_and_spreads_equal_parameter_counts(tmp_path, monkeypatch):
     """Item 10: on the committed MNIST runs one error bar (DeepR 0.98, +-10.6) spanned the whole
     axis and the markers of the methods at one sparsity piled up at ~6k parameters."""
-    from dynsparse import plots
+    from dynsparse.experiments import plots
     if not plots.available():
         pytest.skip("matplotlib is not installed")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dynsparse.report import build_report
+    from dynsparse.experiments.report import build_report
     kept = []
     monkeypatch.setattr(plt, "close", kept.append)
     build_report([REPO / "docs" / "mnist" / "runs"], tmp_path / "out")
@@ -332,9 +332,9 @@ def test_sync_bn_is_refused_on_cpu_with_a_reason_and_accepted_in_one_process(tin
 def test_sync_bn_converts_batch_norm_on_cuda_and_refuses_cpu_ranks():
     import torch
 
-    from dynsparse import distributed
     from dynsparse.errors import DynsparseError
     from dynsparse.models import create_model
+    from dynsparse.training import distributed
     model = create_model("mnist_mlp")
     one = distributed.DistInfo(0, 1, 0)
     assert distributed.sync_batch_norm(model, one, torch.device("cpu")) is model

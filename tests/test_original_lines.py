@@ -21,11 +21,11 @@ import pytest
 import torch
 import yaml
 
-from dynsparse.checkpoint import read_checkpoint
-from dynsparse.cli import parse_train_args
-from dynsparse.config import TrainConfig
-from dynsparse.legacy import method_of
-from dynsparse.run import run_training
+from dynsparse.cli.commands import parse_train_args
+from dynsparse.training.checkpoint import read_checkpoint
+from dynsparse.training.config import TrainConfig
+from dynsparse.training.engine_adapter import method_of
+from dynsparse.training.run import run_training
 
 LISTS = Path(__file__).resolve().parents[1] / "experiments" / "original"
 SHAPE_FLAGS = {"--prune", "--rewire", "--threshold-prune", "--DeepR", "--rewire-fraction", "--tied",
@@ -146,7 +146,7 @@ def test_wrn_line(idx, wrn_workspace, monkeypatch):
 @pytest.mark.parametrize("idx", selected("resnet_experiments.yaml"))
 def test_resnet_line(idx, resnet_workspace, monkeypatch):
     pytest.importorskip("torchvision")
-    from dynsparse import imagenet
+    from dynsparse.data import imagenet
     monkeypatch.setattr(imagenet, "CROP_SIZE", 64)
     monkeypatch.setattr(imagenet, "RESIZE_SIZE", 72)
     monkeypatch.chdir(resnet_workspace.root)

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.legacy import mnist_output_layer_targets
-from dynsparse.regularizers import sparsity_penalty
 from dynsparse.sparse import AtEpochEnds, Sparsifier
 from dynsparse.sparse.policies.pruning import GradualPruning, keep_count, scheduled_sparsity
-from dynsparse.tied import TiedModel, uniform_coverage
+from dynsparse.training.engine_adapter import mnist_output_layer_targets
+from dynsparse.training.regularizers import sparsity_penalty
+from dynsparse.training.tied_weights import TiedModel, uniform_coverage
 
 
 def pruner(targets, n_entries=(1000,), **kw):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import write_cifar, write_mnist
 
-from dynsparse.cli import main
+from dynsparse.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,14 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dynsparse.run as run_module
-import dynsparse.train as train_module
-from dynsparse import datasets
-from dynsparse.checkpoint import read_checkpoint
-from dynsparse.cli import main, parse_train_args
+import dynsparse.training.loop as train_module
+import dynsparse.training.run as run_module
+from dynsparse.cli.commands import main, parse_train_args
+from dynsparse.data import datasets
 from dynsparse.errors import DynsparseError
-from dynsparse.run import run_training
-from dynsparse.sweep import run_sweep
+from dynsparse.experiments.sweep import run_sweep
+from dynsparse.training.checkpoint import read_checkpoint
+from dynsparse.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -347,12 +347,12 @@ def test_losing_a_rank_stops_the_job_and_it_resumes(tiny_mnist, tmp_path):
     from test_distributed import DSR, flags, launch
     script = tmp_path / "dies.py"
     script.write_text(
-        "import os, signal, sys\nimport dynsparse.run as R\nreal = R.train_one_epoch\n"
+        "import os, signal, sys\nimport dynsparse.training.run as R\nreal = R.train_one_epoch\n"
         "def fake(*a, desc='', **kw):\n"
         "    if desc == 'epoch 1' and os.environ.get('RANK') == '1':\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(*a, desc=desc, **kw)\n"
-        "R.train_one_epoch = fake\nfrom dynsparse.cli import main\nsys.exit(main(['train', *sys.argv[1:]]))\n")
+        "R.train_one_epoch = fake\nfrom dynsparse.cli.commands import main\nsys.exit(main(['train', *sys.argv[1:]]))\n")
     args = flags(tiny_mnist, tmp_path, "lost", DSR)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     died = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dynsparse import plots
-from dynsparse.cli import main
+from dynsparse.cli.commands import main
 from dynsparse.errors import DynsparseError
-from dynsparse.report import build_report, group_runs, load_summary, result_settings
+from dynsparse.experiments import plots
+from dynsparse.experiments.report import build_report, group_runs, load_summary, result_settings
 
 
 def fake_run(root: Path, name: str, method: str, sparsity: float, seed: int, acc: float, params: int, *,
@@ -115,7 +115,7 @@ def test_one_seed_is_counted_once_and_the_other_run_is_excluded(tmp_path, caplog
     assert [r["run"] for r in groups[("mnist_mlp", "dsr", 0.98)]] == ["dsr_new", "dsr_s1"]
     assert excluded == [{"run": str(old), "reason": f"seed 0 with the same settings as {new}, which is more "
                                                     "recent and was kept"}]
-    with caplog.at_level(logging.WARNING, logger="dynsparse.report"):
+    with caplog.at_level(logging.WARNING, logger="dynsparse.experiments.report"):
         build_report([runs], tmp_path / "out")
     row = rows_of(tmp_path / "out")["dsr"]
     assert row["seeds"] == "2" and float(row["test_top1_mean"]) == pytest.approx(97.5)
@@ -139,7 +139,7 @@ def test_tables_without_matplotlib(tmp_path):
     """As after the README's first install command: no matplotlib. The CLI says so and writes the tables."""
     runs = tmp_path / "runs"
     fake_run(runs, "dsr_0", "dsr", 0.98, 0, 98.0, 6144)
-    code = ("import sys; sys.modules['matplotlib'] = None; from dynsparse.cli import main; "
+    code = ("import sys; sys.modules['matplotlib'] = None; from dynsparse.cli.commands import main; "
             f"sys.exit(main(['report', {str(runs)!r}, '--out', {str(tmp_path / 'out')!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -268,7 +268,7 @@ def test_a_widened_mlp_is_its_own_labelled_row_with_no_published_number(tmp_path
 
 
 def test_architecture_names_only_shapes_that_are_not_the_published_ones():
-    from dynsparse.published import architecture
+    from dynsparse.experiments.published import architecture
     assert architecture("mnist_mlp", {}) is None and architecture("mnist_mlp", {"hidden_sizes": [300, 100]}) is None
     assert architecture("mnist_mlp", {"hidden_sizes": [3000, 3000]}) == "MLP 784-3000-3000-10"
     assert architecture("cifar10_WideResNet", {"layers": 28, "widen_factor": 2}) is None

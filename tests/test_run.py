@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynsparse.checkpoint import read_checkpoint
-from dynsparse.cli import main, parse_train_args
+from dynsparse.cli.commands import main, parse_train_args
 from dynsparse.errors import DynsparseError
-from dynsparse.run import run_training
+from dynsparse.training.checkpoint import read_checkpoint
+from dynsparse.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

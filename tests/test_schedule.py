@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dynsparse.errors import DynsparseError
-from dynsparse.schedule import BUNDLED_DIR, PiecewiseConstant, load_schedules, resolve_schedule_path
+from dynsparse.training.epoch_schedules import BUNDLED_DIR, PiecewiseConstant, load_schedules, resolve_schedule_path
 
 
 def test_wrnet_schedule_boundaries():

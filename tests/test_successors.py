@@ -113,10 +113,10 @@ def test_update_period_overrides_the_schedule_and_snfs_defaults_to_one_epoch(tin
         due.append(len(s.drain_events()))
     assert due == [0, 0, 1, 0, 0, 1, 0]  # steps 3 and 6, not every step as the schedule says
 
-    from dynsparse.cli import parse_train_args
-    from dynsparse.legacy import build_sparsifier
+    from dynsparse.cli.commands import parse_train_args
     from dynsparse.models import create_model
-    from dynsparse.schedule import load_schedules
+    from dynsparse.training.engine_adapter import build_sparsifier
+    from dynsparse.training.epoch_schedules import load_schedules
     base = ["--data", str(tiny_mnist), "--initial-sparsity-fc", "0.9"]
     for extra, rigl_period, snfs_period in (([], 100, 37), (["--update-period", "5"], 5, 5)):
         got = []
@@ -158,8 +158,8 @@ def test_er_ignores_kernel_dims_and_uniform_is_uniform():
 
 
 def test_any_method_can_use_any_budget(tiny_mnist, tmp_path):
-    from dynsparse.cli import parse_train_args
-    from dynsparse.run import run_training
+    from dynsparse.cli.commands import parse_train_args
+    from dynsparse.training.run import run_training
     for method in (["--rewire", "--threshold-prune", "--rewire-scaling"], ["--rigl"], ["--sparse-momentum"]):
         cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
                                    "--initial-sparsity-fc", "0.9", "--budget", "erk", "--no-progress",
@@ -170,8 +170,8 @@ def test_any_method_can_use_any_budget(tiny_mnist, tmp_path):
 
 
 def test_dense_layers_option(tiny_mnist, tmp_path):
-    from dynsparse.cli import parse_train_args
-    from dynsparse.run import run_training
+    from dynsparse.cli.commands import parse_train_args
+    from dynsparse.training.run import run_training
     cfg, _ = parse_train_args(["--data", str(tiny_mnist), "--runs-dir", str(tmp_path), "--epochs", "1", "-b", "16",
                                "--initial-sparsity-fc", "0.9", "--dense-layers", "fc2.*", "--no-progress"])
     s = run_training(cfg)
@@ -182,7 +182,7 @@ def test_dense_layers_option(tiny_mnist, tmp_path):
 
 
 def test_training_flops_follow_the_rigl_paper():
-    from dynsparse.flops import model_layer_flops, training_multiplier
+    from dynsparse.experiments.flops import model_layer_flops, training_multiplier
     f = model_layer_flops({"model": "mnist_mlp"})
     assert f == {"fc1.weight": 2 * 784 * 300, "fc_int.weight": 2 * 300 * 100, "fc2.weight": 2 * 100 * 10}
     d = [{n: 0.1 for n in f}] * 4
@@ -206,7 +206,7 @@ def test_erk_against_a_hand_computed_case():
 
 
 def test_layer_flops_against_a_hand_count():
-    from dynsparse.flops import layer_flops
+    from dynsparse.experiments.flops import layer_flops
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(48, 5))
     # conv: 3x4x4 outputs, each 2*3*3 multiply-adds (2 FLOPs each); linear: 48*5 multiply-adds
     assert layer_flops(model, (2, 4, 4)) == {"0.weight": 2 * 18 * 48, "2.weight": 2 * 48 * 5}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dynsparse.cli import main
+from dynsparse.cli.commands import main
 from dynsparse.errors import DynsparseError
-from dynsparse.sweep import load_jobs, run_sweep, select
+from dynsparse.experiments.sweep import load_jobs, run_sweep, select
 
 REPO = Path(__file__).resolve().parents[1]
 

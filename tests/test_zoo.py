@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from dynsparse.config import TrainConfig
 from dynsparse.errors import DynsparseError
 from dynsparse.models import create_model, dataset_of, sparse_parameter_names
+from dynsparse.training.config import TrainConfig
 
 pytest.importorskip("torchvision")
 
@@ -58,8 +58,8 @@ def test_timm_models_or_a_clear_error_without_timm():
 def test_one_epoch_run_on_imagefolder_data(tmp_path, monkeypatch):
     from PIL import Image
 
-    from dynsparse import imagenet
-    from dynsparse.run import run_training
+    from dynsparse.data import imagenet
+    from dynsparse.training.run import run_training
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 4), ("val", 2)):
         for cls in ("n01", "n02", "n03"):
