@@ -9,7 +9,7 @@ the configuration, the command line or the loop.
 
 ``POLICIES`` is the library's view of the one registry of methods (``policies/registry.py``):
 each policy class registers itself with ``@register_policy``, and ``create_policy(name, ...)``,
-the command line's methods and flags (``dynsparse.legacy``) and the report's order derive from it.
+the command line's methods and flags (``dynsparse.training.engine_adapter``) and the report's order derive from it.
 """
 from dynsparse.sparse.budget import BUDGETS, erk_densities, make_densities
 from dynsparse.sparse.dropgrow import DropGrow, allocate, cosine_fraction
