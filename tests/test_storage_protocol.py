@@ -97,6 +97,19 @@ def test_grow_random_avoids_active_and_dropped_and_counts(setup):
         assert torch.equal(after, expected)
 
 
+def test_grow_random_asked_for_too_many_fills_exactly_the_free_space(setup):
+    _, _, _, s = setup
+    g = torch.Generator().manual_seed(0)
+    for sp in s.params.values():
+        before = flat_active(sp)
+        handles = sp.lowest_active(sp.magnitude(), K)
+        sp.drop(handles)
+        new = sp.grow_random(sp.num_free, handles, g)  # more than there is room for (the dropped are excluded)
+        free = torch.ones(sp.num_entries, dtype=torch.bool)
+        free[before] = False
+        assert torch.equal(torch.sort(new).values, torch.nonzero(free).view(-1))
+
+
 def test_grow_top_grows_at_the_top_free_scores(setup):
     _, _, opt, s = setup
     for sp in s.params.values():
