@@ -26,10 +26,11 @@ from dynsparse.sparse.policies.static import Static
 from dynsparse.sparse.policy import Context, Needs, Policy, RewireEvent
 from dynsparse.sparse.select import aliases, select_weights
 from dynsparse.sparse.sparsifier import Sparsifier
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 
 __all__ = ["AtEpochEnds", "BUDGETS", "Context", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST",
            "Needs", "Never", "POLICIES", "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL",
-           "SET", "SNFS", "SparseParam", "Sparsifier", "Static", "When",
+           "SET", "SNFS", "SparseParam", "SparseStorage", "Sparsifier", "Static", "When",
            "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
            "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]

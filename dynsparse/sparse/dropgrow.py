@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policy import Context, Policy
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import Periodic, When
 
 
@@ -44,24 +44,24 @@ class DropGrow(Policy):
     def prepare(self, ctx: Context) -> None:
         """Optional: read what this update needs before anything is dropped. Default: nothing."""
 
-    def drop_count(self, ctx: Context, sp: SparseParam) -> int:
+    def drop_count(self, ctx: Context, sp: SparseStorage) -> int:
         """Required unless ``select_drops`` is overridden: how many active entries ``sp`` drops."""
         raise NotImplementedError(f"{type(self).__name__} must override drop_count or select_drops")
 
-    def drop_scores(self, ctx: Context, sp: SparseParam) -> torch.Tensor:
+    def drop_scores(self, ctx: Context, sp: SparseStorage) -> torch.Tensor:
         """Optional: drop-side scores, the lowest dropped first. Default: magnitude."""
         return sp.magnitude()
 
-    def select_drops(self, ctx: Context, sps: list[SparseParam]) -> list[torch.Tensor]:
+    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[torch.Tensor]:
         """Flat indices to drop, per tensor (all active). Default: the ``drop_count`` lowest
         ``drop_scores`` of each tensor."""
         return [sp.lowest_active(self.drop_scores(ctx, sp), self.drop_count(ctx, sp)) for sp in sps]
 
-    def allocate(self, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+    def allocate(self, ctx: Context, sps: list[SparseStorage], dropped: list[int]) -> list[int]:
         """Optional: how many entries each tensor grows. Default: what it dropped."""
         return list(dropped)
 
-    def grow_scores(self, ctx: Context, sp: SparseParam) -> torch.Tensor | None:
+    def grow_scores(self, ctx: Context, sp: SparseStorage) -> torch.Tensor | None:
         """Optional: grow-side scores, the highest grown first. Default None: uniformly at random."""
         return None
 
@@ -104,14 +104,14 @@ def allocate(weights: list[float], total: int, capacity: list[int]) -> list[int]
     return out
 
 
-def allocate_proportionally(sps: list[SparseParam], dropped: list[int], weights: list[float]) -> list[int]:
+def allocate_proportionally(sps: list[SparseStorage], dropped: list[int], weights: list[float]) -> list[int]:
     """Regrow everything dropped, shared over tensors in proportion to ``weights`` and capped by
     each tensor's free space (excluding the entries it just dropped)."""
     capacity = [sp.num_free - k for sp, k in zip(sps, dropped)]
     return allocate(weights, sum(dropped), capacity)
 
 
-def allocate_by_survivors(policy, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+def allocate_by_survivors(policy, ctx: Context, sps: list[SparseStorage], dropped: list[int]) -> list[int]:
     """The ``allocate`` step of SET and DSR (``allocate = allocate_by_survivors``): with
     ``policy.scaling`` (the original's ``--rewire-scaling``) everything dropped is regrown across
     tensors in proportion to their surviving entries; without it each tensor regrows what it dropped."""

@@ -20,7 +20,7 @@ import torch
 from dynsparse.sparse.when import Never, When
 
 if TYPE_CHECKING:  # annotations only
-    from dynsparse.sparse.masks import SparseParam
+    from dynsparse.sparse.storage import SparseStorage
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Needs:
     def dense(self) -> bool:
         return self.what != "active_grad"
 
-    def gather(self, params: Mapping[str, SparseParam]) -> dict[str, Any]:
+    def gather(self, params: Mapping[str, SparseStorage]) -> dict[str, Any]:
         """The signal of each tensor that has one, in ``params``' order (the storages' primitives)."""
         if self.what == "grad_scores":
             got = {n: sp.gradient_scores() for n, sp in params.items()}
@@ -76,8 +76,8 @@ class Context:
     the policy's schedule as the sparsifier resolved it (``end_fraction`` turned into ``end_step``);
     ``epoch_end_updates``: epoch-end updates made before this one; ``generator``: the one random
     generator (on the CPU, seeded the same on every rank); ``params``: the per-tensor views
-    (masked ``SparseParam`` or ``CSRParam``), by name; ``signals``: what the policy's ``needs``
-    asked for (empty when it asked for nothing or it was not gathered); ``new_weights``:
+    (:class:`~dynsparse.sparse.storage.SparseStorage`: masked or CSR), by name; ``signals``: what
+    the policy's ``needs`` asked for (empty when it asked for nothing or it was not gathered); ``new_weights``:
     ``"zero"`` or ``"initial"``."""
 
     step: int
@@ -85,12 +85,12 @@ class Context:
     when: When
     epoch_end_updates: int
     generator: torch.Generator
-    params: Mapping[str, SparseParam]
+    params: Mapping[str, SparseStorage]
     signals: Mapping[str, Any]
     new_weights: str
-    _commit: Callable[[SparseParam], None]
+    _commit: Callable[[SparseStorage], None]
 
-    def grow(self, sp: SparseParam, flat_idx: torch.Tensor) -> int:
+    def grow(self, sp: SparseStorage, flat_idx: torch.Tensor) -> int:
         """Activate ``flat_idx`` of ``sp`` with new weights that are zero, or drawn from the
         initial distribution with ``new_weights="initial"``; returns how many."""
         count = flat_idx.numel()
@@ -101,7 +101,7 @@ class Context:
         sp.activate(flat_idx, values)
         return count
 
-    def commit(self, sp: SparseParam) -> None:
+    def commit(self, sp: SparseStorage) -> None:
         """Make the optimizer state follow ``sp``'s new topology (CSR storage moves its values and
         moments now; masked storage: nothing to do until the masks are applied)."""
         self._commit(sp)

@@ -8,10 +8,10 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
 from dynsparse.sparse.sharded import ShardedParam, is_sharded
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import EveryStep, When
 
 
@@ -51,7 +51,7 @@ class DeepR(DropGrow):
         self.sharded = {n: sp for n, sp in ctx.params.items() if isinstance(sp, ShardedParam)}
 
     @staticmethod
-    def _sign(sp: SparseParam) -> torch.Tensor:
+    def _sign(sp: SparseStorage) -> torch.Tensor:
         """Signs of the weights (of this rank's rows, sharded)."""
         w = sp.param.detach()
         return torch.sign(w.to_local() if is_sharded(w) else w).to(torch.int8)

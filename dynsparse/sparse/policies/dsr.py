@@ -7,9 +7,9 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow, allocate_by_survivors
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import When
 
 
@@ -37,7 +37,7 @@ class DSR(DropGrow):
         super().__init__(when)
         self.n_prune, self.scaling, self.threshold, self.tolerance = n_prune, scaling, threshold, tolerance
 
-    def select_drops(self, ctx: Context, sps: list[SparseParam]) -> list[torch.Tensor]:
+    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[torch.Tensor]:
         mags = [sp.magnitude() for sp in sps]
         below = [sp.active_below(m, self.threshold) for sp, m in zip(sps, mags)]
         counts = torch.stack([b.sum() for b in below]).tolist()  # one host sync for all tensors

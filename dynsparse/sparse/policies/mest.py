@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policy import Context, Needs
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import When
 
 
@@ -29,6 +29,6 @@ class MEST(SET):
         super().__init__(fraction, when=when, extra=0)
         self.lam = lam
 
-    def drop_scores(self, ctx: Context, sp: SparseParam) -> torch.Tensor:
+    def drop_scores(self, ctx: Context, sp: SparseStorage) -> torch.Tensor:
         grad = ctx.signals.get(sp.name)
         return sp.magnitude() if grad is None else sp.magnitude() + self.lam * grad

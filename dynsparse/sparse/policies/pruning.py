@@ -28,9 +28,10 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
-from dynsparse.sparse.masks import SparseParam, count_for_density
+from dynsparse.sparse.masks import count_for_density
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import AtEpochEnds, When
 
 
@@ -69,7 +70,7 @@ class GradualPruning(DropGrow):
             out[name] = max(sp.num_active - keep_count(sp.num_entries, target), 0)
         return out
 
-    def select_drops(self, ctx: Context, sps: list[SparseParam]) -> list[torch.Tensor]:
+    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[torch.Tensor]:
         counts = self.counts(ctx)
         if not self.global_threshold:
             return [sp.lowest_active(sp.magnitude(), counts[sp.name]) for sp in sps]
@@ -93,5 +94,5 @@ class GradualPruning(DropGrow):
             offset += m.numel()
         return [out.get(sp.name, empty) for sp in sps]
 
-    def allocate(self, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+    def allocate(self, ctx: Context, sps: list[SparseStorage], dropped: list[int]) -> list[int]:
         return [0] * len(sps)

@@ -5,9 +5,10 @@ from collections.abc import Mapping
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow, allocate_by_survivors, cosine_fraction
-from dynsparse.sparse.masks import SparseParam, keep_one
+from dynsparse.sparse.masks import keep_one
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import When
 
 
@@ -40,7 +41,7 @@ class SET(DropGrow):
         if self.cosine:
             self.frac = cosine_fraction(self.fraction, ctx.step, getattr(ctx.when, "end_step", None) or 10**9)
 
-    def drop_count(self, ctx: Context, sp: SparseParam) -> int:
+    def drop_count(self, ctx: Context, sp: SparseStorage) -> int:
         if self.needs is not None and self.needs.what == "grad_scores" and sp.name not in ctx.signals:
             return 0  # grows by the gradient, and this tensor has none
         return keep_one(sp.num_active, int(self.frac * sp.num_active) + self.extra)

@@ -8,10 +8,10 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import allocate_proportionally
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policy import Context, Needs
+from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import When
 
 
@@ -58,10 +58,10 @@ class SNFS(RigL):
         self.importance = torch.stack([sp.active_mean(self.momentum_scores[n])
                                        for n, sp in ctx.params.items()]).tolist()
 
-    def allocate(self, ctx: Context, sps: list[SparseParam], dropped: list[int]) -> list[int]:
+    def allocate(self, ctx: Context, sps: list[SparseStorage], dropped: list[int]) -> list[int]:
         return allocate_proportionally(sps, dropped, self.importance)
 
-    def grow_scores(self, ctx: Context, sp: SparseParam) -> torch.Tensor | None:
+    def grow_scores(self, ctx: Context, sp: SparseStorage) -> torch.Tensor | None:
         return self.momentum_scores.get(sp.name)
 
     def update(self, ctx: Context) -> tuple[int, int]:

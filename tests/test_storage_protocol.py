@@ -1,0 +1,171 @@
+"""The storage protocol (dynsparse/sparse/storage.py): the same tests against masked and CSR storage,
+each through the public Sparsifier on a tiny MLP. Drop-side handles are mapped to flat indices with
+``active_indices()`` only, so nothing here knows how either storage numbers its entries."""
+import pytest
+import torch
+from torch import nn
+
+from dynsparse import SET, Sparsifier
+from dynsparse.sparse import SparseStorage
+from dynsparse.sparse.when import Periodic
+
+DENSITY = 0.5
+K = 5
+
+
+def build(storage: str, policy=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = Sparsifier(model, opt, policy=policy or SET(0.3, when=Periodic(1000)), densities=DENSITY,
+                   total_steps=10, backend=storage, seed=3)
+    return model, opt, s
+
+
+def flat_active(sp) -> torch.Tensor:
+    """Sorted flat indices of the active entries, from ``topology()`` (a bool mask or flat indices)."""
+    t = sp.topology()
+    return torch.nonzero(t.reshape(-1)).view(-1) if t.dtype == torch.bool else torch.sort(t.view(-1)).values
+
+
+def flat_of(sp, handles: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Flat indices of drop-side ``handles``: position ``i`` of ``active_indices()`` is ``flat[i]``."""
+    return flat[torch.searchsorted(sp.active_indices(), handles)]
+
+
+@pytest.fixture(params=["masked", "csr"])
+def setup(request):
+    model, opt, s = build(request.param)
+    return request.param, model, opt, s
+
+
+def test_views_satisfy_the_protocol(setup):
+    storage, _, _, s = setup
+    assert len(s.params) == 2
+    for sp in s.params.values():
+        assert isinstance(sp, SparseStorage)
+        assert sp.storage == storage
+    assert not isinstance(object(), SparseStorage)
+
+
+def test_num_active_matches_the_density_and_the_topology(setup):
+    _, _, _, s = setup
+    for sp in s.params.values():
+        assert abs(sp.num_active - DENSITY * sp.num_entries) <= 1
+        assert flat_active(sp).numel() == sp.num_active == sp.active_indices().numel()
+        assert sp.num_free == sp.num_entries - sp.num_active
+        assert sp.density == pytest.approx(sp.num_active / sp.num_entries)
+
+
+def test_magnitude_of_active_entries_is_abs_weight(setup):
+    _, _, _, s = setup
+    for sp in s.params.values():
+        dense = sp.masked_weight().reshape(-1)
+        flat = flat_active(sp)
+        assert dense.ne(0).sum() == sp.num_active  # weights are zero exactly off the topology
+        got = sp.magnitude()[sp.active_indices()]
+        assert torch.equal(got, dense[flat].abs())
+
+
+def test_lowest_active_picks_the_k_smallest(setup):
+    _, _, _, s = setup
+    for sp in s.params.values():
+        m = sp.magnitude()
+        idx = sp.lowest_active(m, K)
+        assert idx.numel() == K
+        assert torch.isin(idx, sp.active_indices()).all()
+        expected = torch.sort(m[sp.active_indices()]).values[:K]
+        assert torch.equal(torch.sort(m[idx]).values, expected)
+
+
+def test_grow_random_avoids_active_and_dropped_and_counts(setup):
+    _, _, opt, s = setup
+    g = torch.Generator().manual_seed(0)
+    for sp in s.params.values():
+        before = flat_active(sp)
+        handles = sp.lowest_active(sp.magnitude(), K)
+        dropped = flat_of(sp, handles, before)
+        sp.drop(handles)
+        new = sp.grow_random(K, handles, g)
+        assert new.numel() == K == torch.unique(new).numel()
+        assert not torch.isin(new, before).any()  # neither active nor just dropped
+        sp.activate(new)
+        sp.commit(opt)
+        after = flat_active(sp)
+        assert sp.num_active == before.numel() == after.numel()
+        expected = torch.sort(torch.cat([before[~torch.isin(before, dropped)], new])).values
+        assert torch.equal(after, expected)
+
+
+def test_grow_random_asked_for_too_many_fills_exactly_the_free_space(setup):
+    _, _, _, s = setup
+    g = torch.Generator().manual_seed(0)
+    for sp in s.params.values():
+        before = flat_active(sp)
+        handles = sp.lowest_active(sp.magnitude(), K)
+        sp.drop(handles)
+        new = sp.grow_random(sp.num_free, handles, g)  # more than there is room for (the dropped are excluded)
+        free = torch.ones(sp.num_entries, dtype=torch.bool)
+        free[before] = False
+        assert torch.equal(torch.sort(new).values, torch.nonzero(free).view(-1))
+
+
+def test_grow_top_grows_at_the_top_free_scores(setup):
+    _, _, opt, s = setup
+    for sp in s.params.values():
+        before = flat_active(sp)
+        handles = sp.lowest_active(sp.magnitude(), K)
+        sp.drop(handles)
+        scores = torch.randperm(sp.num_entries, generator=torch.Generator().manual_seed(1)).float()
+        new = sp.grow_top(scores, K, handles)
+        free = torch.ones(sp.num_entries, dtype=torch.bool)
+        free[before] = False
+        expected = torch.topk(scores.masked_fill(~free, -1.0), K).indices
+        assert torch.equal(torch.sort(new).values, torch.sort(expected).values)
+        sp.activate(new)
+        sp.commit(opt)
+        assert sp.num_active == before.numel()
+
+
+def test_weights_stay_zero_off_the_topology_after_updates(setup):
+    storage, _, _, _ = setup
+    model, opt, s = build(storage, SET(0.3, when=Periodic(2)))
+    g = torch.Generator().manual_seed(0)
+    tops = []
+    for _ in range(4):
+        x = torch.randn(16, 8, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        tops.append({n: flat_active(sp) for n, sp in s.params.items()})
+    assert any(not torch.equal(tops[0][n], tops[-1][n]) for n in tops[0])  # the topology did change
+    exported = s.export()
+    for name, sp in s.params.items():
+        off = torch.ones(sp.num_entries, dtype=torch.bool)
+        off[flat_active(sp)] = False
+        assert sp.off_mask_nonzero() == 0
+        assert sp.masked_weight().reshape(-1)[off].eq(0).all()
+        assert exported[name].reshape(-1)[off].eq(0).all()
+        # entries grown by the last update start at zero (new_weights="zero"): at most num_active are nonzero
+        assert 0 < exported[name].reshape(-1).ne(0).sum() <= sp.num_active
+
+
+@pytest.mark.parametrize("form", ["own", "mask", "indices"])
+def test_topology_round_trip(setup, form):
+    _, _, opt, s = setup
+    g = torch.Generator().manual_seed(0)
+    for sp in s.params.values():
+        saved_flat = flat_active(sp)
+        saved = {"own": sp.topology(), "indices": saved_flat}.get(form)
+        if saved is None:
+            saved = torch.zeros(sp.num_entries, dtype=torch.bool)
+            saved[saved_flat] = True
+            saved = saved.view(sp.topology().shape if sp.topology().dtype == torch.bool else sp.shape)
+        handles = sp.lowest_active(sp.magnitude(), K)  # change it, then load the saved one back
+        sp.drop(handles)
+        sp.activate(sp.grow_random(K, handles, g))
+        sp.commit(opt)
+        assert not torch.equal(flat_active(sp), saved_flat)
+        sp.load_topology(saved, opt)
+        assert torch.equal(flat_active(sp), saved_flat)
+        assert sp.num_active == saved_flat.numel()
