@@ -51,6 +51,9 @@ def assert_same_run(ref: dict, got: dict, policy: str) -> None:
 POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial", "rigl-conv", "deepr", "deepr-initial",
             "prune",
             "prune-global"]
+# on 3 ranks (one rank holds no row of a layer) one policy of each kind, to keep CI under its 20 minutes;
+# every policy runs on 2 ranks
+POLICIES_ON_3 = ["set", "dsr", "snfs", "rigl-conv", "deepr", "prune-global"]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +64,10 @@ def reference(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_sharded_training_matches_unsharded(nproc, reference, tmp_path):
-    got = run_worker(tmp_path / "fsdp.pt", nproc, "--steps", "200")
-    for policy in POLICIES:
+    policies = POLICIES if nproc == 2 else POLICIES_ON_3
+    got = run_worker(tmp_path / "fsdp.pt", nproc, "--steps", "200", "--policies", ",".join(policies))
+    assert set(got) == set(policies)
+    for policy in policies:
         assert_same_run(reference, got, policy)
         assert got[policy]["world"] == nproc
         if policy.startswith("deepr"):  # masks recorded every step: some of them changed
