@@ -7,6 +7,7 @@ from torch import nn
 
 from dynsparse import SET, Sparsifier
 from dynsparse.sparse import SparseStorage
+from dynsparse.sparse.storage import DenseScores
 from dynsparse.sparse.when import Periodic
 
 DENSITY = 0.5
@@ -85,8 +86,8 @@ def test_grow_random_avoids_active_and_dropped_and_counts(setup):
         before = flat_active(sp)
         handles = sp.lowest_active(sp.magnitude(), K)
         dropped = flat_of(sp, handles, before)
-        sp.drop(handles)
-        new = sp.grow_random(K, handles, g)
+        gone = sp.drop(handles)
+        new = sp.grow_random(K, gone, g)
         assert new.numel() == K == torch.unique(new).numel()
         assert not torch.isin(new, before).any()  # neither active nor just dropped
         sp.activate(new)
@@ -103,8 +104,8 @@ def test_grow_random_asked_for_too_many_fills_exactly_the_free_space(setup):
     for sp in s.params.values():
         before = flat_active(sp)
         handles = sp.lowest_active(sp.magnitude(), K)
-        sp.drop(handles)
-        new = sp.grow_random(sp.num_free, handles, g)  # more than there is room for (the dropped are excluded)
+        gone = sp.drop(handles)
+        new = sp.grow_random(sp.num_free, gone, g)  # more than there is room for (the dropped are excluded)
         free = torch.ones(sp.num_entries, dtype=torch.bool)
         free[before] = False
         assert torch.equal(torch.sort(new).values, torch.nonzero(free).view(-1))
@@ -115,9 +116,9 @@ def test_grow_top_grows_at_the_top_free_scores(setup):
     for sp in s.params.values():
         before = flat_active(sp)
         handles = sp.lowest_active(sp.magnitude(), K)
-        sp.drop(handles)
+        gone = sp.drop(handles)
         scores = torch.randperm(sp.num_entries, generator=torch.Generator().manual_seed(1)).float()
-        new = sp.grow_top(scores, K, handles)
+        new = sp.grow_top(DenseScores(scores), K, gone)
         free = torch.ones(sp.num_entries, dtype=torch.bool)
         free[before] = False
         expected = torch.topk(scores.masked_fill(~free, -1.0), K).indices
@@ -162,8 +163,7 @@ def test_topology_round_trip(setup, form):
             saved[saved_flat] = True
             saved = saved.view(sp.topology().shape if sp.topology().dtype == torch.bool else sp.shape)
         handles = sp.lowest_active(sp.magnitude(), K)  # change it, then load the saved one back
-        sp.drop(handles)
-        sp.activate(sp.grow_random(K, handles, g))
+        sp.activate(sp.grow_random(K, sp.drop(handles), g))
         sp.commit(opt)
         assert not torch.equal(flat_active(sp), saved_flat)
         sp.load_topology(saved, opt)
