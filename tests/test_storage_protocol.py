@@ -274,11 +274,15 @@ def test_to_sparse_holds_the_true_nonzeros(setup):
 
 def test_export_has_the_dense_architectures_keys(setup):
     _, model, _, s = setup
+    with torch.no_grad():  # weights moved behind the sparsifier (off the mask too, for masked storage)
+        for p in model.parameters():
+            p.add_(1.0)
     exported = s.export()
     dense = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in dense.state_dict().items()}
     for name, sp in s.params.items():
         assert torch.equal(exported[name], sp.masked_weight())
+        assert exported[name].ne(0).sum() == sp.num_active  # masked, whatever the parameter holds
     assert torch.equal(exported["0.bias"], dict(model.named_parameters())["0.bias"])
 
 
