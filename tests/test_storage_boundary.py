@@ -5,7 +5,12 @@ between masked and CSR storage is a member of the protocol (dynsparse/sparse/sto
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import dynsparse
 
@@ -65,3 +70,37 @@ def test_the_checks_can_fail(tmp_path):
     ok = tmp_path / "ok.py"
     ok.write_text("def f(sp):\n    return sp.active_grad_scores(), sp.label == 'csr'\n")
     assert storage_branches(ok) == [] and storage_reach(ok) == []
+
+
+MIXES = '''from __future__ import annotations
+
+import torch
+
+from dynsparse.sparse.storage import SparseStorage
+
+
+def policy_step(sp: SparseStorage, g: torch.Generator) -> None:
+    handles = sp.lowest_active(sp.magnitude(), 3)
+    gone = sp.drop(handles)
+    sp.activate(sp.grow_random(3, gone, g))
+    sp.activate(sp.grow_top(sp.dense_scores(torch.ones(sp.shape)), 3, gone))
+    sp.active_mean(sp.dense_scores(torch.ones(sp.shape)))
+    sp.activate(handles)  # MIX: a drop-side handle is no flat index
+    sp.grow_random(3, handles, g)  # MIX: exclude is the record drop returns, not the handles
+    sp.drop(sp.grow_random(3, gone, g))  # MIX: a flat index is no handle
+    sp.grow_top(sp.magnitude(), 3, gone)  # MIX: drop-side scores are no grow scores
+    sp.active_mean(sp.magnitude())  # MIX: nor here
+'''
+
+
+@pytest.mark.slow  # a few seconds with the cache CI's own mypy run leaves; a minute without
+def test_mypy_refuses_a_policy_that_mixes_handles_flat_indices_and_scores(tmp_path):
+    pytest.importorskip("mypy")
+    src = tmp_path / "mixes.py"
+    src.write_text(MIXES)
+    root = PACKAGE.parent
+    out = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(root / "pyproject.toml"), str(src)],
+                         cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    flagged = sorted(int(line.split(":")[1]) for line in out.stdout.splitlines() if ": error:" in line)
+    expected = [i for i, line in enumerate(MIXES.splitlines(), 1) if "# MIX" in line]
+    assert len(expected) == 5 and flagged == expected, out.stdout
