@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dynsparse import SET, SNFS, RigL, Sparsifier
+from dynsparse.errors import DynsparseError
 from dynsparse.sparse import SparseStorage
 from dynsparse.sparse.compact import pack_state, unpack_state
 from dynsparse.sparse.storage import DenseScores, GrowScores
@@ -309,3 +310,13 @@ def test_load_values_sets_the_active_entries_only(setup):
         on[flat_active(sp)] = True
         assert torch.equal(sp.masked_weight().reshape(-1), torch.where(on, dense.reshape(-1), 0.0))
         assert sp.off_mask_nonzero() == 0
+
+
+def test_grow_scores_must_be_grow_scores():
+    class Raw(SET):
+        def grow_scores(self, ctx, sp):
+            return sp.magnitude()  # drop-side scores, a plain tensor: not where to grow
+
+    _, _, s = build("masked", Raw(0.3, when=Periodic(1000)))
+    with pytest.raises(DynsparseError, match=r"Raw.grow_scores returned a Tensor: return GrowScores"):
+        s.policy.update(s.context())

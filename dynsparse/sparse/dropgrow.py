@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from dynsparse.errors import DynsparseError
 from dynsparse.sparse.policy import Context, Policy
 from dynsparse.sparse.storage import GrowScores, Handles, SparseStorage
 from dynsparse.sparse.when import Periodic, When
@@ -74,6 +75,9 @@ class DropGrow(Policy):
         grown = 0
         for sp, count, gone in zip(sps, self.allocate(ctx, sps, dropped), drops):
             scores = self.grow_scores(ctx, sp)
+            if scores is not None and not isinstance(scores, GrowScores):
+                raise DynsparseError(f"{type(self).__name__}.grow_scores returned a {type(scores).__name__}: return "
+                                     "GrowScores (sp.dense_scores(t) for a tensor shaped like the weight) or None")
             new = sp.grow_random(count, gone, ctx.generator) if scores is None else sp.grow_top(scores, count, gone)
             grown += ctx.grow(sp, new)
         for sp in sps:  # CSR storage moves values and optimizer state now; masks are already done

@@ -10,19 +10,19 @@ weights are always masked per weight, as in the original. The *magnitude* of an 
 Written once here, used by every policy:
 
 * :func:`count_for_density` - the one density-to-count rule, ``int(density * n + 0.1)``;
-* :meth:`SparseParam.scores` - an entry score (``|t|``, mean over a slice);
+* :meth:`SparseParam.scores` - an entry score (``|t|``, mean over a slice; ``magnitude``, ``dense_scores``);
 * :meth:`SparseParam.drop` / :meth:`SparseParam.lowest_active` / :meth:`SparseParam.active_below`;
 * :meth:`SparseParam.grow_random` and :meth:`SparseParam.grow_top` (never at excluded positions);
 * :func:`keep_one` - the one "never empty a tensor" rule.
 
-Policies call only these, never the mask itself, so the storage behind a parameter can change
-without touching a policy: :class:`~dynsparse.sparse.csr_param.CSRParam` offers the same methods
-over a truly sparse weight. Two kinds of index appear: the *drop side* (``lowest_active``,
-``active_below``, ``largest_active``, ``drop``, scores of the weight or of its ``.grad``) uses
-*handles*, which here are flat entry indices and in CSR storage positions in the active list;
-the *grow side* (``grow_random``, ``grow_top``, ``activate``, ``gradient_scores``,
-``dense_gradient``) always uses flat entry indices of the whole ``[out, in, ...]`` weight. All
-counts are in mask entries; ``slice_size`` converts them to weights.
+Policies call only the members of the storage protocol
+(:class:`~dynsparse.sparse.storage.SparseStorage`), never the mask itself, so the storage behind a
+parameter can change without touching a policy: :class:`~dynsparse.sparse.csr_param.CSRParam`
+offers the same members over a truly sparse weight. The drop side's :data:`Handles` are flat entry
+indices here (positions in the active list for CSR), the grow side's :data:`FlatIndices` flat
+entry indices of the whole ``[out, in, ...]`` weight; ``drop`` returns a :class:`Dropped` record
+and grow scores are :class:`GrowScores` (storage.py says what each is). All counts are in mask
+entries; ``slice_size`` converts them to weights.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ checks that each satisfies :class:`SparseStorage` (the ``TYPE_CHECKING`` block a
 storage modules never branches on which storage it has (``tests/test_architecture.py`` checks for
 ``storage ==``, and that no policy touches ``.param``): what differs is a member below.
 
-Three kinds of value cross the protocol, each with its own type, so that ``mypy`` refuses a policy
+Four kinds of value cross the protocol, each with its own type, so that ``mypy`` refuses a policy
 that mixes them (for masked storage they hold the same numbers, which is how they got mixed):
 
 * :data:`Handles` name active entries on the *drop side*: a flat index into the weight for masked
