@@ -1,4 +1,4 @@
-"""RigL, SNFS and the ER/ERK budgets: exact toy cases."""
+"""RigL, SNFS, MEST and the ER/ERK budgets: exact toy cases, the engine's on masked and CSR storage."""
 from __future__ import annotations
 
 import math
@@ -8,25 +8,38 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse import SNFS, Periodic, RigL, Sparsifier, cosine_fraction, erk_densities, make_densities
+from dynsparse.sparse import MEST, SNFS, Periodic, RigL, Sparsifier, cosine_fraction, erk_densities, make_densities
+
+STORAGES = ["masked", "csr"]
 
 
 def two_by_four(n=1):
     return nn.Sequential(*[nn.Linear(4, 2, bias=False) for _ in range(n)])
 
 
-def setup(model, policy, masks, weights):
+def setup(model, policy, masks, weights, backend="masked", optimizer=None):
     """Masks at the weights' nonzeros, through the public constructor (no storage internals)."""
     with torch.no_grad():
         for i, w in enumerate(weights):
             model[i].weight.copy_(torch.tensor(w).view(2, 4))
-    s = Sparsifier(model, None, policy=policy, init="from_weights")
+    s = Sparsifier(model, optimizer, policy=policy, init="from_weights", backend=backend)
+    assert {sp.storage for sp in s.params.values()} == {backend}
     assert [mask(s, f"{i}.weight") for i in range(len(masks))] == masks
     return s
 
 
 def mask(s, name):
-    return s.params[name].topology().view(-1).int().tolist()
+    saved = s.params[name].topology()  # a bool mask (masked storage) or sorted flat indices (CSR)
+    if saved.dtype != torch.bool:
+        saved = torch.zeros(s.params[name].num_entries, dtype=torch.bool).index_fill_(0, saved, True)
+    return saved.view(-1).int().tolist()
+
+
+def backward_with_gradient(model, grad: list[float]) -> None:
+    """A backward pass whose weight gradient is exactly ``grad`` (2x4), on either storage: inputs
+    ``x = grad`` (two rows) and loss ``y[0, 0] + y[1, 1]``, so ``dL/dW = I^T x``."""
+    y = model(torch.tensor(grad).view(2, 4))
+    torch.diagonal(y).sum().backward()
 
 
 def test_cosine_fraction():
@@ -35,17 +48,32 @@ def test_cosine_fraction():
     assert cosine_fraction(0.3, 100, 100) == pytest.approx(0.0) == cosine_fraction(0.3, 500, 100)
 
 
-def test_rigl_drops_smallest_and_grows_largest_gradient():
+@pytest.mark.parametrize("backend", STORAGES)
+def test_rigl_drops_smallest_and_grows_largest_gradient(backend):
     model = two_by_four()
     s = setup(model, RigL(fraction=0.6, when=Periodic(1, end_step=10**6)), [[1, 1, 1, 1, 0, 0, 0, 0]],
-              [[0.5, -0.1, 0.3, 0.05, 0, 0, 0, 0]])
-    model[0].weight.grad = torch.tensor([0.0, 2.0, 0, 0, 0.1, -0.9, 0.5, 0.2]).view(2, 4)
+              [[0.5, -0.1, 0.3, 0.05, 0, 0, 0, 0]], backend)
+    backward_with_gradient(model, [0.0, 2.0, 0, 0, 0.1, -0.9, 0.5, 0.2])
     s.before_optimizer_step()  # the next step (1) is an update step: the dense gradient is read here
     s.step()
     # k = int(~0.6 * 4) = 2: drop |w| 0.05 and 0.1 (positions 3, 1); grow the largest |grad| among
     # the inactive, not the just-dropped position 1 (|grad| 2.0): positions 5 and 6
     assert mask(s, "0.weight") == [1, 0, 1, 0, 0, 1, 1, 0]
-    assert model[0].weight.view(-1)[5] == 0 and s.total_pruned == s.total_grown == 2
+    assert s.params["0.weight"].masked_weight().view(-1)[5] == 0 and s.total_pruned == s.total_grown == 2
+
+
+@pytest.mark.parametrize("backend", STORAGES)
+def test_mest_drops_by_magnitude_plus_gradient(backend):
+    model = two_by_four()
+    s = setup(model, MEST(fraction=0.5, lam=1.0, when=Periodic(1, end_step=10**6)), [[1, 1, 1, 1, 0, 0, 0, 0]],
+              [[0.5, -0.1, 0.3, 0.05, 0, 0, 0, 0]], backend)
+    backward_with_gradient(model, [0.0, 0.0, -0.3, 0.5, 9.0, 9.0, 9.0, 9.0])  # off the mask: never read
+    s.before_optimizer_step()
+    s.step()
+    # |w| + |grad| over the active: 0.5, 0.1, 0.6, 0.55 -> int(0.5 * 4) = 2 dropped: positions 1 and 0
+    # (by magnitude alone, 3 and 1); as many grown at random among 4..7, never at 0 or 1
+    m = mask(s, "0.weight")
+    assert m[:4] == [0, 0, 1, 1] and sum(m[4:]) == 2 and s.total_pruned == s.total_grown == 2
 
 
 def test_rigl_reads_gradients_only_before_update_steps_and_stops_at_end_step():
@@ -64,20 +92,21 @@ def test_rigl_reads_gradients_only_before_update_steps_and_stops_at_end_step():
     assert len(s.drain_events()) == 1
 
 
-def snfs_update(layer1_momentum: list[float]):
+def snfs_update(layer1_momentum: list[float], backend: str = "masked"):
     """Two 2x4 layers, 4 active entries each; layer 0's momentum is fixed, layer 1's given."""
     model = two_by_four(2)
     pol = SNFS(fraction=0.5, when=Periodic(1, end_step=10**6))
     s = setup(model, pol, [[1, 1, 1, 1, 0, 0, 0, 0]] * 2,
-              [[0.5, 0.1, 0.4, 0.3, 0, 0, 0, 0], [0.5, 0.6, 0.7, 0.05, 0, 0, 0, 0]])
+              [[0.5, 0.1, 0.4, 0.3, 0, 0, 0, 0], [0.5, 0.6, 0.7, 0.05, 0, 0, 0, 0]], backend)
     pol.momentum = {"0.weight": torch.tensor([1.0, 1, 1, 1, 0, 0.2, 0.8, 0.1]).view(2, 4),
                     "1.weight": torch.tensor(layer1_momentum).view(2, 4)}
     s.step_count = 0
     return s, pol.update(s.context())
 
 
-def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():
-    s, (pruned, grown) = snfs_update([0.1, 0.1, 0.1, 0.1, 0.3, 0, 0, 0.05])
+@pytest.mark.parametrize("backend", STORAGES)
+def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum(backend):
+    s, (pruned, grown) = snfs_update([0.1, 0.1, 0.1, 0.1, 0.3, 0, 0, 0.05], backend)
     # each layer prunes int(0.5 * 4) = 2 smallest; 4 regrown in proportion 1.0 : 0.1 of mean
     # momentum -> 4 : 0 (largest remainder), all into layer 0's four free positions
     assert (pruned, grown) == (4, 4)
@@ -85,21 +114,26 @@ def test_snfs_redistributes_by_mean_momentum_and_grows_by_momentum():
     assert mask(s, "1.weight") == [0, 1, 1, 0, 0, 0, 0, 0]
 
 
-def test_snfs_growth_within_a_layer_follows_momentum():
-    s, _ = snfs_update([1.0, 1, 1, 1, 0.3, 0, 0, 0.05])
+@pytest.mark.parametrize("backend", STORAGES)
+def test_snfs_growth_within_a_layer_follows_momentum(backend):
+    s, _ = snfs_update([1.0, 1, 1, 1, 0.3, 0, 0, 0.05], backend)
     # equal importance -> 2 + 2; layer 0 grows momentum 0.8 and 0.2; layer 1 grows 0.3 and 0.05
     assert mask(s, "0.weight") == [1, 0, 1, 0, 0, 1, 1, 0]
     assert mask(s, "1.weight") == [0, 1, 1, 0, 1, 0, 0, 1]
 
 
-def test_snfs_keeps_a_dense_momentum_of_the_gradient():
+@pytest.mark.parametrize("backend", STORAGES)
+def test_snfs_keeps_a_dense_momentum_of_the_gradient(backend):
     model = two_by_four()
-    s = Sparsifier(model, None, policy=SNFS(beta=0.5), densities={"0.weight": 0.5})
-    model[0].weight.grad = torch.ones(2, 4)
-    s.before_optimizer_step()
-    model[0].weight.grad = torch.ones(2, 4)
-    s.before_optimizer_step()
-    assert torch.allclose(s.policy.momentum["0.weight"], torch.full((2, 4), 1.5))  # 0.5 * 1 + 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # steps that change no weight: the same gradient
+    s = setup(model, SNFS(beta=0.5, when=Periodic(100, end_step=10**6)), [[1, 1, 1, 1, 0, 0, 0, 0]],
+              [[0.5, -0.1, 0.3, 0.05, 0, 0, 0, 0]], backend, opt)
+    for _ in range(2):
+        opt.zero_grad()
+        backward_with_gradient(model, [1.0, -2, 0, 0, 0.5, 0, 0, 3])
+        opt.step()
+    expected = 1.5 * torch.tensor([1.0, -2, 0, 0, 0.5, 0, 0, 3]).view(2, 4)  # 0.5 * g + g, off the mask too
+    assert torch.equal(s.policy.momentum["0.weight"], expected)
 
 
 def test_update_period_overrides_the_schedule_and_snfs_defaults_to_one_epoch(tiny_mnist, tmp_path):

@@ -131,7 +131,7 @@ def describe(cfg: TrainConfig) -> tuple[str, str | None]:
         for name, sp in layers.items():
             active = sp.num_active * sp.slice_size
             lines.append(f"{name:<40} {'x'.join(map(str, sp.shape)):>18} {active / math.prod(sp.shape):>8.4f} "
-                         f"{active:>11,} {math.prod(sp.shape):>11,}" + ("  csr" if sp.storage == "csr" else ""))
+                         f"{active:>11,} {math.prod(sp.shape):>11,}" + (f"  {sp.label}" if sp.label else ""))
     else:
         lines.append("sparse layers: none (dense training)" if tied is None else
                      f"tied layers: {counts['params_tied']:,} shared values")

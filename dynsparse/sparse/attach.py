@@ -44,12 +44,8 @@ class StepHooks:
         self.entered = False  # optimizer.step() began since the last step
         self.handles = [s.optimizer.register_step_pre_hook(self._pre), s.optimizer.register_step_post_hook(self._post)]
         for name, sp in s.params.items():
-            # CSR storage has no gradient off the active entries to mask or set aside (its
-            # dense gradient, when a policy wants it, is captured from the products instead)
-            if sp.param.requires_grad and sp.storage == "masked":
+            if sp.param.requires_grad:
                 self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_grad, name)))
-            elif sp.param.requires_grad:  # CSR: a skipped step's captured products must not outlive its gradient
-                self.handles.append(sp.param.register_post_accumulate_grad_hook(partial(self._on_csr_grad, name)))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -63,15 +59,20 @@ class StepHooks:
         if g is None:
             return
         sp = s.params[name]
+        if sp.capturing:  # CSR: a skipped step's captured products must not outlive its gradient
+            sp.note_grad(g)
+            self._queue_totals()
+            return  # nothing stored off the active entries to mask or set aside
+        # the masked storage: the off-mask part set aside before masking, if a policy wants it
         capture = s.when.active(s.epoch) and s.wants_dense_grad()
-        if capture:
-            off = g * sp.inverse_mask_view()
+        off = sp.off_topology_grad(g) if capture else None
+        if off is not None:
             prev = self.seen.get(name)
             # the same tensor, changed only by this accumulation: earlier micro-batches are still in it
             accumulating = prev is not None and prev[0]() is g and g._version == prev[1] + 1 and name in self.captured
             self.captured[name] = self.captured[name].add_(off) if accumulating else off
             self._queue_totals()
-        g.mul_(sp.mask_view())
+        sp.mask_grad_(g)
         self.seen[name] = (weakref.ref(g), g._version)
 
     def _queue_totals(self) -> None:
@@ -88,14 +89,8 @@ class StepHooks:
         self._totals_queued = False
         for name, sp in self.s.params.items():
             g = sp.param.grad
-            if g is not None and (name in self.captured or (sp.storage == "csr" and sp.weight._capture is not None)):
+            if g is not None and (name in self.captured or sp.capturing):
                 self.totals[name] = (weakref.ref(g), g.abs().sum())
-
-    def _on_csr_grad(self, name: str, param: torch.Tensor) -> None:
-        capture = self.s.params[name].weight._capture
-        if capture is not None and param.grad is not None:
-            capture.accumulated(param.grad)
-            self._queue_totals()
 
     def still_masked(self, name: str, g: torch.Tensor) -> bool:
         """Whether ``g`` is the gradient the accumulation hook masked, unchanged since."""
@@ -109,9 +104,8 @@ class StepHooks:
         self._totals_queued = False  # a backward that raised never ran its callbacks
         for name, sp in self.s.params.items():
             ref, total = self.totals.get(name, (lambda: None, None))
-            if sp.storage == "csr" and sp.weight._capture is not None and ref() is not None and ref() is sp.param.grad:
-                sp.weight._capture.factor = torch.where(total > 0, sp.param.grad.abs().sum() / total,
-                                                        torch.ones_like(total))
+            if sp.capturing and ref() is not None and ref() is sp.param.grad:
+                sp.scale_capture(torch.where(total > 0, sp.param.grad.abs().sum() / total, torch.ones_like(total)))
         world = _world_size()
         for name, off in self.captured.items():
             g = self.s.params[name].param.grad

@@ -105,10 +105,11 @@ def pack_state(state: dict, sparsifier) -> dict:
     opt_state = dict(optim["state"]) if isinstance(optim, dict) and "state" in optim else None
     records: dict[str, dict[str, Any]] = {}
     for name, sp in params.items():
-        if sp.storage == "csr":  # the model's own crow/col indices say it: store nothing twice
-            if name + ".crow_indices" in model:
+        own = sp.compact_record(model)  # CSR: the model's own indices say it: store nothing twice
+        if own is not None:
+            if own:
                 masks.pop(name)
-                records[name] = {"storage": "csr", "in_features": int(sp.shape[1])}
+                records[name] = own
             continue
         entries = tuple(sp.mask.shape)
         flat = torch.nonzero(sp.mask.reshape(-1)).view(-1)

@@ -18,6 +18,8 @@ Policies cannot tell the two apart. The differences stay here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,7 @@ from dynsparse.sparse.csr import CSRWeight
 from dynsparse.sparse.csr_ops import GradientCapture, merge_sorted
 from dynsparse.sparse.draws import choose_random_among_free, free_at, ranked_draws
 from dynsparse.sparse.masks import EntryCounts
+from dynsparse.sparse.storage import DenseScores, Dropped, FlatIndices, GrowScores, Handles
 
 BLOCK_ENTRIES = 1 << 22  # rows of a dense gradient formed at once (16 MiB of float32)
 
@@ -38,11 +41,14 @@ def check_on_cpu(name: str, device: torch.device) -> None:
                              "backend='masked' (--sparse-backend masked) off the CPU, or --device cpu")
 
 
-class RowScores:
+class RowScores(GrowScores):
     """Grow-side scores ``|dy^T x|`` of a captured gradient, formed a block of rows at a time."""
 
     def __init__(self, capture: GradientCapture, shape: tuple[int, int]) -> None:
         self.capture, self.shape = capture, shape
+
+    def flat(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self._mean(self.capture.dense_grad_rows(start, stop)).abs_().reshape(-1)
@@ -62,6 +68,7 @@ class RowScores:
 
 class CSRParam(EntryCounts):
     storage = "csr"
+    label = "csr"
     granularity = 2
     slice_size = 1
 
@@ -106,8 +113,8 @@ class CSRParam(EntryCounts):
             self._alive = torch.ones(self.weight.num_active, dtype=torch.bool, device=self.device)
         return self._alive
 
-    def active_indices(self) -> torch.Tensor:
-        return torch.arange(self.weight.num_active, device=self.device)
+    def active_indices(self) -> Handles:
+        return Handles(torch.arange(self.weight.num_active, device=self.device))
 
     # ---- scores (a stored-entry vector, or a dense one on the grow side) ----------------------
     def scores(self, t: torch.Tensor) -> torch.Tensor:
@@ -116,27 +123,31 @@ class CSRParam(EntryCounts):
     def magnitude(self) -> torch.Tensor:
         return self.scores(self.param)
 
-    def active_mean(self, scores: torch.Tensor) -> torch.Tensor:
-        if scores.numel() == self.num_entries:  # grow-side scores: read the active positions
-            scores = scores[self.weight.active_flat()]
-        return scores.sum() / max(self.num_active, 1)
+    def active_grad_scores(self) -> torch.Tensor | None:
+        return None if self.param.grad is None else self.scores(self.param.grad)
+
+    def dense_scores(self, t: torch.Tensor) -> GrowScores:
+        return DenseScores(t.detach().abs().reshape(-1))
+
+    def active_mean(self, scores: GrowScores) -> torch.Tensor:
+        return scores.flat()[self.weight.active_flat()].sum() / max(self.num_active, 1)
 
     # ---- drop --------------------------------------------------------------------------------
-    def drop(self, idx: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    def drop(self, idx: Handles, count: int | None = None) -> Dropped:
         self.alive()[idx] = False
         self.num_active -= idx.numel() if count is None else count
-        return idx
+        return Dropped(idx)
 
-    def lowest_active(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+    def lowest_active(self, scores: torch.Tensor, count: int) -> Handles:
         if count <= 0:
-            return torch.empty(0, dtype=torch.long, device=self.device)
-        return torch.topk(self.fill_inactive(scores, math.inf), count, largest=False, sorted=False).indices
+            return Handles(torch.empty(0, dtype=torch.long, device=self.device))
+        return Handles(torch.topk(self.fill_inactive(scores, math.inf), count, largest=False, sorted=False).indices)
 
     def active_below(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
         return self.only_active(scores < threshold)
 
-    def largest_active(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(self.fill_inactive(scores, -1.0))
+    def largest_active(self, scores: torch.Tensor) -> Handles:
+        return Handles(torch.argmax(self.fill_inactive(scores, -1.0)))
 
     def only_active(self, flags: torch.Tensor) -> torch.Tensor:
         return flags if self._alive is None else flags & self._alive
@@ -153,24 +164,25 @@ class CSRParam(EntryCounts):
             taken = merge_sorted(taken, torch.sort(flat).values)
         return taken
 
-    def _capacity(self, exclude: torch.Tensor | None) -> int:
-        return self.num_free - (0 if exclude is None else exclude.numel())
+    def _capacity(self, exclude: Dropped | None) -> int:
+        # only the count: the dropped entries are among ``_taken()`` already
+        return self.num_free - (0 if exclude is None else exclude.count)
 
-    def grow_random(self, count: int, exclude: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    def grow_random(self, count: int, exclude: Dropped | None, generator: torch.Generator) -> FlatIndices:
         capacity = self._capacity(exclude)
         count = min(count, capacity)
-        return choose_random_among_free(self.num_entries, self._taken(), count, generator, capacity)
+        return FlatIndices(choose_random_among_free(self.num_entries, self._taken(), count, generator, capacity))
 
-    def grow_top(self, scores, count: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    def grow_top(self, scores: GrowScores, count: int, exclude: Dropped | None) -> FlatIndices:
         count = min(count, self._capacity(exclude))
         if count <= 0:
-            return torch.empty(0, dtype=torch.long, device=self.device)
+            return FlatIndices(torch.empty(0, dtype=torch.long, device=self.device))
         taken = self._taken()
-        if torch.is_tensor(scores):  # dense grow scores: the masked storage's exact rule
-            s = scores.reshape(-1).clone()
-            s[taken] = -math.inf
-            return torch.topk(s, count, sorted=False).indices
-        return self._grow_top_blocks(scores, count, taken)
+        if isinstance(scores, RowScores):
+            return FlatIndices(self._grow_top_blocks(scores, count, taken))
+        s = scores.flat().reshape(-1).clone()  # dense grow scores: the masked storage's exact rule
+        s[taken] = -math.inf
+        return FlatIndices(torch.topk(s, count, sorted=False).indices)
 
     def _grow_top_blocks(self, scores: RowScores, count: int, taken: torch.Tensor) -> torch.Tensor:
         out_f, in_f = self.weight.shape
@@ -189,7 +201,7 @@ class CSRParam(EntryCounts):
                 best_i = best_i[keep]
         return best_i[torch.isfinite(best_v)]
 
-    def activate(self, flat: torch.Tensor, values: torch.Tensor | None = None) -> None:
+    def activate(self, flat: FlatIndices, values: torch.Tensor | None = None) -> None:
         if flat.numel():
             self._adds.append((flat.reshape(-1), None if values is None else values.reshape(-1)))
             self.num_active += flat.numel()
@@ -210,8 +222,8 @@ class CSRParam(EntryCounts):
             values = torch.randn(idx.numel(), generator=generator, device=generator.device)[take] * new_std
         k = int(grown)
         if k:
-            self.drop(torch.nonzero(drop & (drop.cumsum(0) <= k)).view(-1), k)
-            self.activate(idx[take], values)
+            self.drop(Handles(torch.nonzero(drop & (drop.cumsum(0) <= k)).view(-1)), k)
+            self.activate(FlatIndices(idx[take]), values)
         return grown
 
     def _free_all(self, taken: torch.Tensor) -> torch.Tensor:
@@ -240,20 +252,65 @@ class CSRParam(EntryCounts):
             raise DynsparseError(f"{self.name}: {self.weight.num_active} entries after a change, expected {expected}")
 
     # ---- gradients off the stored entries -------------------------------------------------------
-    def capture(self, on: bool) -> None:
-        """Keep (``on``) or stop keeping the products' inputs for the next step's dense gradient."""
-        if on:
+    def capture(self, want: Callable[[], bool]) -> None:
+        """Keep (``want()``) or stop keeping the products' inputs for the next step's dense gradient."""
+        if want():
             self.weight.capture_gradient()
         else:
             self.weight.release_gradient()
 
-    def gradient_scores(self) -> RowScores | None:
+    @property
+    def capturing(self) -> bool:
+        return self.weight._capture is not None
+
+    def off_topology_grad(self, g: torch.Tensor) -> torch.Tensor | None:
+        return None  # nothing is stored off the active entries: the products are captured instead
+
+    def note_grad(self, g: torch.Tensor) -> None:
+        """A skipped step's captured products must not outlive its gradient (``accumulated``)."""
+        if self.weight._capture is not None:
+            self.weight._capture.accumulated(g)
+
+    def scale_capture(self, factor: torch.Tensor) -> None:
+        if self.weight._capture is not None:
+            self.weight._capture.factor = factor
+
+    def _row_scores(self) -> RowScores | None:
         capture = self.weight._capture
         return None if capture is None or not capture.pairs else RowScores(capture, self.weight.shape)
 
+    def gradient_scores(self) -> GrowScores | None:
+        return self._row_scores()
+
     def dense_gradient(self) -> torch.Tensor | None:
-        scores = self.gradient_scores()
+        scores = self._row_scores()
         return None if scores is None else scores.dense()
+
+    def dense_zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.param.dtype, device=self.device)
+
+    # ---- DeepR: the gradient and signs of the stored values ------------------------------------
+    @property
+    def has_gradient(self) -> bool:
+        return self.param.grad is not None
+
+    def add_to_active_grad(self, values: torch.Tensor) -> None:
+        g = self.param.grad
+        if g is not None:
+            idx = self.active_indices()
+            g.index_put_(torch.unravel_index(idx, g.shape), values.to(g), accumulate=True)
+
+    def signs(self) -> torch.Tensor:
+        return torch.sign(self.param.detach()).to(torch.int8)
+
+    def gather_flags(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags.reshape(-1)
+
+    def state_for_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def state_from_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
     # ---- masks: nothing is stored off the active entries ---------------------------------------
     def apply_(self) -> None:
@@ -278,6 +335,30 @@ class CSRParam(EntryCounts):
         """Flat indices and values of the stored entries that are nonzero (for export)."""
         keep = self.param.detach().ne(0)
         return self.weight.active_flat()[keep], self.param.detach()[keep]
+
+    def to_sparse(self, layout: torch.layout) -> torch.Tensor:
+        """From the stored entries: never a dense tensor."""
+        flat, values = self.nonzero_flat()
+        cols = self.shape[1]
+        index = torch.stack([torch.div(flat, cols, rounding_mode="floor"), flat % cols])
+        coo = torch.sparse_coo_tensor(index, values.clone(), tuple(self.shape), is_coalesced=True)
+        return coo.to_sparse_csr() if layout == torch.sparse_csr else coo
+
+    def holds(self, key: str, value: torch.Tensor) -> bool:
+        return key.startswith(self.name + ".")  # values and index buffers of the module
+
+    def export_as(self, key: str) -> str | None:
+        return self.name if key == self.name + ".values" else None
+
+    def compact_record(self, model_state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The model's own crow/col indices say it: store nothing twice."""
+        if self.name + ".crow_indices" not in model_state:
+            return {}
+        return {"storage": "csr", "in_features": int(self.shape[1])}
+
+    @torch.no_grad()
+    def load_values(self, dense: torch.Tensor) -> None:
+        self.param.copy_(dense.reshape(-1)[self.weight.active_flat()])
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def topology(self) -> torch.Tensor:

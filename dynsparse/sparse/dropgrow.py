@@ -22,8 +22,9 @@ import math
 
 import torch
 
+from dynsparse.errors import DynsparseError
 from dynsparse.sparse.policy import Context, Policy
-from dynsparse.sparse.storage import SparseStorage
+from dynsparse.sparse.storage import GrowScores, Handles, SparseStorage
 from dynsparse.sparse.when import Periodic, When
 
 
@@ -52,8 +53,8 @@ class DropGrow(Policy):
         """Optional: drop-side scores, the lowest dropped first. Default: magnitude."""
         return sp.magnitude()
 
-    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[torch.Tensor]:
-        """Flat indices to drop, per tensor (all active). Default: the ``drop_count`` lowest
+    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[Handles]:
+        """Drop-side handles to drop, per tensor (all active). Default: the ``drop_count`` lowest
         ``drop_scores`` of each tensor."""
         return [sp.lowest_active(self.drop_scores(ctx, sp), self.drop_count(ctx, sp)) for sp in sps]
 
@@ -61,7 +62,7 @@ class DropGrow(Policy):
         """Optional: how many entries each tensor grows. Default: what it dropped."""
         return list(dropped)
 
-    def grow_scores(self, ctx: Context, sp: SparseStorage) -> torch.Tensor | None:
+    def grow_scores(self, ctx: Context, sp: SparseStorage) -> GrowScores | None:
         """Optional: grow-side scores, the highest grown first. Default None: uniformly at random."""
         return None
 
@@ -69,14 +70,15 @@ class DropGrow(Policy):
     def update(self, ctx: Context) -> tuple[int, int]:
         self.prepare(ctx)
         sps = list(ctx.params.values())
-        drops = self.select_drops(ctx, sps)
-        for sp, idx in zip(sps, drops):
-            sp.drop(idx)
-        dropped = [idx.numel() for idx in drops]
+        drops = [sp.drop(idx) for sp, idx in zip(sps, self.select_drops(ctx, sps))]
+        dropped = [d.count for d in drops]
         grown = 0
-        for sp, count, idx in zip(sps, self.allocate(ctx, sps, dropped), drops):
+        for sp, count, gone in zip(sps, self.allocate(ctx, sps, dropped), drops):
             scores = self.grow_scores(ctx, sp)
-            new = sp.grow_random(count, idx, ctx.generator) if scores is None else sp.grow_top(scores, count, idx)
+            if scores is not None and not isinstance(scores, GrowScores):
+                raise DynsparseError(f"{type(self).__name__}.grow_scores returned a {type(scores).__name__}: return "
+                                     "GrowScores (sp.dense_scores(t) for a tensor shaped like the weight) or None")
+            new = sp.grow_random(count, gone, ctx.generator) if scores is None else sp.grow_top(scores, count, gone)
             grown += ctx.grow(sp, new)
         for sp in sps:  # CSR storage moves values and optimizer state now; masks are already done
             ctx.commit(sp)

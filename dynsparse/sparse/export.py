@@ -77,20 +77,17 @@ def summary(s) -> str:
 def export(s) -> dict[str, torch.Tensor]:
     """The model's ``state_dict`` (every name of a shared tensor included) with masks applied; a
     CSR weight ``<name>.values`` + indices becomes the dense ``<name>`` of the ``nn.Linear`` it
-    stands for, so the dense architecture loads it."""
+    stands for, so the dense architecture loads it (each storage says which entries it
+    ``holds`` and what each is exported ``as``)."""
     # (every rank takes part: the whole tensors of FSDP2-sharded parameters are gathered)
-    masked = {id(sp.param): sp.masked_weight() for sp in s.params.values() if sp.storage == "masked"}
-    csr = {name for name, sp in s.params.items() if sp.storage == "csr"}
-    params = dict(s.model.named_parameters(remove_duplicate=False))
+    dense = {name: sp.masked_weight() for name, sp in s.params.items()}
     out = {}
     for key, value in s.model.state_dict(keep_vars=True).items():
-        owner = next((n for n in csr if key.startswith(n + ".")), None)
-        if owner is not None:
-            if key == owner + ".values":
-                out[owner] = s.params[owner].masked_weight()
-            continue
-        p = params.get(key)
-        out[key] = masked[id(p)].clone() if p is not None and id(p) in masked else full_weight(value.detach()).clone()
+        owner = next((name for name, sp in s.params.items() if sp.holds(key, value)), None)
+        if owner is None:
+            out[key] = full_weight(value.detach()).clone()
+        elif (as_key := s.params[owner].export_as(key)) is not None:
+            out[as_key] = dense[owner].clone()
     return out
 
 
@@ -98,21 +95,4 @@ def export(s) -> dict[str, torch.Tensor]:
 def sparse_tensors(s, layout: torch.layout = torch.sparse_coo) -> dict[str, torch.Tensor]:
     if layout not in (torch.sparse_coo, torch.sparse_csr):
         raise DynsparseError(f"layout must be torch.sparse_coo or torch.sparse_csr, got {layout}")
-    out = {}
-    for name, sp in s.params.items():
-        if sp.storage == "csr":  # from the stored entries: never a dense tensor
-            flat, values = sp.nonzero_flat()
-            cols = sp.shape[1]
-            index = torch.stack([torch.div(flat, cols, rounding_mode="floor"), flat % cols])
-            coo = torch.sparse_coo_tensor(index, values.clone(), tuple(sp.shape), is_coalesced=True)
-            out[name] = coo.to_sparse_csr() if layout == torch.sparse_csr else coo
-            continue
-        w = sp.masked_weight()
-        if layout == torch.sparse_csr:
-            if w.dim() != 2:
-                raise DynsparseError(f"torch.sparse_csr holds 2-D tensors; {name} has shape {tuple(w.shape)}: use "
-                                     f"sparse_coo")
-            out[name] = w.to_sparse_csr()
-        else:
-            out[name] = w.to_sparse().coalesce()
-    return out
+    return {name: sp.to_sparse(layout) for name, sp in s.params.items()}

@@ -10,32 +10,34 @@ weights are always masked per weight, as in the original. The *magnitude* of an 
 Written once here, used by every policy:
 
 * :func:`count_for_density` - the one density-to-count rule, ``int(density * n + 0.1)``;
-* :meth:`SparseParam.scores` - an entry score (``|t|``, mean over a slice);
+* :meth:`SparseParam.scores` - an entry score (``|t|``, mean over a slice; ``magnitude``, ``dense_scores``);
 * :meth:`SparseParam.drop` / :meth:`SparseParam.lowest_active` / :meth:`SparseParam.active_below`;
 * :meth:`SparseParam.grow_random` and :meth:`SparseParam.grow_top` (never at excluded positions);
 * :func:`keep_one` - the one "never empty a tensor" rule.
 
-Policies call only these, never the mask itself, so the storage behind a parameter can change
-without touching a policy: :class:`~dynsparse.sparse.csr_param.CSRParam` offers the same methods
-over a truly sparse weight. Two kinds of index appear: the *drop side* (``lowest_active``,
-``active_below``, ``largest_active``, ``drop``, scores of the weight or of its ``.grad``) uses
-*handles*, which here are flat entry indices and in CSR storage positions in the active list;
-the *grow side* (``grow_random``, ``grow_top``, ``activate``, ``gradient_scores``,
-``dense_gradient``) always uses flat entry indices of the whole ``[out, in, ...]`` weight. All
-counts are in mask entries; ``slice_size`` converts them to weights.
+Policies call only the members of the storage protocol
+(:class:`~dynsparse.sparse.storage.SparseStorage`), never the mask itself, so the storage behind a
+parameter can change without touching a policy: :class:`~dynsparse.sparse.csr_param.CSRParam`
+offers the same members over a truly sparse weight. The drop side's :data:`Handles` are flat entry
+indices here (positions in the active list for CSR), the grow side's :data:`FlatIndices` flat
+entry indices of the whole ``[out, in, ...]`` weight; ``drop`` returns a :class:`Dropped` record
+and grow scores are :class:`GrowScores` (storage.py says what each is). All counts are in mask
+entries; ``slice_size`` converts them to weights.
 """
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.draws import choose_random, count_for_density  # noqa: F401  (re-exported: the one count rule)
+from dynsparse.sparse.storage import DenseScores, Dropped, FlatIndices, GrowScores, Handles
 from dynsparse.sparse.swap import swap_random
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class SparseParam(EntryCounts):
         return self.mask.device
 
     storage = "masked"
+    label = ""
 
     def follow(self) -> None:
         """After ``model.to(device)``: the mask moves to the weight's device (host-side check)."""
@@ -136,9 +139,10 @@ class SparseParam(EntryCounts):
         """``1 - mask_view()``: picks out the entries off the mask (cached)."""
         return self._derived("inverse", lambda: self._like_param(1 - self.mask_view()))
 
-    def active_indices(self) -> torch.Tensor:
+    def active_indices(self) -> Handles:
         """Flat indices of the active entries (cached)."""
-        return self._derived("active", lambda: torch.nonzero_static(self.mask.view(-1), size=self.num_active).view(-1))
+        return Handles(self._derived("active", lambda: torch.nonzero_static(self.mask.view(-1),
+                                                                            size=self.num_active).view(-1)))
 
     # ---- scores -------------------------------------------------------------------------
     def scores(self, t: torch.Tensor) -> torch.Tensor:
@@ -150,30 +154,33 @@ class SparseParam(EntryCounts):
     def magnitude(self) -> torch.Tensor:
         return self.scores(self.param)
 
-    def active_mean(self, scores: torch.Tensor) -> torch.Tensor:
+    def active_grad_scores(self) -> torch.Tensor | None:
+        return None if self.param.grad is None else self.scores(self.param.grad)
+
+    def active_mean(self, scores: GrowScores) -> torch.Tensor:
         """Mean of ``scores`` over the active entries (a 0-dim tensor: no host sync)."""
-        return (scores * self.mask.view(-1)).sum() / max(self.num_active, 1)
+        return (scores.flat() * self.mask.view(-1)).sum() / max(self.num_active, 1)
 
     # ---- drop ---------------------------------------------------------------------------
-    def drop(self, flat_idx: torch.Tensor, count: int | None = None) -> torch.Tensor:
-        """Deactivate the entries ``flat_idx`` (all active); returns them."""
+    def drop(self, flat_idx: Handles, count: int | None = None) -> Dropped:
+        """Deactivate the entries ``flat_idx`` (all active); the record holds them (flat indices)."""
         self.mask.view(-1)[flat_idx] = False
         self.num_active -= flat_idx.numel() if count is None else count
-        return flat_idx
+        return Dropped(flat_idx)
 
-    def lowest_active(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+    def lowest_active(self, scores: torch.Tensor, count: int) -> Handles:
         """Flat indices of the ``count`` active entries with the smallest ``scores``."""
         if count <= 0:
-            return torch.empty(0, dtype=torch.long, device=self.mask.device)
+            return Handles(torch.empty(0, dtype=torch.long, device=self.mask.device))
         masked = scores.masked_fill(~self.mask.view(-1), math.inf)
-        return torch.topk(masked, count, largest=False, sorted=False).indices
+        return Handles(torch.topk(masked, count, largest=False, sorted=False).indices)
 
     def active_below(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
         """Bool (flat) of the active entries whose score is below ``threshold``."""
         return (scores < threshold) & self.mask.view(-1)
 
-    def largest_active(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(scores.masked_fill(~self.mask.view(-1), -1.0))
+    def largest_active(self, scores: torch.Tensor) -> Handles:
+        return Handles(torch.argmax(scores.masked_fill(~self.mask.view(-1), -1.0)))
 
     def only_active(self, flags: torch.Tensor) -> torch.Tensor:
         """Drop-side bool ``flags`` restricted to the active entries."""
@@ -184,41 +191,88 @@ class SparseParam(EntryCounts):
         return scores.masked_fill(~self.mask.view(-1), value)
 
     # ---- gradients off the mask (grow side) -----------------------------------------------
-    def gradient_scores(self) -> torch.Tensor | None:
+    def dense_scores(self, t: torch.Tensor) -> GrowScores:
+        """Grow-side scores of a tensor shaped like the weight: the drop side's, here."""
+        return DenseScores(self.scores(t))
+
+    def gradient_scores(self) -> GrowScores | None:
         """Grow-side scores of the dense gradient (RigL), read in ``before_optimizer_step`` of a
         step when the sparsifier ``wants_dense_grad()`` (the policy's ``needs``); None without a gradient."""
-        return None if self.param.grad is None else self.scores(self.param.grad)
+        return None if self.param.grad is None else self.dense_scores(self.param.grad)
 
     def dense_gradient(self) -> torch.Tensor | None:
         """The dense gradient shaped like the weight (SNFS's momentum), same conditions."""
         return self.param.grad
 
+    def dense_zeros(self) -> torch.Tensor:
+        return torch.zeros_like(self.param)
+
+    # ---- the gradient hooks' dense gradient: the off-mask part, set aside before masking ------
+    def capture(self, want: Callable[[], bool]) -> None:
+        """Nothing to keep: the gradient hook sets the off-mask part aside (``off_topology_grad``)."""
+
+    capturing = False  # no products are captured: the dense gradient is the parameter's own
+
+    def off_topology_grad(self, g: torch.Tensor) -> torch.Tensor | None:
+        return g * self.inverse_mask_view()
+
+    def note_grad(self, g: torch.Tensor) -> None:
+        """Nothing captured to keep in step with ``g``."""
+
+    def scale_capture(self, factor: torch.Tensor) -> None:
+        """Nothing captured to scale (the hooks scale the set-aside part)."""
+
+    # ---- DeepR: the gradient and signs of the weights -----------------------------------------
+    @property
+    def has_gradient(self) -> bool:
+        return self.param.grad is not None
+
+    def add_to_active_grad(self, values: torch.Tensor) -> None:
+        g = self.param.grad
+        if g is None:
+            return
+        idx = self.active_indices()  # noise only where it survives the gradient mask
+        # by position, not through a flat view: any memory layout (channels_last)
+        g.index_put_(torch.unravel_index(idx, g.shape), values.to(g), accumulate=True)
+
+    def signs(self) -> torch.Tensor:
+        return torch.sign(self.param.detach()).to(torch.int8)
+
+    def gather_flags(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags.reshape(-1)
+
+    def state_for_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def state_from_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
     # ---- grow ---------------------------------------------------------------------------
-    def _free(self, exclude: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def _free(self, exclude: Dropped | None) -> tuple[torch.Tensor, int]:
         free = ~self.mask.view(-1)
-        excluded = 0 if exclude is None else exclude.numel()
-        if excluded:
-            free[exclude] = False  # ``~mask`` is a new tensor: safe to edit
+        excluded = 0 if exclude is None else exclude.count
+        if excluded and exclude is not None:
+            free[exclude.handles] = False  # ``~mask`` is a new tensor: safe to edit; handles are flat here
         return free, self.num_free - excluded
 
-    def grow_random(self, count: int, exclude: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    def grow_random(self, count: int, exclude: Dropped | None, generator: torch.Generator) -> FlatIndices:
         """``count`` uniformly random inactive entries, never those in ``exclude`` (flat indices
         just dropped); fewer when space runs out. Returns their flat indices (not yet active)."""
         free, capacity = self._free(exclude)
         if count > capacity:
             log.warning("%s: no room to grow %d entries, growing %d", self.name, count, capacity)
             count = capacity
-        return choose_random(free, count, generator, num_candidates=capacity)
+        return FlatIndices(choose_random(free, count, generator, num_candidates=capacity))
 
-    def grow_top(self, scores: torch.Tensor, count: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    def grow_top(self, scores: GrowScores, count: int, exclude: Dropped | None) -> FlatIndices:
         """The ``count`` inactive entries (not in ``exclude``) with the largest ``scores``."""
         free, capacity = self._free(exclude)
         count = min(count, capacity)
         if count <= 0:
-            return torch.empty(0, dtype=torch.long, device=self.mask.device)
-        return torch.topk(scores.masked_fill(~free, -math.inf), count, sorted=False).indices
+            return FlatIndices(torch.empty(0, dtype=torch.long, device=self.mask.device))
+        return FlatIndices(torch.topk(scores.flat().masked_fill(~free, -math.inf), count, sorted=False).indices)
 
-    def activate(self, flat_idx: torch.Tensor, values: torch.Tensor | None = None) -> None:
+    def activate(self, flat_idx: FlatIndices, values: torch.Tensor | None = None) -> None:
         """Turn entries on; their weights are zero (inactive weights are kept at zero) unless
         ``values`` (``[count, slice_size]``) are given."""
         self.mask.view(-1)[flat_idx] = True
@@ -257,6 +311,29 @@ class SparseParam(EntryCounts):
     def masked_weight(self) -> torch.Tensor:
         """The weight with zeros off the mask, dense (for export)."""
         return self.param.detach() * self.mask_view()
+
+    def to_sparse(self, layout: torch.layout) -> torch.Tensor:
+        w = self.masked_weight()
+        if layout == torch.sparse_csr:
+            if w.dim() != 2:
+                raise DynsparseError(f"torch.sparse_csr holds 2-D tensors; {self.name} has shape {tuple(w.shape)}: "
+                                     "use sparse_coo")
+            return w.to_sparse_csr()
+        return w.to_sparse().coalesce()
+
+    def holds(self, key: str, value: torch.Tensor) -> bool:
+        return value is self.param  # a shared weight: under each of its names
+
+    def export_as(self, key: str) -> str | None:
+        return key
+
+    def compact_record(self, model_state: Mapping[str, Any]) -> dict[str, Any] | None:
+        return None  # packed by the mask's active entries
+
+    @torch.no_grad()
+    def load_values(self, dense: torch.Tensor) -> None:
+        self.param.copy_(dense)
+        self.apply_()
 
     def off_mask_nonzero(self) -> torch.Tensor:
         """Count (0-dim tensor) of weights nonzero off the mask: 0 unless bypassed."""

@@ -20,7 +20,7 @@ import torch
 from dynsparse.sparse.when import Never, When
 
 if TYPE_CHECKING:  # annotations only
-    from dynsparse.sparse.storage import SparseStorage
+    from dynsparse.sparse.storage import FlatIndices, SparseStorage
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,13 @@ class Needs:
 
     def gather(self, params: Mapping[str, SparseStorage]) -> dict[str, Any]:
         """The signal of each tensor that has one, in ``params``' order (the storages' primitives)."""
+        got: dict[str, Any]
         if self.what == "grad_scores":
             got = {n: sp.gradient_scores() for n, sp in params.items()}
         elif self.what == "dense_grad":
             got = {n: sp.dense_gradient() for n, sp in params.items()}
         else:  # the active entries' gradient only
-            got = {n: sp.scores(sp.param.grad) for n, sp in params.items() if sp.param.grad is not None}
+            got = {n: sp.active_grad_scores() for n, sp in params.items()}
         return {n: g for n, g in got.items() if g is not None}
 
 
@@ -90,7 +91,7 @@ class Context:
     new_weights: str
     _commit: Callable[[SparseStorage], None]
 
-    def grow(self, sp: SparseStorage, flat_idx: torch.Tensor) -> int:
+    def grow(self, sp: SparseStorage, flat_idx: FlatIndices) -> int:
         """Activate ``flat_idx`` of ``sp`` with new weights that are zero, or drawn from the
         initial distribution with ``new_weights="initial"``; returns how many."""
         count = flat_idx.numel()

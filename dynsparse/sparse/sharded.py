@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.storage import FlatIndices
 
 
 def is_sharded(t) -> TypeGuard[DTensor]:
@@ -147,7 +148,17 @@ class ShardedParam(SparseParam):
         # explicit row length: a rank may hold no row at all (fewer rows than ranks)
         return self._gather_rows(local.reshape(local.shape[0], math.prod(self.mask_shape[1:]))).reshape(-1)
 
-    def activate(self, flat_idx: torch.Tensor, values: torch.Tensor | None = None) -> None:
+    def apply_(self) -> None:
+        """Zero the weights off the mask: this rank's rows, also while the whole mask is held (DeepR
+        zeroes its drops inside an update to take the signs)."""
+        if self._local is None:
+            super().apply_()
+            return
+        local = self.dparam.to_local().detach()
+        mine = self.rows_of(self.mask)
+        local.mul_(mine.view(mine.shape + (1,) * (local.dim() - mine.dim())).to(local.dtype))
+
+    def activate(self, flat_idx: FlatIndices, values: torch.Tensor | None = None) -> None:
         self.mask.view(-1)[flat_idx] = True
         self.num_active += flat_idx.numel()
         if values is not None and flat_idx.numel():  # each rank writes the rows it holds
@@ -161,6 +172,32 @@ class ShardedParam(SparseParam):
     def rows_of(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a whole tensor shaped like the mask (or the parameter)."""
         return whole[self.row0:self.row0 + self.rows]
+
+    def add_to_active_grad(self, values: torch.Tensor) -> None:
+        """``values`` is drawn for the whole tensor (identically on every rank): add our part."""
+        g = self.param.grad
+        if g is None:
+            return
+        local = cast(DTensor, g).to_local()
+        idx = torch.nonzero(self.mask.view(-1)).view(-1)  # this rank's active entries, in the order of its rows
+        start = self.entries_before(idx.numel())
+        local.index_put_(torch.unravel_index(idx, local.shape), values[start:start + idx.numel()].to(local),
+                         accumulate=True)
+
+    def signs(self) -> torch.Tensor:
+        """Signs of this rank's rows."""
+        return torch.sign(self.dparam.to_local().detach()).to(torch.int8)
+
+    def state_for_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        return self.placed(t)
+
+    def state_from_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        """A DTensor (any placement), or the whole tensor of an unsharded run: our rows."""
+        return self.rows_of(t.full_tensor() if is_sharded(t) else t)
+
+    def load_values(self, dense: torch.Tensor) -> None:
+        raise DynsparseError(f"{self.name}: loading dense values into an FSDP2-sharded parameter is not supported "
+                             "(--copy-mask-from takes an unsharded run)")
 
     def add_whole_(self, delta: torch.Tensor) -> None:
         """Add a whole-tensor ``delta`` (drawn identically on every rank) to this rank's rows."""

@@ -114,12 +114,16 @@ class Sparsifier:
         self._arm_capture()
 
     def _arm_capture(self) -> None:
-        """CSR weights keep the products' inputs through the coming step only if the policy needs them."""
-        want = None
+        """Each storage keeps what the coming step's dense gradient needs (CSR: the products'
+        inputs) only if the policy needs it."""
+        wanted: list[bool] = []
+
+        def want() -> bool:  # asked only by a storage that captures (a schedule may not be resolved yet)
+            if not wanted:
+                wanted.append(self.when.active(self.epoch) and self.wants_dense_grad())
+            return wanted[0]
         for sp in self.params.values():
-            if sp.storage == "csr":
-                want = (self.when.active(self.epoch) and self.wants_dense_grad()) if want is None else want
-                sp.capture(want)
+            sp.capture(want)
 
     def update_next(self) -> bool:  # whether the coming optimizer step changes the topology
         return self.when.due(self.step_count + 1, self.epoch)

@@ -151,14 +151,10 @@ def copy_masks(run: _Run, source: str) -> None:
         resumed, _ = load_checkpoint(run.cfg.resume, run.device, run.cfg.runs_dir)
         values_from = resumed["config"] if int(resumed["epoch"]) == 0 and not resumed["history"] else None
     init = _unmasked_init(values_from, run.data.num_classes, run.device) if values_from is not None else {}
-    with torch.no_grad():
-        for name, sp in run.sparsifier.params.items():
-            if init and sp.storage == "masked":
-                sp.param.copy_(init[name])
-        run.sparsifier.restore(ckpt["sparsifier"], exact=False)  # masks the weights and the optimizer state
-        for name, sp in run.sparsifier.params.items():  # CSR: the values at the copied topology
-            if init and sp.storage == "csr":
-                sp.param.copy_(init[name].reshape(-1)[sp.topology()])
+    run.sparsifier.restore(ckpt["sparsifier"], exact=False)  # masks the weights and the optimizer state
+    if init:
+        for name, sp in run.sparsifier.params.items():  # the fresh values at the copied topology
+            sp.load_values(init[name])
     run.sparsifier.policy.attach(run.sparsifier.context())  # DeepR records the signs of these values
     run.echo(f"copied the masks of {path}")
 

@@ -10,7 +10,6 @@ from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
-from dynsparse.sparse.sharded import ShardedParam, is_sharded
 from dynsparse.sparse.storage import SparseStorage
 from dynsparse.sparse.when import EveryStep, When
 
@@ -42,42 +41,22 @@ class DeepR(DropGrow):
         super().__init__(when if when is not None else EveryStep())
         self.eta, self.temperature = eta, temperature
         self.signs: dict[str, torch.Tensor] = {}
-        self.sharded: dict[str, ShardedParam] = {}
+        self._params: Mapping[str, SparseStorage] = {}
 
     def attach(self, ctx: Context) -> None:
         if any(sp.granularity != len(sp.shape) for sp in ctx.params.values()):
             raise DynsparseError("DeepR needs per-weight masks (--sub-kernel-granularity 4)")
-        self.signs = {n: self._sign(sp) for n, sp in ctx.params.items()}
-        self.sharded = {n: sp for n, sp in ctx.params.items() if isinstance(sp, ShardedParam)}
-
-    @staticmethod
-    def _sign(sp: SparseStorage) -> torch.Tensor:
-        """Signs of the weights (of this rank's rows, sharded)."""
-        w = sp.param.detach()
-        return torch.sign(w.to_local() if is_sharded(w) else w).to(torch.int8)
-
-    @staticmethod
-    def _sharded_noise(sp: ShardedParam, g, noise_of) -> None:
-        local = g.to_local()
-        idx = torch.nonzero(sp.mask.view(-1)).view(-1)  # this rank's active entries, in the order of its rows
-        start = sp.entries_before(idx.numel())
-        noise = noise_of(sp.num_active)[start:start + idx.numel()]  # the whole tensor's draw, our part
-        local.index_put_(torch.unravel_index(idx, local.shape), noise.to(local), accumulate=True)
+        self.signs = {n: sp.signs() for n, sp in ctx.params.items()}
+        self._params = ctx.params  # how each storage checkpoints the signs
 
     def before_optimizer_step(self, ctx: Context) -> None:
         std = math.sqrt(2.0 * self.eta * self.temperature(ctx.epoch))
         for sp in ctx.params.values():
-            g = sp.param.grad
-            if g is None or sp.num_active == sp.num_entries or std == 0.0:
+            if not sp.has_gradient or sp.num_active == sp.num_entries or std == 0.0:
                 continue
-            def noise_of(n: int) -> torch.Tensor:
-                return torch.randn(n, generator=ctx.generator, device=ctx.generator.device) * std
-            if isinstance(sp, ShardedParam):
-                self._sharded_noise(sp, g, noise_of)
-                continue
-            idx = sp.active_indices()  # noise only where it survives the gradient mask
-            # by position, not through a flat view: any memory layout (channels_last)
-            g.index_put_(torch.unravel_index(idx, g.shape), noise_of(idx.numel()).to(g), accumulate=True)
+            # one draw for the whole tensor's active entries (a sharded tensor adds its rows' part)
+            sp.add_to_active_grad(torch.randn(sp.num_active, generator=ctx.generator, device=ctx.generator.device)
+                                  * std)
 
     # counts stay on the device (no host sync every step): Policy.update's declared ints are too narrow
     def update(self, ctx: Context) -> tuple[torch.Tensor | int, torch.Tensor | int]:  # type: ignore[override]
@@ -90,31 +69,26 @@ class DeepR(DropGrow):
             sign = self.signs[sp.name].to(sp.device)
             if sp.num_free == 0:
                 continue
-            flips = (self._sign(sp) * sign < 0)
             # sharded: the whole tensor's flips (the mask is whole during an update)
-            flips = sp.only_active(sp.gather_flags(flips) if isinstance(sp, ShardedParam) else flips.reshape(-1))
+            flips = sp.only_active(sp.gather_flags(sp.signs() * sign < 0))
             new_std = sp.new_weights_std() if ctx.new_weights == "initial" else None
             changed = changed + sp.swap_random(flips, flips.sum(), ctx.generator, new_std)
         for sp in ctx.params.values():
             ctx.commit(sp)  # CSR storage moves its values now
-            if isinstance(sp, ShardedParam):  # the sparsifier zeroes the weights after the update
-                sign = self._sign(sp)
-                self.signs[sp.name] = sign * sp.rows_of(sp.mask).view_as(sign)
-                continue
             sp.apply_()  # dropped weights are zero before their signs are taken
-            self.signs[sp.name] = self._sign(sp)
+            self.signs[sp.name] = sp.signs()
         return changed, changed
 
     def state_dict(self) -> dict:
         # sharded: a DTensor, so distributed checkpoints save it sharded and load it on any ranks
-        return {"eta": self.eta, "signs": {n: self.sharded[n].placed(t.clone()) if n in self.sharded else t.clone()
-                                           for n, t in self.signs.items()}}
+        return {"eta": self.eta, "signs": {n: self._params[n].state_for_checkpoint(t.clone()) if n in self._params
+                                           else t.clone() for n, t in self.signs.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.eta = float(state["eta"])
         signs = {}
         for n, t in state["signs"].items():
-            if n in self.sharded:  # a DTensor (any placement), or the whole signs of an unsharded run
-                t = self.sharded[n].rows_of(t.full_tensor() if is_sharded(t) else t)
+            if n in self._params:  # sharded: any placement, or the whole signs of an unsharded run
+                t = self._params[n].state_from_checkpoint(t)
             signs[n] = t.to(self.signs[n].device)
         self.signs = signs

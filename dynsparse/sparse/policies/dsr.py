@@ -9,7 +9,7 @@ from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow, allocate_by_survivors
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
-from dynsparse.sparse.storage import SparseStorage
+from dynsparse.sparse.storage import Handles, SparseStorage
 from dynsparse.sparse.when import When
 
 
@@ -37,7 +37,7 @@ class DSR(DropGrow):
         super().__init__(when)
         self.n_prune, self.scaling, self.threshold, self.tolerance = n_prune, scaling, threshold, tolerance
 
-    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[torch.Tensor]:
+    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[Handles]:
         mags = [sp.magnitude() for sp in sps]
         below = [sp.active_below(m, self.threshold) for sp, m in zip(sps, mags)]
         counts = torch.stack([b.sum() for b in below]).tolist()  # one host sync for all tensors
@@ -46,7 +46,8 @@ class DSR(DropGrow):
             if k == sp.num_active:  # never empty a tensor: keep its largest entry
                 b[sp.largest_active(m)] = False
                 k -= 1
-            out.append(torch.nonzero_static(b, size=k).view(-1))  # the count is known: no device sync
+            # positions of the drop-side flags are handles; the count is known: no device sync
+            out.append(Handles(torch.nonzero_static(b, size=k).view(-1)))
         return out
 
     allocate = allocate_by_survivors

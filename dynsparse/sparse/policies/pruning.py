@@ -31,7 +31,7 @@ from dynsparse.sparse.dropgrow import DropGrow
 from dynsparse.sparse.masks import count_for_density
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
-from dynsparse.sparse.storage import SparseStorage
+from dynsparse.sparse.storage import Handles, SparseStorage
 from dynsparse.sparse.when import AtEpochEnds, When
 
 
@@ -70,12 +70,12 @@ class GradualPruning(DropGrow):
             out[name] = max(sp.num_active - keep_count(sp.num_entries, target), 0)
         return out
 
-    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[torch.Tensor]:
+    def select_drops(self, ctx: Context, sps: list[SparseStorage]) -> list[Handles]:
         counts = self.counts(ctx)
         if not self.global_threshold:
             return [sp.lowest_active(sp.magnitude(), counts[sp.name]) for sp in sps]
         # global: the same total, taken where magnitudes are globally smallest (one entry kept per tensor)
-        empty = torch.empty(0, dtype=torch.long, device=sps[0].device)
+        empty = Handles(torch.empty(0, dtype=torch.long, device=sps[0].device))
         chosen_sps = [sp for sp in sps if self.targets.get(sp.name, 0.0) > 0]
         total = sum(counts[sp.name] for sp in chosen_sps)
         mags = []
@@ -90,7 +90,8 @@ class GradualPruning(DropGrow):
         chosen = torch.topk(flat, total, largest=False, sorted=False).indices
         out, offset = {}, 0
         for sp, m in zip(chosen_sps, mags):
-            out[sp.name] = chosen[(chosen >= offset) & (chosen < offset + m.numel())] - offset
+            # a position in a tensor's drop-side scores is a handle
+            out[sp.name] = Handles(chosen[(chosen >= offset) & (chosen < offset + m.numel())] - offset)
             offset += m.numel()
         return [out.get(sp.name, empty) for sp in sps]
 

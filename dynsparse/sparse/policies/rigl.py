@@ -1,13 +1,11 @@
 """RigL (Evci et al. 2020): SET with gradient grow scores and a cosine-decayed drop fraction."""
 from __future__ import annotations
 
-import torch
-
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policy import Context, Needs
-from dynsparse.sparse.storage import SparseStorage
+from dynsparse.sparse.storage import GrowScores, SparseStorage
 from dynsparse.sparse.when import Periodic, When
 
 
@@ -33,5 +31,5 @@ class RigL(SET):
         super().__init__(fraction, when=when if when is not None else Periodic(100, end_fraction=0.75),
                          extra=0, cosine=True)
 
-    def grow_scores(self, ctx: Context, sp: SparseStorage) -> torch.Tensor | None:
+    def grow_scores(self, ctx: Context, sp: SparseStorage) -> GrowScores | None:
         return ctx.signals.get(sp.name)

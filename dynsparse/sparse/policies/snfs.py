@@ -11,7 +11,7 @@ from dynsparse.sparse.dropgrow import allocate_proportionally
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policy import Context, Needs
-from dynsparse.sparse.storage import SparseStorage
+from dynsparse.sparse.storage import GrowScores, SparseStorage
 from dynsparse.sparse.when import When
 
 
@@ -37,13 +37,13 @@ class SNFS(RigL):
         self.beta = beta
         self.momentum: dict[str, torch.Tensor] = {}
         self.importance: list[float] = []
-        self.momentum_scores: dict[str, torch.Tensor] = {}  # grow scores of the update being made
+        self.momentum_scores: dict[str, GrowScores] = {}  # grow scores of the update being made
 
     def attach(self, ctx: Context) -> None:
         self._params = ctx.params  # where the weights live, for a loaded momentum
         # allocated up front (0 * beta + g is g exactly), so that a state_dict taken before the
         # first step already holds every momentum: torch.distributed.checkpoint loads into it
-        self.momentum = {n: torch.zeros_like(sp.param) for n, sp in ctx.params.items() if sp.storage == "masked"}
+        self.momentum = {n: sp.dense_zeros() for n, sp in ctx.params.items()}
 
     def before_optimizer_step(self, ctx: Context) -> None:
         for name, g in ctx.signals.items():
@@ -54,14 +54,14 @@ class SNFS(RigL):
 
     def prepare(self, ctx: Context) -> None:
         super().prepare(ctx)
-        self.momentum_scores = {n: sp.scores(self.momentum[n]) for n, sp in ctx.params.items()}
+        self.momentum_scores = {n: sp.dense_scores(self.momentum[n]) for n, sp in ctx.params.items()}
         self.importance = torch.stack([sp.active_mean(self.momentum_scores[n])
                                        for n, sp in ctx.params.items()]).tolist()
 
     def allocate(self, ctx: Context, sps: list[SparseStorage], dropped: list[int]) -> list[int]:
         return allocate_proportionally(sps, dropped, self.importance)
 
-    def grow_scores(self, ctx: Context, sp: SparseStorage) -> torch.Tensor | None:
+    def grow_scores(self, ctx: Context, sp: SparseStorage) -> GrowScores | None:
         return self.momentum_scores.get(sp.name)
 
     def update(self, ctx: Context) -> tuple[int, int]:
@@ -77,5 +77,7 @@ class SNFS(RigL):
         self.fraction, self.beta = float(state["fraction"]), float(state["beta"])
         # on the weights' device, whatever map_location the checkpoint was read with
         params = getattr(self, "_params", {})
-        self.momentum = {n: t.to(params[n].param.device, copy=True) if n in params else t.clone()
+        for sp in params.values():
+            sp.follow()  # the topology (and so ``device``) is where the weight is
+        self.momentum = {n: t.to(params[n].device, copy=True) if n in params else t.clone()
                          for n, t in state["momentum"].items()}
