@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from dynsparse.sparse.csr_ops import sample_flat
-from dynsparse.sparse.draws import choose_random, choose_random_among_free, random_mask, ranked_draws
+from dynsparse.sparse import csr_ops, draws
+from dynsparse.sparse.draws import choose_random, choose_random_among_free, random_mask, ranked_draws, sample_flat
 
 N = 64
 TAKEN = torch.arange(0, N, 4)  # every 4th entry is active: 48 free ones, spread over the range
@@ -59,10 +59,20 @@ SAMPLERS = {
     "choose_random": lambda k, g: choose_random(FREE, k, g, num_candidates=M),
     "choose_random_among_free": lambda k, g: choose_random_among_free(N, TAKEN, k, g, M),
     "ranked_draws": ranked,
-    "csr sample_flat": lambda k, g: sample_flat(N, k, g, exclude=TAKEN),
+    "choose_random_among_free lean": lambda k, g: choose_random_among_free(N, TAKEN, k, g, lean=True),
+    "sample_flat (CSRWeight)": lambda k, g: sample_flat(N, k, g, exclude=TAKEN),
 }
 # k = 2 of 48: the rejection paths (few from many); k = 20: the dense paths (scores, top-k or a permutation)
 REGIMES = [(2, 1500), (20, 200)]
+
+
+def test_one_sampler_for_both_storages():
+    """The CSR kernels' sampler is draws.py's (one implementation), and its lean mode returns the
+    sorted distinct free entries."""
+    assert csr_ops.sample_flat is draws.sample_flat
+    g = torch.Generator().manual_seed(3)
+    s = choose_random_among_free(N, TAKEN, 40, g, lean=True)
+    assert torch.equal(s, torch.sort(s).values) and s.unique().numel() == 40 and bool(FREE[s].all())
 
 
 @pytest.mark.parametrize("k,trials", REGIMES, ids=["few", "many"])

@@ -65,7 +65,7 @@ def _value(key: str, value, action: argparse.Action, where: str):
         return (not value) if isinstance(action, argparse._StoreFalseAction) else value
     if isinstance(value, (list, dict)) and action.type is not None:
         raise DynsparseError(f"{where}: {key} takes one value, got {value!r}")
-    if action.type is not None and value is not None:
+    if callable(action.type) and value is not None:  # typeshed: a callable, a FileType or a registry name
         try:
             value = action.type(str(value))
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:

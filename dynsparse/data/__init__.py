@@ -195,6 +195,8 @@ def build_data(dataset: str, root: Path, *, batch_size: int, device: torch.devic
                               device=device, holdout=holdout, augment=augment, workers=workers,
                               seed=seed, rank=rank, world_size=world_size, image_size=image_size)
 
+    mean: tuple[float, ...]  # per channel: one for the MNIST sets, three for CIFAR-10
+    std: tuple[float, ...]
     if dataset == "mnist":
         train_x, train_y, test_x, test_y = load_mnist(root, download=download)
         mean, std, crop_padding, flip = MNIST_MEAN, MNIST_STD, 0, False

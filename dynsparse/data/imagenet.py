@@ -48,7 +48,7 @@ def resized_crop_params(width: int, height: int, g: torch.Generator) -> tuple[in
     log_ratio = torch.log(torch.tensor(CROP_RATIO))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(*CROP_SCALE, generator=g).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
+        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=g)).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -85,7 +85,8 @@ class ImageList(Dataset):
         img = torchvision.datasets.folder.default_loader(path)  # PIL, converted to RGB
         if self.train:
             g = torch.Generator().manual_seed(sample_seed)
-            top, left, h, w = resized_crop_params(*img.size, g)
+            width, height = img.size
+            top, left, h, w = resized_crop_params(width, height, g)
             img = TF.resized_crop(img, top, left, h, w, [self.crop, self.crop],
                                   interpolation=InterpolationMode.BILINEAR, antialias=True)
             if torch.rand((), generator=g) < 0.5:

@@ -57,8 +57,8 @@ def _table() -> dict[tuple[str, str, float | None], tuple[float, Source]]:
     for s, vals in _WRN.items():
         for m, v in zip(("dsr", "set", "deepr", "snfs"), vals):
             t[("cifar10_WideResNet", m, s)] = (v, wrn)
-    for s, vals in _RESNET.items():
-        for m, v in vals.items():
+    for s, by_method in _RESNET.items():
+        for m, v in by_method.items():
             t[("imagenet_resnet50", m, s)] = (v, rn)
     return t
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +65,7 @@ def load_jobs(path: str | Path) -> list[Job]:
 
 
 def select(jobs: list[Job], job_idx: int | None = None, index_range: str | None = None,
-           environ: dict | None = None) -> list[Job]:
+           environ: Mapping[str, str] | None = None) -> list[Job]:
     environ = os.environ if environ is None else environ
     valid = ", ".join(str(j.index) for j in jobs[:20]) + (" ..." if len(jobs) > 20 else "")
     if job_idx is None and index_range is None and environ.get("SLURM_ARRAY_TASK_ID", "").strip():

@@ -9,7 +9,7 @@ Contract:
   match the reference code (IntelAI/dynamic-reparameterization, ``model.py``).
 - :func:`sparse_parameter_names` lists, by fully qualified name, the weights that the reference
   code reparameterizes as sparse; every other parameter stays dense. It also works on any user
-  model (default: the weights of every ``nn.Conv1d/2d/3d`` and ``nn.Linear``).
+  model: there the library's default rule, :func:`~dynsparse.sparse.select.select_weights`.
 - :func:`layer_type` says whether a parameter belongs to a conv (``"conv"``) or a linear
   (``"fc"``) layer, which is how the reference code picks between its conv and fc sparsities.
 
@@ -27,11 +27,11 @@ from torch import nn
 from dynsparse.errors import DynsparseError, unknown_choice
 from dynsparse.models.convnets import Bottleneck, ResNet50, WideBasicBlock, WideResNet  # noqa: F401 (re-exported)
 from dynsparse.sparse.csr_ops import batch_norm
-from dynsparse.sparse.masks import conv_and_linear_weights
+from dynsparse.sparse.select import is_matrix_weight, select_weights
 
 MODEL_NAMES: tuple[str, ...] = ("mnist_mlp", "cifar10_WideResNet", "imagenet_resnet50")
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # Which of --initial-sparsity-conv / --initial-sparsity-fc each model's sparse layers use.
 SPARSE_LAYER_TYPES: dict[str, tuple[str, ...]] = {
@@ -144,17 +144,20 @@ def sparse_parameter_names(model: nn.Module, *, sparse_resnet_downsample: bool =
     """Fully qualified names of the weights to sparsify, in ``named_parameters()`` order.
 
     A model that defines ``sparse_parameter_names(sparse_resnet_downsample=...)`` (all models
-    here) decides for itself. For any other model: the ``weight`` of every ``nn.Conv1d/2d/3d``
-    and ``nn.Linear``; biases, norms and embeddings stay dense.
+    here: the paper's choices) decides for itself. Any other model (``torchvision:``/``timm:``, a
+    user's own) gets the library's default rule, :func:`~dynsparse.sparse.select.select_weights`:
+    every weight used as a matrix product (README, "What is sparse").
     """
     own = getattr(model, "sparse_parameter_names", None)
     if callable(own):
         return list(own(sparse_resnet_downsample=sparse_resnet_downsample))
-    return conv_and_linear_weights(model)
+    return select_weights(model)
 
 
 def layer_type(model: nn.Module, name: str) -> str:
-    """``"conv"`` or ``"fc"`` for the parameter ``name`` of a conv or linear module of ``model``.
+    """``"conv"`` or ``"fc"`` for the parameter ``name`` of ``model``: ``"conv"`` for a conv or
+    conv-transpose weight, ``"fc"`` for every other weight the default rule selects (linear,
+    bilinear, attention projections, a module's declared ``sparse_weights``).
 
     Raises :class:`DynsparseError` if ``model`` has no such parameter or it belongs to another
     kind of module (the caller then has no conv/fc sparsity to give it).
@@ -165,11 +168,11 @@ def layer_type(model: nn.Module, name: str) -> str:
         return "fc"  # a linear weight stored in CSR form (its parameter is <name>.values)
     if name not in params:
         raise DynsparseError(f"model has no parameter {name!r}")
-    module_name = name.rpartition(".")[0]
+    module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, _CONV_TYPES):
         return "conv"
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_matrix_weight(attr, module):
         return "fc"
     raise DynsparseError(
         f"parameter {name!r} belongs to a {type(module).__name__}, not a conv or linear layer"

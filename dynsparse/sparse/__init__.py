@@ -13,7 +13,7 @@ the command line's methods and flags (``dynsparse.training.engine_adapter``) and
 """
 from dynsparse.sparse.budget import BUDGETS, erk_densities, make_densities
 from dynsparse.sparse.dropgrow import DropGrow, allocate, cosine_fraction
-from dynsparse.sparse.masks import SparseParam, conv_and_linear_weights, count_for_density, keep_one
+from dynsparse.sparse.masks import SparseParam, count_for_density, keep_one
 from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR
 from dynsparse.sparse.policies.mest import MEST
@@ -32,5 +32,5 @@ from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 __all__ = ["AtEpochEnds", "BUDGETS", "Context", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST",
            "Needs", "Never", "POLICIES", "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL",
            "SET", "SNFS", "SparseParam", "SparseStorage", "Sparsifier", "Static", "When",
-           "aliases", "allocate", "conv_and_linear_weights", "cosine_fraction", "count_for_density", "create_policy",
+           "aliases", "allocate", "cosine_fraction", "count_for_density", "create_policy",
            "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]

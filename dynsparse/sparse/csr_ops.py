@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dynsparse.errors import DynsparseError
+from dynsparse.sparse.draws import sample_flat  # noqa: F401  (re-exported: csr.py's random topologies)
 
 # torch warns once per process that CSR support is in beta; the kernels used here are tested
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -63,38 +64,6 @@ def transpose_indices(crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, i
     t_col = rows_of(crow, INDEX_DTYPE).index_select(0, t_perm)
     t_crow = crow_from_rows(col, shape[1])
     return t_perm.to(INDEX_DTYPE), t_crow, t_col
-
-
-def sample_flat(n: int, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """``count`` distinct flat indices in ``[0, n)`` drawn uniformly, none in the sorted int64
-    ``exclude``; returned sorted. O(count log count) time and memory, never O(n).
-
-    Draws exactly the deficit each round and keeps the distinct values, so the result is the set
-    of the first ``count`` distinct admissible values of an i.i.d. uniform sequence: a uniform
-    subset. Suited to sparse sets (count + len(exclude) well below n), like any rejection sampler."""
-    free = n - (0 if exclude is None else exclude.numel())
-    if count > free:
-        raise DynsparseError(f"cannot choose {count} new entries: only {free} of {n} are inactive")
-    have = torch.empty(0, dtype=torch.int64, device=device)
-    while have.numel() < count:
-        draw = torch.randint(n, (count - have.numel(),), generator=generator, device=generator.device).to(device)
-        if exclude is not None and exclude.numel():
-            pos = torch.searchsorted(exclude, draw).clamp_(max=exclude.numel() - 1)
-            draw = draw[exclude[pos] != draw]
-        have = torch.unique(torch.cat([have, draw]))  # sorted
-        if have.numel() < count and count > free // 2:  # dense regime: rejection would crawl
-            rest = _all_free(n, torch.unique(torch.cat([have] + ([] if exclude is None else [exclude]))))
-            pick = torch.randperm(rest.numel(), generator=generator, device=generator.device)[:count - have.numel()]
-            have = torch.sort(torch.cat([have, rest[pick.to(device)]])).values
-    return have
-
-
-def _all_free(n: int, taken: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool, device=taken.device)
-    keep[taken] = False
-    return torch.nonzero(keep).view(-1)
-
 
 
 def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

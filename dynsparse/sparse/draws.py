@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from dynsparse.errors import DynsparseError
+
 
 def count_for_density(entries: int, density: float) -> int:
     """Entries kept at ``density``: ``int(density * n + 0.1)``, the original's count (the 0.1
@@ -112,21 +114,61 @@ def ranked_draws(n: int, bound: int, num_candidates: int, generator: torch.Gener
 
 
 def choose_random_among_free(n: int, taken: torch.Tensor, count: int, generator: torch.Generator,
-                             num_candidates: int) -> torch.Tensor:
-    """:func:`choose_random` where the candidates are every entry of ``[0, n)`` not in the sorted
-    int64 ``taken``: the same draws from the same generator give the same entries, at the cost
-    of the draws rather than of ``n`` (CSR storage has no dense mask)."""
-    if count <= 0:
-        return torch.empty(0, dtype=torch.long, device=taken.device)
+                             num_candidates: int | None = None, *, lean: bool = False) -> torch.Tensor:
+    """``count`` entries of ``[0, n)`` drawn uniformly without replacement among those not in the
+    sorted int64 ``taken``, at the cost of the draws rather than of ``n`` (CSR storage has no dense
+    mask). The one sampler of free entries; its two modes differ only in their draws (both uniform):
 
+    - default, the engine's growth: the draws of :func:`choose_random`, so that the same generator
+      gives the same entries in CSR storage as in masked storage (``num_candidates`` required);
+    - ``lean=True``, building or growing a standalone :class:`~dynsparse.sparse.csr.CSRWeight`
+      (layers of 10^10 entries, never a dense tensor): draws exactly the deficit each round and
+      keeps the distinct free values, so memory stays O(count) up to ``count`` = half the free
+      entries, where the default's uniform score per entry would cost O(n); the result is sorted,
+      and asking for more than the free entries is a :class:`DynsparseError`.
+
+    The result is the set of the first ``count`` distinct free values of an i.i.d. uniform sequence
+    (or the top ``count`` of uniform scores): a uniform subset either way."""
+    device = taken.device
+    if lean:
+        free = n - taken.numel()
+        if count > free:
+            raise DynsparseError(f"cannot choose {count} new entries: only {free} of {n} are inactive")
+        have = torch.empty(0, dtype=torch.int64, device=device)
+        while have.numel() < count:
+            draw = torch.randint(n, (count - have.numel(),), generator=generator, device=generator.device).to(device)
+            if taken.numel():
+                draw = draw[free_at(taken, draw)]
+            have = torch.unique(torch.cat([have, draw]))  # sorted
+            if have.numel() < count and count > free // 2:  # dense regime: rejection would crawl
+                rest = torch.ones(n, dtype=torch.bool, device=device)
+                rest[torch.unique(torch.cat([have, taken]))] = False
+                rest = torch.nonzero(rest).view(-1)
+                pick = torch.randperm(rest.numel(), generator=generator, device=generator.device)[:count - have.numel()]
+                have = torch.sort(torch.cat([have, rest[pick.to(device)]])).values
+        return have
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if num_candidates is None:
+        raise TypeError("choose_random_among_free needs num_candidates unless lean=True")
     if count * 16 <= num_candidates:
         draws = int(count * n / num_candidates * 1.25) + 16
         for _ in range(4):
-            idx = torch.randint(n, (draws,), generator=generator, device=generator.device).to(taken.device)
+            idx = torch.randint(n, (draws,), generator=generator, device=generator.device).to(device)
             idx = _first_unique(idx[free_at(taken, idx)])
             if idx.numel() >= count:
                 return idx[:count]
     # a nearly full tensor (or four unlucky rounds): the dense rule, as the masked storage does
-    candidates = torch.ones(n, dtype=torch.bool, device=taken.device)
+    candidates = torch.ones(n, dtype=torch.bool, device=device)
     candidates[taken] = False
     return choose_random(candidates, count, generator)
+
+
+def sample_flat(n: int, count: int, generator: torch.Generator, exclude: torch.Tensor | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """``count`` distinct sorted flat indices in ``[0, n)`` drawn uniformly, none in the sorted
+    int64 ``exclude``: :func:`choose_random_among_free`'s lean mode under the name
+    :class:`~dynsparse.sparse.csr.CSRWeight` uses. O(count log count) time and memory, never O(n)
+    short of ``count`` over half the free entries."""
+    taken = torch.empty(0, dtype=torch.int64, device=device) if exclude is None else exclude.to(device)
+    return choose_random_among_free(n, taken, count, generator, lean=True)

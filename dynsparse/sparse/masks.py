@@ -41,20 +41,11 @@ from dynsparse.sparse.storage import DenseScores, Dropped, FlatIndices, GrowScor
 from dynsparse.sparse.swap import swap_random
 
 log = logging.getLogger(__name__)
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def keep_one(active: int, count: int) -> int:
     """``count`` capped so that a tensor keeps at least one active entry."""
     return max(min(count, active - 1), 0)
-
-
-def conv_and_linear_weights(model: nn.Module) -> list[str]:
-    """Names of the ``weight`` of every conv and linear module, in ``named_parameters()`` order
-    (a shared weight once, under its first name): the engine's default selection."""
-    keep = {f"{name}.weight" if name else "weight"
-            for name, m in model.named_modules() if isinstance(m, (*_CONV_TYPES, nn.Linear))}
-    return [name for name, _ in model.named_parameters() if name in keep]
 
 
 class _Counted(Protocol):

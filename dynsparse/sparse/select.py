@@ -4,7 +4,9 @@ By default every weight *used as a matrix product* is selected: the ``weight`` o
 (``nn.Conv1d/2d/3d`` and their transposes), ``nn.Linear`` (and so ``MultiheadAttention.out_proj``)
 and ``nn.Bilinear`` modules, ``MultiheadAttention``'s ``in_proj_weight`` (or its separate
 ``q/k/v_proj_weight``), and whatever a custom module lists in its ``sparse_weights`` attribute
-(names of its own parameters, e.g. ``sparse_weights = ("w_in", "w_out")``). Embeddings, norms
+(names of its own parameters, e.g. ``sparse_weights = ("w_in", "w_out")``). This is the one default
+rule: the command line uses it too for every model that does not list its own
+``sparse_parameter_names`` (``torchvision:``/``timm:`` models; see ``dynsparse.models``). Embeddings, norms
 and biases stay dense unless included by name.
 
 ``include`` / ``exclude`` take glob patterns on parameter names (``"layer1.*"``) and module
@@ -64,7 +66,8 @@ def _containers(model: nn.Module) -> dict[str, list[nn.Module]]:
     return out
 
 
-def _is_matrix_weight(attr: str, m: nn.Module) -> bool:
+def is_matrix_weight(attr: str, m: nn.Module) -> bool:
+    """Whether the parameter ``attr`` of the module ``m`` is one the default rule selects."""
     declared = getattr(m, "sparse_weights", None)
     if declared is not None:
         return attr in tuple(declared)
@@ -100,7 +103,7 @@ def select_weights(model: nn.Module, include: Rule | Sequence[Rule] | None = Non
                   and any(_matches(r, names[n], holders.get(n, [])) for r in inc)]
         _unmatched("include", inc, [n for n in names if params[n].dim() >= 2], names, holders)
     else:
-        chosen = [n for n in names if any(_is_matrix_weight(a, m) for a, m in owners.get(n, []))]
+        chosen = [n for n in names if any(is_matrix_weight(a, m) for a, m in owners.get(n, []))]
     _unmatched("exclude", exc, chosen, names, holders)
     chosen = [n for n in chosen if not any(_matches(r, names[n], holders.get(n, [])) for r in exc)]
     if not chosen:

@@ -10,7 +10,9 @@ generator, seeded the same everywhere. ``--debug-distributed`` verifies it after
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -137,7 +139,13 @@ def _checksum(tensors, device: torch.device) -> torch.Tensor:
     return total if total is not None else torch.zeros((), dtype=torch.float64, device=device)
 
 
-def check_consistency(model: torch.nn.Module, sparsifier, info: DistInfo, where: str) -> None:
+class HasParameters(Protocol):
+    """A model, or the whole tensors of a sharded one (``fsdp.check_consistency``)."""
+
+    def parameters(self) -> Iterable[torch.Tensor]: ...
+
+
+def check_consistency(model: HasParameters, sparsifier, info: DistInfo, where: str) -> None:
     """Raise if any rank's masks or weights differ from the others' (compares checksums)."""
     if not info.enabled:
         return

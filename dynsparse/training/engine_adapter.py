@@ -64,9 +64,9 @@ class Context:
     def periodic(self, period: int | None = None, *, end: bool = False) -> Periodic:
         """Every ``period`` steps (default ``--update-period``, else ``rewire_period_schedule``),
         until ``--update-end`` of training if ``end``, never from ``--stop-rewire-epoch`` on."""
-        if period is None:
-            period = self.cfg.update_period if self.cfg.update_period is not None else self.schedules.rewire_period_at
-        return Periodic(period, end_step=self.end_step if end else None, stop_epoch=self.cfg.stop_rewire_epoch)
+        every: int | Callable[[int], int] = period if period is not None else (
+            self.cfg.update_period if self.cfg.update_period is not None else self.schedules.rewire_period_at)
+        return Periodic(every, end_step=self.end_step if end else None, stop_epoch=self.cfg.stop_rewire_epoch)
 
 
 @dataclass(frozen=True)

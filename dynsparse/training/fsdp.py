@@ -92,6 +92,8 @@ def load_states(run, ckpt: dict) -> dict | None:
 
 
 class _Whole:
+    params: dict[str, _Whole]  # set on the one standing in for the sparsifier
+
     def __init__(self, tensors) -> None:
         self.tensors = tensors
 
@@ -109,6 +111,8 @@ def check_consistency(model: nn.Module, sparsifier, info, where: str) -> None:
     if any(is_sharded(p) for p in model.parameters()):
         params = getattr(sparsifier, "params", {})
         masks = {n: _Whole(full_weight(sp.topology())) for n, sp in params.items()}
-        model, sparsifier = _Whole([full_weight(p.detach()) for p in model.parameters()]), _Whole(None)
-        sparsifier.params = masks
+        whole, whole_sparsifier = _Whole([full_weight(p.detach()) for p in model.parameters()]), _Whole(None)
+        whole_sparsifier.params = masks
+        distributed.check_consistency(whole, whole_sparsifier, info, where)
+        return
     distributed.check_consistency(model, sparsifier, info, where)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,7 @@ class _Meter:
         if show_bar:
             self.last_postfix = now
             self.bar.set_postfix_str(f"mean loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s", refresh=False)
-        if at_mark:
+        if at_mark and self.lines is not None and self.total:  # marks exist only then
             eta = (now - self.start) / (step + 1) * (self.total - step - 1)
             self.lines(f"{self.desc}: {100 * (step + 1) / self.total:3.0f}% ({step + 1}/{self.total} steps) "
                        f"mean so far: loss {loss:.4f} acc {acc:.2f}% {rate:,.0f} samples/s ETA "
@@ -119,10 +119,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     seen = torch.zeros((), device=device, dtype=torch.long)
     window: list[torch.Tensor] = []
     step = 0
+    total: int | None = None
     try:
-        total = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
+        total = len(batches) if isinstance(batches, Sized) else None
+    except TypeError:  # a DataLoader over an IterableDataset has __len__, which raises
+        pass
     bar = tqdm(batches, desc=desc, leave=False, disable=None if progress else True, mininterval=0.5, total=total)
     meter = _Meter(bar, progress_lines, desc, total, lines_every)
     for step, (inputs, targets) in enumerate(bar):
@@ -133,9 +134,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             logits = model(_prepare(inputs, channels_last))
             loss = F.cross_entropy(logits.float(), targets)
         window.append(loss.detach())
-        total = loss + penalty() if penalty is not None else loss
+        objective = loss + penalty() if penalty is not None else loss
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        objective.backward()
         sparsifier.before_optimizer_step()
         optimizer.step()
         sparsifier.step()

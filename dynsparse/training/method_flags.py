@@ -114,6 +114,8 @@ def load_plugins(names: str) -> None:
                 if not path.is_file():
                     raise DynsparseError(f"--plugin {name}: no such file")
                 spec = importlib.util.spec_from_file_location(path.stem, path)
+                if spec is None or spec.loader is None:
+                    raise DynsparseError(f"--plugin {name}: Python cannot import this file as a module")
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[path.stem] = module
                 spec.loader.exec_module(module)

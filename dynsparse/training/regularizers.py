@@ -11,7 +11,7 @@ def sparsity_penalty(tensors: Iterable[torch.Tensor], coeff: float, group_lasso:
     """``coeff`` times the L1 norm of every tensor, or the group lasso for conv (4-D) tensors."""
     if not coeff:
         return 0.0
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     for w in tensors:
         # an FSDP2-sharded (DTensor) weight: the penalty of this rank's rows, whose gradient is
         # exactly theirs (every row sits on one rank); no communication, nor a DTensor sum mixed

@@ -98,7 +98,8 @@ class _Run:
         self.autocast = torch.bfloat16 if cfg.amp == "bf16" else None
         self.train_model = self.model if cfg.fsdp else distributed.wrap(self.model, self.dist, self.device)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            # an OptimizedModule (an nn.Module) at run time; torch's stubs type compile's result as a Callable
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
         self.start_epoch = cfg.start_epoch
         self.history: list[dict] = []
         self.events: list[dict] = []
@@ -146,7 +147,7 @@ def copy_masks(run: _Run, source: str) -> None:
     ckpt, path = load_checkpoint(source, run.device, run.cfg.runs_dir)
     if run.sparsifier.state_dict() is None or ckpt.get("sparsifier") is None:
         raise DynsparseError(f"--copy-mask-from needs sparse layers here and in {path} (both runs sparse)")
-    values_from = run.cfg.to_dict()
+    values_from: dict | None = run.cfg.to_dict()
     if run.cfg.resume:
         resumed, _ = load_checkpoint(run.cfg.resume, run.device, run.cfg.runs_dir)
         values_from = resumed["config"] if int(resumed["epoch"]) == 0 and not resumed["history"] else None
@@ -206,7 +207,8 @@ def run_training(cfg: TrainConfig, *, argv: Sequence[str] | None = None,
         distributed.barrier(run.dist)
         return summary
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the command line maps it: say what to resume
-        e.run_dir = run.dir
+        # an attribute of this one exception, which typeshed cannot declare; the CLI reads it with getattr
+        e.run_dir = run.dir  # type: ignore[attr-defined]
         raise
     except RuntimeError as e:
         if not (run.dist.enabled and distributed.is_comm_failure(e)):

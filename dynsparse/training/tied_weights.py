@@ -37,6 +37,8 @@ def uniform_coverage(bank_size: int, positions: int, generator: torch.Generator)
 class TiedWeight(nn.Module):
     """Holds the bank and the map of one tied weight; ``forward()`` rebuilds the full weight."""
 
+    alloc: torch.Tensor  # a buffer: the bank entry of every position
+
     def __init__(self, weight: torch.Tensor, density: float, granularity: int, generator: torch.Generator) -> None:
         super().__init__()
         if not 0.0 < density <= 1.0:
@@ -60,7 +62,7 @@ class TiedWeight(nn.Module):
 
 
 def _set_weight(module: nn.Module, _inputs) -> None:
-    module.weight = module.tied_weight()
+    module.weight = module.get_submodule("tied_weight")()
 
 
 class TiedModel(NoSparsity):
