@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_sparse_engine import build, change, step  # noqa: E402
@@ -46,6 +45,13 @@ def uptime() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def set_threads(threads: int) -> None:
+    """PyTorch's and numba's thread counts alike (the fused batch norm runs on numba's)."""
+    import numba
+    set_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def with_mode(mode: str, fn):
     def run():
         previous = csr_kernels.set_mode(mode)
@@ -56,21 +62,25 @@ def with_mode(mode: str, fn):
     return run
 
 
+def op_cases(w: CSRWeight, v: torch.Tensor, xt: torch.Tensor, dyt: torch.Tensor) -> dict:
+    pattern = torch.sparse_csr_tensor(w.crow_indices, w.col_indices, v, w.shape, check_invariants=False)
+    return {
+        "forward/torch": lambda: spmm(w.crow_indices, w.col_indices, v, xt),
+        "forward/numba": lambda: csr_kernels.spmm(w.crow_indices, w.col_indices, v, xt),
+        "input_grad/torch": lambda: spmm(w.t_crow, w.t_col, v.index_select(0, w.t_perm), dyt),
+        "input_grad/numba": lambda: csr_kernels.spmm_t(w.t_crow, w.t_col, w.t_perm, v, dyt),
+        "weight_grad/torch": lambda: torch.sparse.sampled_addmm(pattern, dyt, xt.t(), beta=0.0).values(),
+        "weight_grad/numba": lambda: csr_kernels.sddmm(w.crow_indices, w.col_indices, dyt, xt)}
+
+
 def bench_ops(repeats: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
+    set_threads(threads)
     g = torch.Generator().manual_seed(0)
     out = {}
     for name, (o, i, d, b) in LAYERS.items():
         w = CSRWeight.random(o, i, d, g)
         v, xt, dyt = w.values.detach(), torch.randn(i, b, generator=g), torch.randn(o, b, generator=g)
-        pattern = torch.sparse_csr_tensor(w.crow_indices, w.col_indices, v, (o, i), check_invariants=False)
-        cases = {
-            "forward/torch": lambda: spmm(w.crow_indices, w.col_indices, v, xt),
-            "forward/numba": lambda: csr_kernels.spmm(w.crow_indices, w.col_indices, v, xt),
-            "input_grad/torch": lambda: spmm(w.t_crow, w.t_col, v.index_select(0, w.t_perm), dyt),
-            "input_grad/numba": lambda: csr_kernels.spmm_t(w.t_crow, w.t_col, w.t_perm, v, dyt),
-            "weight_grad/torch": lambda: torch.sparse.sampled_addmm(pattern, dyt, xt.t(), beta=0.0).values(),
-            "weight_grad/numba": lambda: csr_kernels.sddmm(w.crow_indices, w.col_indices, dyt, xt)}
+        cases = op_cases(w, v, xt, dyt)
         for fn in cases.values():
             fn()  # compile / load from numba's cache, warm caches
         t = interleaved(cases, repeats)
@@ -95,7 +105,7 @@ CATEGORIES = {  # profiler event -> part of the step
 def bench_breakdown(steps: int = 5) -> dict:
     """Self time of every op of a CSR step under torch.profiler (1 thread), by kernel mode."""
     from torch.profiler import ProfilerActivity, profile
-    torch.set_num_threads(1)
+    set_threads(1)
     torch.manual_seed(0)
     model = MnistMLP(hidden_sizes=(10000, 10000), sparse_density=0.01)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -120,7 +130,7 @@ def bench_breakdown(steps: int = 5) -> dict:
 
 
 def bench_step(repeats: int, threads: int, period: int = 100) -> dict:
-    torch.set_num_threads(threads)
+    set_threads(threads)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
     torch.manual_seed(0)
@@ -161,7 +171,8 @@ def markdown(res: dict) -> str:
         lines += ["## Whole training step, 784-10000-10000-10 at density 0.01, batch 128 (through the engine, DSR "
                   "change amortized over 100 steps)", "",
                   "| threads | dense (s) | masked (s) | CSR, PyTorch products (s) | CSR, auto (s) | masked / CSR torch "
-                  "| masked / CSR auto | dense / CSR torch | dense / CSR auto |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| masked / CSR auto | dense / CSR torch | dense / CSR auto |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in res["step"]:
             a, m = r["amortized_step_seconds"], r["median_seconds"]
             lines.append(f"| {r['threads']} | {m['dense']:.4f} | {a['masked']:.4f} | {a['csr_torch']:.4f} | "

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice

@@ -27,8 +27,8 @@ import torch
 
 from dynsparse.errors import DynsparseError
 
-__all__ = ["AUTO_MIN_ELEMENTS", "AUTO_MIN_WORK", "AUTO_OPS", "MODES", "OPS", "available", "choose", "choose_fused", "get_mode", "kernels", "set_mode", "sddmm", "spmm",
-           "spmm_t"]
+__all__ = ["AUTO_MIN_ELEMENTS", "AUTO_MIN_WORK", "AUTO_OPS", "MODES", "OPS", "available", "choose", "choose_fused",
+           "get_mode", "kernels", "set_mode", "sddmm", "spmm", "spmm_t"]
 
 MODES = ("auto", "numba", "torch")
 _mode = "auto"
@@ -228,7 +228,8 @@ def sddmm(crow: torch.Tensor, col: torch.Tensor, dyt: torch.Tensor, xt: torch.Te
     contiguous float32 ``dyt`` ``[out, B]`` and ``xt`` ``[in, B]``, aligned with the values."""
     out = torch.empty(col.numel(), dtype=torch.float32)
     with torch.profiler.record_function("csr_kernels::sddmm"):  # named in profiles (the step breakdown)
-        kernels()["sddmm"](crow.numpy(), col.numpy(), dyt.detach().numpy(), xt.detach().numpy(), out.numpy(), _threads())
+        kernels()["sddmm"](crow.numpy(), col.numpy(), dyt.detach().numpy(), xt.detach().numpy(), out.numpy(),
+                           _threads())
     return out
 
 
