@@ -48,7 +48,7 @@ def uptime() -> str:
 def set_threads(threads: int) -> None:
     """PyTorch's and numba's thread counts alike (the fused batch norm runs on numba's)."""
     import numba
-    set_threads(threads)
+    torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
