@@ -28,13 +28,14 @@ import torch
 from dynsparse.errors import DynsparseError
 
 __all__ = ["AUTO_MIN_ELEMENTS", "AUTO_MIN_WORK", "AUTO_OPS", "MODES", "OPS", "available", "choose", "choose_fused",
-           "get_mode", "kernels", "set_mode", "sddmm", "spmm", "spmm_t"]
+           "follow_torch_threads", "get_mode", "kernels", "set_mode", "sddmm", "spmm", "spmm_t"]
 
 MODES = ("auto", "numba", "torch")
 _mode = "auto"
 _lock = threading.Lock()
 _compiled: dict | None = None
 _available: bool | None = None
+_prefetch = None  # numba intrinsic, set by _build
 
 # ``auto`` runs a product with these kernels when active entries x batch is at least this (the
 # multiply-adds of one product). Below it numba's call overhead (~10-20 us) and PyTorch's kernels
@@ -108,7 +109,10 @@ def _build() -> dict:
         raise DynsparseError("the compiled CSR products need numba: pip install 'dynsparse[kernels]'") from e
     opts = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
     U = numba.uint64  # unsigned offsets: no negative-index wraparound checks, so the loops vectorize
-    prefetch = _prefetch_intrinsic()
+    global _prefetch
+    # a module global, not a closure variable: numba keys its cache by the closure's contents,
+    # and an intrinsic object pickles differently in every process (the cache would never hit)
+    _prefetch = _prefetch_intrinsic()
     # Every entry reads a whole row of B floats at a random column: the table (e.g. 5 MB at 10000
     # features, batch 128) is not in L1/L2, so the loops wait on memory unless the row of the
     # entry AHEAD entries later is requested first (as FBGEMM's embedding_bag kernel does).
@@ -133,7 +137,7 @@ def _build() -> dict:
                     for k in range(4):
                         p = U(col[min(e + k + AHEAD, nnz - 1)]) * ub
                         for i in range(U(0), ub, U(16)):
-                            prefetch(xf, p + i)
+                            _prefetch(xf, p + i)
                     x0, x1 = U(col[e]) * ub, U(col[e + 1]) * ub
                     x2, x3 = U(col[e + 2]) * ub, U(col[e + 3]) * ub
                     s0 = s1 = s2 = s3 = np.float32(0.0)
@@ -148,7 +152,7 @@ def _build() -> dict:
                 while e < e1:
                     p = U(col[min(e + AHEAD, nnz - 1)]) * ub
                     for i in range(U(0), ub, U(16)):
-                        prefetch(xf, p + i)
+                        _prefetch(xf, p + i)
                     x0 = U(col[e]) * ub
                     s0 = np.float32(0.0)
                     for i in range(ub):
@@ -173,7 +177,7 @@ def _build() -> dict:
                 for e in range(crow[r], crow[r + 1]):
                     p = U(col[min(e + AHEAD, nnz - 1)]) * ub
                     for i in range(U(0), ub, U(16)):
-                        prefetch(df, p + i)
+                        _prefetch(df, p + i)
                     w = val[e] if perm is None else val[perm[e]]
                     s = U(col[e]) * ub
                     for i in range(ub):
@@ -220,7 +224,14 @@ def kernels() -> dict:
 
 def _threads() -> int:
     import numba
-    return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
+    return max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
+
+
+def follow_torch_threads() -> None:
+    """numba's thread count for kernels that read it themselves (``cbhw_ops``): PyTorch's, so
+    ``--threads`` and ``torch.set_num_threads`` govern them too."""
+    import numba
+    numba.set_num_threads(_threads())
 
 
 def sddmm(crow: torch.Tensor, col: torch.Tensor, dyt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:

@@ -277,6 +277,7 @@ def batch_norm_relu(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     if isinstance(norm, torch.nn.BatchNorm1d) and norm.training and norm.affine and feature_major(h) \
             and csr_kernels.choose_fused(h):
         from dynsparse.sparse.cbhw_ops import batch_norm_relu_cbhw
+        csr_kernels.follow_torch_threads()
         return batch_norm_relu_cbhw(norm, h.t()).t()  # type: ignore[arg-type]  # any [C, ...] layout
     return F.relu(batch_norm(norm, h))
 
@@ -285,9 +286,10 @@ def linear(layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``layer(h)``; a plain ``nn.Linear`` (without hooks) on a feature-major ``h`` (after a CSR
     layer) is run as ``(W @ h^T)^T``, which keeps the layout and is 10-20x faster than PyTorch's
     ``linear`` on the transposed view (784-10000-10000-10 MLP's dense output layer, batch 128:
-    ~15 against ~1 ms forward, one thread; `python benchmarks/bench_csr_kernels.py`)."""
-    if (type(layer) is torch.nn.Linear and feature_major(h) and not layer._forward_hooks
-            and not layer._forward_pre_hooks):
+    ~15 against ~1 ms forward, one thread). Not in ``csr_kernels``' mode ``torch``, which keeps
+    the earlier code path, and its sums, exactly."""
+    if (type(layer) is torch.nn.Linear and feature_major(h) and csr_kernels.get_mode() != "torch"
+            and not layer._forward_hooks and not layer._forward_pre_hooks):
         y = (layer.weight @ h.t()).t()
         return y if layer.bias is None else y + layer.bias
     return layer(h)
