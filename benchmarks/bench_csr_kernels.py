@@ -99,6 +99,7 @@ CATEGORIES = {  # profiler event -> part of the step
     "aten::native_batch_norm": "batch norm + ReLU", "aten::native_batch_norm_backward": "batch norm + ReLU",
     "aten::threshold_backward": "batch norm + ReLU", "aten::clamp_min": "batch norm + ReLU",
     "aten::relu": "batch norm + ReLU", "aten::copy_": "layout copies (x^T, dy^T)",
+    "_BNReLU": "batch norm + ReLU", "_BNReLUBackward": "batch norm + ReLU",
     "Optimizer.step#SGD.step": "optimizer step", "aten::add_": "optimizer step", "aten::mul_": "optimizer step"}
 
 
@@ -111,22 +112,19 @@ def bench_breakdown(steps: int = 5) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
-    out = {}
-    for mode in ("torch", "auto"):
-        run = with_mode(mode, lambda: step(model, opt, x, y))
+    runs = {mode: with_mode(mode, lambda: step(model, opt, x, y)) for mode in ("torch", "auto")}
+    parts: dict[str, dict[str, float]] = {mode: {} for mode in runs}
+    for run in runs.values():
         run()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
+    for _ in range(steps):  # one profiled step per mode per round, interleaved (a shared machine)
+        for mode, run in runs.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run()
-        parts: dict[str, float] = {}
-        total = 0.0
-        for ev in prof.key_averages():
-            ms = ev.self_cpu_time_total / 1e3 / steps
-            total += ms
-            # SGD's own adds and muls are inside its step event; elsewhere they are "other"
-            parts[CATEGORIES.get(ev.key, "other")] = parts.get(CATEGORIES.get(ev.key, "other"), 0.0) + ms
-        out[mode] = {"ms_per_step": dict(sorted(parts.items(), key=lambda kv: -kv[1])), "total_ms": total}
-    return out
+            for ev in prof.key_averages():
+                part = CATEGORIES.get(ev.key, "other")
+                parts[mode][part] = parts[mode].get(part, 0.0) + ev.self_cpu_time_total / 1e3 / steps
+    return {mode: {"ms_per_step": dict(sorted(p.items(), key=lambda kv: -kv[1])), "total_ms": sum(p.values())}
+            for mode, p in parts.items()}
 
 
 def bench_step(repeats: int, threads: int, period: int = 100) -> dict:

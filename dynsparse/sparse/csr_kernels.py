@@ -13,10 +13,14 @@ feature-major ``[features, B]``, row-major, float32), for the CSR pattern ``(cro
   inside the loop, so the permuted copy of the values (a separate gather) is never made.
 
 Which of them run instead of PyTorch's products is :func:`choose` (``set_mode``): ``"torch"``
-(PyTorch's products only), ``"numba"`` (these kernels, for every float32 CPU layer), ``"auto"``
-(the default: these kernels where they were measured faster, large layers; see ``AUTO_MIN_WORK``,
-PyTorch otherwise and whenever numba is missing). numba's threads follow ``torch.get_num_threads()``
-(at most numba's own count), so ``--threads`` and ``torch.set_num_threads`` govern both.
+(PyTorch's products only: exactly the code path, and the sums, from before these kernels),
+``"numba"`` (these kernels for every float32 CPU layer; the tests' reference comparison), ``"auto"``
+(the default: only what was measured faster, ``AUTO_OPS`` for layers of at least ``AUTO_MIN_WORK``
+multiply-adds per product, PyTorch otherwise and whenever numba is missing). The same mode governs
+two layout fixes of ``csr_ops`` after a CSR layer: a dense ``nn.Linear`` on the feature-major
+activations (``linear``) and batch norm + ReLU fused (``batch_norm_relu``, with ``cbhw_ops``'
+kernels, for at least ``AUTO_MIN_ELEMENTS`` activations). numba's threads follow
+``torch.get_num_threads()``, so ``--threads`` and ``torch.set_num_threads`` govern both.
 """
 from __future__ import annotations
 
@@ -174,14 +178,31 @@ def _build() -> dict:
             acc = np.empty(b, np.float32)  # a fresh buffer: LLVM then knows it aliases nothing
             for r in range(r0, r1):
                 acc[:] = 0.0
-                for e in range(crow[r], crow[r + 1]):
+                e, e1 = crow[r], crow[r + 1]
+                # four entries per pass over the accumulator: a quarter of its loads and stores
+                while e + 4 <= e1:
+                    for k in range(4):
+                        p = U(col[min(e + k + AHEAD, nnz - 1)]) * ub
+                        for i in range(U(0), ub, U(16)):
+                            _prefetch(df, p + i)
+                    if perm is None:
+                        w0, w1, w2, w3 = val[e], val[e + 1], val[e + 2], val[e + 3]
+                    else:
+                        w0, w1, w2, w3 = val[perm[e]], val[perm[e + 1]], val[perm[e + 2]], val[perm[e + 3]]
+                    s0, s1 = U(col[e]) * ub, U(col[e + 1]) * ub
+                    s2, s3 = U(col[e + 2]) * ub, U(col[e + 3]) * ub
+                    for i in range(ub):
+                        acc[i] += w0 * df[s0 + i] + w1 * df[s1 + i] + w2 * df[s2 + i] + w3 * df[s3 + i]
+                    e += 4
+                while e < e1:
                     p = U(col[min(e + AHEAD, nnz - 1)]) * ub
                     for i in range(U(0), ub, U(16)):
                         _prefetch(df, p + i)
-                    w = val[e] if perm is None else val[perm[e]]
-                    s = U(col[e]) * ub
+                    w0 = val[e] if perm is None else val[perm[e]]
+                    s0 = U(col[e]) * ub
                     for i in range(ub):
-                        acc[i] += w * df[s + i]
+                        acc[i] += w0 * df[s0 + i]
+                    e += 1
                 o = U(r) * ub
                 for i in range(ub):
                     of[o + i] = acc[i]
