@@ -21,12 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
 from dynsparse.models.convnets import Bottleneck, ResNet50, WideBasicBlock, WideResNet  # noqa: F401 (re-exported)
-from dynsparse.sparse.csr_ops import batch_norm
+from dynsparse.sparse.csr_ops import batch_norm, batch_norm_relu, linear
 from dynsparse.sparse.select import is_matrix_weight, select_weights
 
 MODEL_NAMES: tuple[str, ...] = ("mnist_mlp", "cifar10_WideResNet", "imagenet_resnet50")
@@ -93,9 +92,8 @@ class MnistMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for i, name in enumerate(self.fc_names, start=1):
-            x = batch_norm(getattr(self, f"bn{i}"), getattr(self, name)(x))
-            if name != "fc2":
-                x = F.relu(x)
+            h, norm = linear(getattr(self, name), x), getattr(self, f"bn{i}")
+            x = batch_norm(norm, h) if name == "fc2" else batch_norm_relu(norm, h)
         return x
 
     def sparse_parameter_names(self, sparse_resnet_downsample: bool = False) -> list[str]:
