@@ -108,7 +108,10 @@ def pack_state(state: dict, sparsifier) -> dict:
         if sp.storage == "csr":  # the model's own crow/col indices say it: store nothing twice
             if name + ".crow_indices" in model:
                 masks.pop(name)
-                records[name] = {"storage": "csr", "in_features": int(sp.shape[1])}
+                # a conv's CSR rows are [in * kh * kw] long; one mask entry may cover a whole kernel
+                records[name] = {"storage": "csr", "in_features": int(sp.weight.shape[1])}
+                if sp.slice_size > 1:
+                    records[name]["slice"] = int(sp.slice_size)
             continue
         entries = tuple(sp.mask.shape)
         flat = torch.nonzero(sp.mask.reshape(-1)).view(-1)
@@ -160,7 +163,9 @@ def unpack_state(state: dict) -> dict:
             if r["storage"] == "csr":
                 crow, col = model[name + ".crow_indices"].long(), model[name + ".col_indices"].long()
                 row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-                masks[name] = row * int(r["in_features"]) + col  # what CSRParam.topology() saves
+                flat = row * int(r["in_features"]) + col
+                k = int(r.get("slice", 1))  # per-kernel entries: the first weight of each kernel
+                masks[name] = flat[::k] // k if k > 1 else flat  # what CSRParam.topology() saves
                 continue
             shape, entries = tuple(r["shape"]), tuple(r["entries"])
             flat = decode_index(r["index"], entries)

@@ -216,7 +216,7 @@ def _offsets(col, ccol_t, kh, kw, h, w, ho, wo, b):
 
 class _SparseConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, crow, col, crow_t, ccol_t, perm, shape, stride, pad):
+    def forward(ctx, x, values, crow, col, crow_t, ccol_t, perm, shape, stride, pad, capture):
         c_out, c_in, kh, kw = shape
         if values.dtype != torch.float32 or values.dim() != 1 or values.numel() != col.numel():
             raise DynsparseError(f"sparse conv values must be float32, one per active entry ({col.numel()}), "
@@ -236,7 +236,7 @@ class _SparseConv(torch.autograd.Function):
         kernels()["forward"](x.numpy(), crow.numpy(), *(i.numpy() for i in idx[:3]),
                              values.detach().contiguous().numpy(), stride, pad, y.numpy(), _threads())
         ctx.save_for_backward(x, values, crow, crow_t, perm, *idx)
-        ctx.conf = (stride, pad)
+        ctx.conf, ctx.capture = (stride, pad), capture
         return y
 
     @staticmethod
@@ -254,19 +254,24 @@ class _SparseConv(torch.autograd.Function):
             dval = torch.empty_like(values)
             k["weight_grad"](x.numpy(), dy.numpy(), crow.numpy(), xoff.numpy(), ki_e.numpy(), kj_e.numpy(), stride, pad,
                              dval.numpy(), _threads())
-        return dx, dval, None, None, None, None, None, None, None, None
+        if ctx.capture is not None:  # for a dense weight gradient at an update (RigL, SNFS growth)
+            ctx.capture.pairs.append((x, dy))
+        return dx, dval, None, None, None, None, None, None, None, None, None
 
 
-def sparse_conv2d(x, values, crow, col, shape, stride=1, padding=0, transposed=None):
+def sparse_conv2d(x, values, crow, col, shape, stride=1, padding=0, transposed=None, capture=None):
     """Sparse convolution of ``x`` ``[C, H, W, B]`` by the CSR weight (``crow``/``col`` int32,
     ``values`` float32); differentiable in ``x`` and ``values``. ``transposed`` =
-    ``csc_of(crow, col, c_in, kh * kw)`` may be passed to reuse it between calls."""
+    ``csc_of(crow, col, c_in, kh * kw)`` may be passed to reuse it between calls. ``capture``
+    (an object with a ``pairs`` list) receives ``(x, dy)`` of the backward, from which a dense
+    weight gradient can be formed later."""
     if stride not in (1, 2):
         raise DynsparseError(f"sparse conv stride must be 1 or 2, got {stride}")
     c_out, c_in, kh, kw = (int(s) for s in shape)
     if transposed is None:
         transposed = csc_of(crow, col, c_in, kh * kw)
-    return _SparseConv.apply(x, values, crow, col, *transposed, (c_out, c_in, kh, kw), int(stride), int(padding))
+    return _SparseConv.apply(x, values, crow, col, *transposed, (c_out, c_in, kh, kw), int(stride), int(padding),
+                             capture)
 
 
 def to_cbhw(x: torch.Tensor) -> torch.Tensor:

@@ -172,8 +172,12 @@ class CSRParam(EntryCounts):
             return torch.topk(s, count, sorted=False).indices
         return self._grow_top_blocks(scores, count, taken)
 
+    def _grid(self) -> tuple[int, int]:
+        """Rows and columns of the grow-side index (``row * cols + col`` is an entry's flat index)."""
+        return self.weight.shape
+
     def _grow_top_blocks(self, scores: RowScores, count: int, taken: torch.Tensor) -> torch.Tensor:
-        out_f, in_f = self.weight.shape
+        out_f, in_f = self._grid()
         rows = max(1, BLOCK_ENTRIES // in_f)
         best_v = torch.empty(0, device=self.device)
         best_i = torch.empty(0, dtype=torch.long, device=self.device)
