@@ -16,7 +16,8 @@ The three kernels compute only what the active entries need:
 - ``weight_grad``: ``dW_e = <dY[oc], shifted X[ic_e]>`` at the active entries only, parallel
   over output channels (each thread owns its rows of ``dW``: no atomics).
 
-numba's thread count (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``) sets the parallelism.
+The parallelism is PyTorch's thread count (``torch.set_num_threads``, the CLI's ``--threads``),
+at most ``NUMBA_NUM_THREADS``; it is set in numba at each call.
 """
 from __future__ import annotations
 
@@ -188,7 +189,13 @@ def kernels() -> dict:
 
 def _threads() -> int:
     import numba
-    return numba.get_num_threads()
+    # PyTorch's thread count (torch.set_num_threads, the CLI's --threads) sets the kernels' too:
+    # one setting for the whole step. Set in numba as well: a parallel region launched on more
+    # threads than it uses still wakes them all (10x slower for a tiny WRN on loaded cores)
+    nt = max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
+    if numba.get_num_threads() != nt:
+        numba.set_num_threads(nt)
+    return nt
 
 
 def csc_of(crow: torch.Tensor, col: torch.Tensor, c_in: int, khw: int):

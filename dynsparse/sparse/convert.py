@@ -17,7 +17,8 @@ What converts:
   becomes its layout twin in place (:func:`~dynsparse.sparse.csr_conv.convert_wideresnet`: the
   block convs become :class:`~dynsparse.sparse.csr_conv.CSRConv2d`, the forward runs on the
   layout, converted once after the first conv; the first conv, batch norms, 1x1 shortcuts and
-  fc stay the same dense modules and parameter objects). Masks shaped like the weight store
+  fc stay the same dense modules and parameter objects; selected, the first conv and the
+  shortcuts stay masked, ``fc`` may be CSR as any linear). Masks shaped like the weight store
   single weights; masks of its first two dims (``--sub-kernel-granularity 2``) whole kernels.
 
 Anything else is refused in one line (``backend="auto"`` keeps it masked).
@@ -73,7 +74,9 @@ def is_conv_weight(model: nn.Module, name: str) -> bool:
 
 def wideresnet_csr_plan(model: nn.Module, names) -> list[str]:
     """The block convs of a WideResNet among ``names`` if they can be stored as CSR together, []
-    if ``names`` holds no conv weight; otherwise one line saying why not (DynsparseError)."""
+    if ``names`` holds no conv weight; otherwise one line saying why not (DynsparseError). The
+    WideResNet's other convs among ``names`` (the first conv, the 1x1 shortcuts) stay masked: its
+    twin runs them as the same dense modules."""
     from dynsparse.sparse.csr_conv import is_wideresnet, wideresnet_block_convs
     convs = [n for n in names if is_conv_weight(model, n)]
     if not convs:
@@ -84,8 +87,8 @@ def wideresnet_csr_plan(model: nn.Module, names) -> list[str]:
                              "'auto' (or 'masked') to keep conv weights masked")
     blocks = wideresnet_block_convs(model)
     other = [n for n in convs if n not in blocks]
-    if other:
-        raise DynsparseError(f"{supported}; {other[0]} is not a block conv: use backend 'auto' to keep it masked")
+    if other:  # the twin runs the first conv and the 1x1 shortcuts as the same dense modules
+        log.info("%s stay masked: on a WideResNet only the block convs are stored as CSR", ", ".join(other))
     missing = [n for n in blocks if n not in convs]
     if missing:
         raise DynsparseError(f"{supported}: the network runs on another layout, so every block conv must be sparse; "
@@ -124,6 +127,9 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     converts; anything else raises a one-line :class:`~dynsparse.errors.DynsparseError`."""
     params = dict(model.named_parameters())
     convs = wideresnet_csr_plan(model, list(masks))
+    other = [n for n in masks if n not in convs and is_conv_weight(model, n)]
+    if other:
+        raise DynsparseError(f"to_csr stores a WideResNet's block convs; {other[0]} is another conv: leave it out")
     out: dict[str, CSRParam] = {}
     for name in masks:
         if name in convs:

@@ -100,10 +100,9 @@ def sparse_tensors(s, layout: torch.layout = torch.sparse_coo) -> dict[str, torc
         raise DynsparseError(f"layout must be torch.sparse_coo or torch.sparse_csr, got {layout}")
     out = {}
     for name, sp in s.params.items():
-        if sp.storage == "csr":  # from the stored entries: never a dense tensor
-            flat, values = sp.nonzero_flat()
-            cols = sp.shape[1]
-            index = torch.stack([torch.div(flat, cols, rounding_mode="floor"), flat % cols])
+        if sp.storage == "csr" and (len(sp.shape) == 2 or layout == torch.sparse_coo):
+            flat, values = sp.nonzero_flat()  # from the stored entries: never a dense tensor
+            index = torch.stack(torch.unravel_index(flat, tuple(sp.shape)))
             coo = torch.sparse_coo_tensor(index, values.clone(), tuple(sp.shape), is_coalesced=True)
             out[name] = coo.to_sparse_csr() if layout == torch.sparse_csr else coo
             continue
