@@ -114,7 +114,7 @@ def test_csr_wrn_gives_the_masked_answers(name, granularity):
     if name not in ("static",):
         assert b[1].totals()["total_pruned"] > 0  # the topology really changed
     if granularity == 2:  # whole kernels stored: every active kernel holds its 9 weights
-        for n, sp in b[1].params.items():
+        for sp in b[1].params.values():
             assert sp.weight.num_active == 9 * sp.num_active and sp.num_entries == sp.shape[0] * sp.shape[1]
     assert_same(a, b)
 
