@@ -16,8 +16,8 @@ The three kernels compute only what the active entries need:
 - ``weight_grad``: ``dW_e = <dY[oc], shifted X[ic_e]>`` at the active entries only, parallel
   over output channels (each thread owns its rows of ``dW``: no atomics).
 
-The parallelism is PyTorch's thread count (``torch.set_num_threads``, the CLI's ``--threads``),
-at most ``NUMBA_NUM_THREADS``; it is set in numba at each call.
+The parallelism is numba's thread count capped by PyTorch's; :func:`set_threads` sets both (the
+CLI's ``--threads`` does).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 
 from dynsparse.errors import DynsparseError
 
-__all__ = ["available", "conv_out_size", "csc_of", "from_cbhw", "kernels", "sparse_conv2d", "to_cbhw"]
+__all__ = ["available", "conv_out_size", "csc_of", "from_cbhw", "kernels", "set_threads", "sparse_conv2d", "to_cbhw"]
 
 _lock = threading.Lock()
 _compiled: dict | None = None
@@ -189,13 +189,19 @@ def kernels() -> dict:
 
 def _threads() -> int:
     import numba
-    # PyTorch's thread count (torch.set_num_threads, the CLI's --threads) sets the kernels' too:
-    # one setting for the whole step. Set in numba as well: a parallel region launched on more
-    # threads than it uses still wakes them all (10x slower for a tiny WRN on loaded cores)
-    nt = max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
-    if numba.get_num_threads() != nt:
-        numba.set_num_threads(nt)
-    return nt
+    # numba's thread count (its omp layer shares the OpenMP runtime with PyTorch, so setting it here
+    # would change PyTorch's too), capped by PyTorch's: set both with set_threads
+    return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
+
+
+def set_threads(n: int) -> None:
+    """Run the compiled kernels (and PyTorch) on ``n`` threads (at most ``NUMBA_NUM_THREADS``).
+    numba's threads are set first, PyTorch's after: with numba's OpenMP layer both share one
+    runtime, and a kernel launched on fewer threads than numba holds still wakes them all."""
+    if available():
+        import numba
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(n)
 
 
 def csc_of(crow: torch.Tensor, col: torch.Tensor, c_in: int, khw: int):

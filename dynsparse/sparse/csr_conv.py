@@ -80,20 +80,24 @@ class CSRConv2d(nn.Module):
 
     def _transposed(self):
         # the index by input channel, rebuilt only when the pattern changed (set_topology and
-        # checkpoint loads replace or rewrite the index tensors)
+        # checkpoint loads replace or rewrite the index tensors); the key holds the tensors
+        # themselves, compared by identity: an id() of a freed tensor can come back
         crow, col = self.weight.crow_indices, self.weight.col_indices
-        key = (id(crow), crow._version, id(col), col._version, col.numel())
-        if key != self._t_key:
+        key = self._t_key
+        if key is None or key[0] is not crow or key[2] is not col or key[1] != crow._version or key[3] != col._version:
             self._t = csc_of(crow, col, self.in_channels, self.kernel_size ** 2)
-            self._t_key = key
+            self._t_key = (crow, crow._version, col, col._version)
         return self._t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, w = self.kernel_size, self.weight
         # every training forward until released: micro-batches of an accumulated step all count
         capture = w._capture if w._capture_armed and torch.is_grad_enabled() else None
-        return sparse_conv2d(x, w.values, w.crow_indices, w.col_indices, (self.out_channels, self.in_channels, k, k),
-                             self.stride, self.padding, self._transposed(), capture)
+        # under autocast (--amp bf16) the kernels stay in the values' float32, as the CSR linear's products do
+        with torch.autocast(x.device.type, enabled=False):
+            return sparse_conv2d(x.to(w.values.dtype), w.values, w.crow_indices, w.col_indices,
+                                 (self.out_channels, self.in_channels, k, k), self.stride, self.padding,
+                                 self._transposed(), capture)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[out, in, k, k]`` weight (zeros off the pattern)."""

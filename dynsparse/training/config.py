@@ -179,7 +179,7 @@ class TrainConfig:
         from dynsparse.sparse.backend import check_backend
         check_backend(self.sparse_backend)
         if self.sparse_backend != "masked" and (self.tied or self.keep_optimizer_state):
-            raise DynsparseError(f"--sparse-backend {self.sparse_backend} stores sparse linear weights as CSR; "
+            raise DynsparseError(f"--sparse-backend {self.sparse_backend} stores sparse weights as CSR; "
                                  f"{'--tied' if self.tied else '--keep-optimizer-state'} needs --sparse-backend masked")
         if self.epochs < 1 or not 0 <= self.start_epoch <= self.total_epochs:
             raise DynsparseError(f"need --epochs >= 1 and 0 <= --start-epoch <= the number of epochs, got "
