@@ -21,6 +21,7 @@ CLI's ``--threads`` does).
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -53,6 +54,7 @@ def _build() -> dict:
         from numba import njit, prange
     except ImportError as e:
         raise DynsparseError("sparse convolutions need numba: pip install 'dynsparse[kernels]'") from e
+    match_torch_threads(numba)
     opts = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
     U = numba.uint64  # unsigned indices: numba then emits no negative-index wraparound, and loops vectorize
 
@@ -195,13 +197,18 @@ def _threads() -> int:
 
 
 def set_threads(n: int) -> None:
-    """Run the compiled kernels (and PyTorch) on ``n`` threads (at most ``NUMBA_NUM_THREADS``).
-    numba's threads are set first, PyTorch's after: with numba's OpenMP layer both share one
-    runtime, and a kernel launched on fewer threads than numba holds still wakes them all."""
-    if available():
-        import numba
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    """Run PyTorch and the compiled kernels on ``n`` threads (numba's at most ``NUMBA_NUM_THREADS``).
+    With numba's OpenMP layer both share one runtime, and a kernel launched under numba's own count
+    would change PyTorch's: numba's is set first (once numba is loaded; the kernels' first use
+    sets it from PyTorch's otherwise, so that plain runs do not pay numba's import)."""
+    if "numba" in sys.modules:
+        match_torch_threads(sys.modules["numba"], n)
     torch.set_num_threads(n)
+
+
+def match_torch_threads(numba, n: int | None = None) -> None:
+    """numba's thread count set to ``n`` (default: PyTorch's), at most ``NUMBA_NUM_THREADS``."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads() if n is None else n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def csc_of(crow: torch.Tensor, col: torch.Tensor, c_in: int, khw: int):
