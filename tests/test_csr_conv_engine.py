@@ -53,13 +53,13 @@ POLICIES = {
 }
 
 
-def train(backend, policy, *, granularity=4, optimizer="sgd", steps=STEPS, model=None, sparsifier=None):
+def train(backend, policy, *, granularity=4, optimizer="sgd", steps=STEPS, model=None, new_weights="zero"):
     m = model if model is not None else wrn()
     opt = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
            else torch.optim.Adam(m.parameters(), lr=0.01))
     dens = 1.0 if isinstance(policy, GradualPruning) else 0.3
     s = Sparsifier(m, opt, policy=policy, densities=dict.fromkeys(BLOCK_CONVS, dens), backend=backend, seed=3,
-                   granularity=granularity)
+                   granularity=granularity, new_weights=new_weights)
     g = torch.Generator().manual_seed(11)
     losses, topologies = [], []
     for step in range(steps):
@@ -114,6 +114,16 @@ def test_csr_wrn_gives_the_masked_answers(name, granularity):
     if granularity == 2:  # whole kernels stored: every active kernel holds its 9 weights
         for sp in b[1].params.values():
             assert sp.weight.num_active == 9 * sp.num_active and sp.num_entries == sp.shape[0] * sp.shape[1]
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("name,granularity", [("set", 2), ("dsr", 4)])
+def test_new_weights_drawn_like_the_masked_run(name, granularity):
+    """``new_weights="initial"`` (--big-new-weights): new entries get the same random values (per
+    weight, or 9 per kernel) with the conv rule's std."""
+    a, b = (train(backend, POLICIES[name](), granularity=granularity, new_weights="initial")
+            for backend in ("masked", "csr"))
+    assert b[1].params[BLOCK_CONVS[0]].new_weights_std() == a[1].params[BLOCK_CONVS[0]].new_weights_std()
     assert_same(a, b)
 
 
