@@ -242,3 +242,42 @@ def test_csr_requests_the_engine_cannot_store_are_refused_and_auto_decides_by_de
                                                                                       nn.Conv2d)
     with pytest.raises(DynsparseError, match="DeepR needs per-weight masks"):
         train("csr", DeepR(eta=0.01, temperature=lambda epoch: 1e-4), granularity=2, steps=1)
+
+
+def test_per_kernel_checkpoint_in_the_compact_form_resumes_exactly():
+    """The command line saves checkpoints compact (sparse/compact.py): a per-kernel CSR conv's
+    topology is rebuilt from its stored indices; a masked run's [out, in] masks load too."""
+    from dynsparse.sparse.compact import pack_state, unpack_state
+    policy = POLICIES["set"]
+    full = train("csr", policy(), steps=8, granularity=2)
+    _, s, m, _ = train("csr", policy(), steps=4, granularity=2)
+    state = copy.deepcopy({"model": m.state_dict(), "optimizer": s.optimizer.state_dict(),
+                           "sparsifier": s.state_dict()})
+    packed = unpack_state(copy.deepcopy(pack_state(copy.deepcopy(state), s)))
+    for n, t in state["sparsifier"]["masks"].items():
+        assert torch.equal(packed["sparsifier"]["masks"][n], t)
+    m2 = wrn(seed=1)
+    opt2 = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    s2 = Sparsifier(m2, opt2, policy=policy(), densities=dict.fromkeys(BLOCK_CONVS, 0.2), backend="csr", seed=99,
+                    granularity=2)
+    m2.load_state_dict(packed["model"])
+    opt2.load_state_dict(packed["optimizer"])
+    s2.load_state_dict(packed["sparsifier"])
+    g, losses = torch.Generator().manual_seed(11), []
+    for step in range(8):
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(5, (4,), generator=g)
+        if step < 4:
+            continue
+        s2.set_epoch(step // EPOCH)
+        opt2.zero_grad()
+        loss = F.cross_entropy(m2(x), y)
+        loss.backward()
+        opt2.step()
+        losses.append(loss.item())
+        if (step + 1) % EPOCH == 0:
+            s2.end_epoch()
+    assert losses == full[0][4:]
+    masked = train("masked", policy(), steps=4, granularity=2)[1]
+    s2._load_masks(masked.state_dict()["masks"])
+    for n in BLOCK_CONVS:
+        assert torch.equal(s2.params[n].topology(), torch.nonzero(masked.params[n].mask.reshape(-1)).view(-1))
