@@ -72,23 +72,35 @@ def is_conv_weight(model: nn.Module, name: str) -> bool:
     return attr == "weight" and isinstance(model.get_submodule(module_name) if module_name else model, nn.Conv2d)
 
 
+def _architecture(model: nn.Module):
+    """(name, block convs, converter) of a known conv architecture, or None."""
+    from dynsparse.sparse.csr_conv import convert_wideresnet, is_wideresnet, wideresnet_block_convs
+    from dynsparse.sparse.csr_resnet import convert_resnet, is_resnet, resnet_block_convs
+    if is_wideresnet(model):
+        return "WideResNet", wideresnet_block_convs(model), convert_wideresnet
+    if is_resnet(model):
+        return "ResNet-50", resnet_block_convs(model), convert_resnet
+    return None
+
+
 def wideresnet_csr_plan(model: nn.Module, names) -> list[str]:
-    """The block convs of a WideResNet among ``names`` if they can be stored as CSR together, []
-    if ``names`` holds no conv weight; otherwise one line saying why not (DynsparseError). The
-    WideResNet's other convs among ``names`` (the first conv, the 1x1 shortcuts) stay masked: its
-    twin runs them as the same dense modules."""
-    from dynsparse.sparse.csr_conv import is_wideresnet, wideresnet_block_convs
+    """The block convs of a WideResNet (or a bottleneck ResNet) among ``names`` if they can be
+    stored as CSR together, [] if ``names`` holds no conv weight; otherwise one line saying why not
+    (DynsparseError). The network's other convs among ``names`` (the first conv, the 1x1
+    shortcuts) stay masked: its twin runs them as the same dense modules."""
     convs = [n for n in names if is_conv_weight(model, n)]
     if not convs:
         return []
-    supported = "backend 'csr' stores nn.Linear weights and the block convs of a WideResNet (all of them)"
-    if not is_wideresnet(model):
+    supported = ("backend 'csr' stores nn.Linear weights and the block convs of a WideResNet or a ResNet-50 "
+                 "(all of them)")
+    arch = _architecture(model)
+    if arch is None:
         raise DynsparseError(f"{supported}; {convs[0]} is a conv weight of a {type(model).__name__}: use backend "
                              "'auto' (or 'masked') to keep conv weights masked")
-    blocks = wideresnet_block_convs(model)
+    kind, blocks, _ = arch
     other = [n for n in convs if n not in blocks]
     if other:  # the twin runs the first conv and the 1x1 shortcuts as the same dense modules
-        log.info("%s stay masked: on a WideResNet only the block convs are stored as CSR", ", ".join(other))
+        log.info("%s stay masked: on a %s only the block convs are stored as CSR", ", ".join(other), kind)
     missing = [n for n in blocks if n not in convs]
     if missing:
         raise DynsparseError(f"{supported}: the network runs on another layout, so every block conv must be sparse; "
@@ -127,9 +139,11 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     converts; anything else raises a one-line :class:`~dynsparse.errors.DynsparseError`."""
     params = dict(model.named_parameters())
     convs = wideresnet_csr_plan(model, list(masks))
+    arch = _architecture(model) if convs else None  # before any module changes (fc may become CSR)
     other = [n for n in masks if n not in convs and is_conv_weight(model, n)]
     if other:
-        raise DynsparseError(f"to_csr stores a WideResNet's block convs; {other[0]} is another conv: leave it out")
+        raise DynsparseError(f"to_csr stores a WideResNet's or ResNet-50's block convs; {other[0]} is another conv: "
+                             "leave it out")
     out: dict[str, CSRParam] = {}
     for name in masks:
         if name in convs:
@@ -151,13 +165,13 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         _swap_in_optimizer(optimizer, linear.weight, module.weight.values, module.weight.active_flat())
         out[name] = CSRParam(name, module.weight)
     if convs:
-        out.update(_convert_wideresnet(model, optimizer, {n: masks[n] for n in convs}, params))
+        assert arch is not None  # wideresnet_csr_plan found one
+        out.update(_convert_network(model, optimizer, {n: masks[n] for n in convs}, params, arch[2]))
     save_pretrained_dense(model)
     return {n: out[n] for n in masks}
 
 
-def _convert_wideresnet(model, optimizer, masks, params) -> dict[str, CSRParam]:
-    from dynsparse.sparse.csr_conv import convert_wideresnet
+def _convert_network(model, optimizer, masks, params, convert) -> dict[str, CSRParam]:
     from dynsparse.sparse.csr_conv_param import CSRConvParam, CSRKernelParam
     entry_masks, kernels = {}, set()
     for n, m in masks.items():
@@ -169,7 +183,7 @@ def _convert_wideresnet(model, optimizer, masks, params) -> dict[str, CSRParam]:
             raise DynsparseError(f"mask of {n} has shape {tuple(m.shape)}; a CSR conv takes one of the weight's shape "
                                  f"{tuple(w.shape)} or of its kernels {tuple(w.shape[:2])}")
         entry_masks[n] = m.bool()
-    layers = convert_wideresnet(model, entry_masks)
+    layers = convert(model, entry_masks)
     out: dict[str, CSRParam] = {}
     for n, layer in layers.items():
         _swap_in_optimizer(optimizer, params[n], layer.weight.values, layer.weight.active_flat())
