@@ -19,7 +19,10 @@ What converts:
   layout, converted once after the first conv; the first conv, batch norms, 1x1 shortcuts and
   fc stay the same dense modules and parameter objects; selected, the first conv and the
   shortcuts stay masked, ``fc`` may be CSR as any linear). Masks shaped like the weight store
-  single weights; masks of its first two dims (``--sub-kernel-granularity 2``) whole kernels.
+  single weights; masks of its first two dims (``--sub-kernel-granularity 2``) whole kernels;
+- the bottleneck convs of a ResNet-50 (``imagenet_resnet50``), the same way
+  (:mod:`~dynsparse.sparse.csr_resnet`: the stem, max pooling included, stays dense before the
+  layout conversion).
 
 Anything else is refused in one line (``backend="auto"`` keeps it masked).
 """
