@@ -36,6 +36,7 @@ from dynsparse.sparse import (
     make_densities,
     register_policy,
     select_weights,
+    to_csr,
 )
 from dynsparse.sparse.inference import sparse_inference
 from dynsparse.training.deploy import export_run, load_model, load_sparse
@@ -44,4 +45,4 @@ __all__ = ["AtEpochEnds", "BUDGETS", "DSR", "DeepR", "DropGrow", "DynsparseError
            "MEST", "Never", "POLICIES", "Periodic", "Policy", "RigL", "SET", "SNFS", "Sparsifier", "Static", "When",
            "__version__", "create_model", "create_policy", "erk_densities", "export_run", "load_model",
            "load_sparse", "make_densities", "register_policy", "select_weights", "sparse_inference",
-           "sparse_parameter_names"]
+           "sparse_parameter_names", "to_csr"]

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from dynsparse.data import datasets
+from dynsparse.sparse.conv_kernels import set_threads
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the processes tests start
-torch.set_num_threads(1)
+# PyTorch's and numba's (the sparse conv kernels'; with numba's OpenMP layer the two share one runtime,
+# and a kernel launched under numba's default count would change PyTorch's)
+set_threads(1)
 
 MNIST_STEMS = list(datasets.MNIST_FILES)
 

@@ -183,7 +183,7 @@ def test_auto_backend_chooses_by_density_and_keeps_convs_masked():
 def test_bad_backend_requests_are_refused():
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(3, 8, 3))
-    with pytest.raises(DynsparseError, match="nn.Linear weights only.*'auto'"):
+    with pytest.raises(DynsparseError, match="nn.Linear weights and the block convs of a WideResNet.*'auto'"):
         Sparsifier(conv, None, policy=Static(), densities=0.1, backend="csr")
     with pytest.raises(DynsparseError, match="sparse backend .coo.; valid choices: auto, csr, masked"):
         Sparsifier(mlp(), None, policy=Static(), densities=0.1, backend="coo")

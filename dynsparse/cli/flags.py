@@ -117,8 +117,8 @@ OWN_FLAGS: list[tuple[tuple[str, ...], dict]] = [
      dict(action="store_true", help="channels_last memory format for conv nets (faster on GPUs)")),
     (("--compile",), dict(action="store_true", help="torch.compile the model for training")),
     (("--sparse-backend",), dict(metavar="{masked,csr,auto}", help="storage of sparse weights: masked (dense tensor "
-                                 "+ mask, the default), csr (linear weights truly sparse: memory and CPU time "
-                                 "shrink with density; same answers) or auto (csr for linear layers on CPU below "
+                                 "+ mask, the default), csr (linear weights and the WRN's block convs truly sparse: "
+                                 "memory and CPU time shrink with density; same answers) or auto (csr on CPU below "
                                  "the measured crossover density, masked elsewhere); docs/truly_sparse.md")),
     (("--sync-bn",), dict(action="store_true", help="under torchrun on GPUs: batch norm with the statistics of the "
                                                     "global batch (SyncBatchNorm) instead of each process's shard; "

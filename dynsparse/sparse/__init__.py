@@ -4,7 +4,8 @@ Layers: ``masks`` (the mask set and its primitives), ``when`` (when the topology
 ``policy`` and ``dropgrow`` (the protocol and the drop-allocate-grow base), ``policies/`` (one
 small file per method), ``budget`` and ``select`` (which tensors, at which density),
 ``sparsifier`` (binds model, optimizer and policy), ``attach`` (its optimizer and gradient
-hooks), ``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models,
+hooks), ``convert`` (``to_csr``: the one place where modules are swapped for CSR storage),
+``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models,
 the configuration, the command line or the loop.
 
 ``POLICIES`` is the library's view of the one registry of methods (``policies/registry.py``):
@@ -12,6 +13,7 @@ each policy class registers itself with ``@register_policy``, and ``create_polic
 the command line's methods and flags (``dynsparse.training.engine_adapter``) and the report's order derive from it.
 """
 from dynsparse.sparse.budget import BUDGETS, erk_densities, make_densities
+from dynsparse.sparse.convert import to_csr
 from dynsparse.sparse.dropgrow import DropGrow, allocate, cosine_fraction
 from dynsparse.sparse.masks import SparseParam, count_for_density, keep_one
 from dynsparse.sparse.policies.deepr import DeepR
@@ -33,4 +35,4 @@ __all__ = ["AtEpochEnds", "BUDGETS", "Context", "DSR", "DeepR", "DropGrow", "Eve
            "Needs", "Never", "POLICIES", "Periodic", "Policy", "PolicySpec", "REGISTRY", "RewireEvent", "RigL",
            "SET", "SNFS", "SparseParam", "SparseStorage", "Sparsifier", "Static", "When",
            "aliases", "allocate", "cosine_fraction", "count_for_density", "create_policy",
-           "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights"]
+           "erk_densities", "keep_one", "make_densities", "register_policy", "select_weights", "to_csr"]

@@ -1,29 +1,37 @@
 """Where each sparse tensor lives: ``masked`` (the dense tensor and a mask: any layer, any device)
-or ``csr`` (:mod:`dynsparse.sparse.csr`: only the active values, for linear weights; memory and
-time proportional to the active entries; CPU only: refused on any other device). ``auto`` picks
-CSR for a linear weight on CPU whose density is below the measured crossover at the training
-batch size (:func:`~dynsparse.sparse.csr.prefer_csr`), masked otherwise.
+or ``csr`` (:mod:`dynsparse.sparse.csr`: only the active values, for linear weights and a
+WideResNet's block convs; memory and time proportional to the active entries; CPU only: refused
+on any other device). ``auto`` picks CSR for a linear weight on CPU whose density is below the
+measured crossover at the training batch size (:func:`~dynsparse.sparse.csr.prefer_csr`), and
+for a WideResNet's block convs (all or none) when each is below the crossover of its kernel size
+and stride (:func:`~dynsparse.sparse.convert.prefer_csr_conv`); masked otherwise.
 
-Building the storage draws the topology the masked storage would draw from the same generator,
-then moves a CSR layer's active values out of its ``nn.Linear``: the module is replaced by a
-:class:`~dynsparse.sparse.csr.CSRLinear` and, in the optimizer, the dense weight by the value
-vector. So the backend changes cost, not answers. Layers that are already CSR in the model
+Building the storage draws every topology the masked storage would draw from the same generator
+(all of them first), then hands the masks of the tensors to be stored as CSR to
+:func:`~dynsparse.sparse.convert.to_csr`, the one place where modules are swapped and the
+optimizer rewritten. So the backend changes cost, not answers. Layers that are already CSR in the model
 (built sparse, e.g. ``MnistMLP(sparse_density=...)``, so that no dense weight ever exists) keep
 their topology.
 """
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
-from dynsparse.sparse.csr import CSRWeight, csr_linear_from_linear, dense_state_dict, prefer_csr
-from dynsparse.sparse.csr_ops import CSR_DTYPES, dtype_message
+from dynsparse.sparse.convert import (  # noqa: F401  (save_pretrained_dense: its former home)
+    _linear_owner,
+    is_conv_weight,
+    prefer_csr_conv,
+    save_pretrained_dense,
+    to_csr,
+    wideresnet_csr_plan,
+)
+from dynsparse.sparse.csr import CSRWeight, prefer_csr
+from dynsparse.sparse.csr_ops import CSR_DTYPES
 from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
 from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
 from dynsparse.sparse.masks import SparseParam, effective_granularity
@@ -46,41 +54,41 @@ def check_backend(backend: str, mask_optimizer_state: bool = True) -> None:
                              "not hold: use backend='masked'")
 
 
-def _linear_owner(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear] | None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if attr != "weight" or type(module) is not nn.Linear:
-        return None
-    parent_name, _, child = module_name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child, module
-
-
-def _wants_csr(backend: str, name: str, p: torch.Tensor, density: float, owner, batch_size: int | None) -> bool:
+def _wants_csr(backend: str, model: nn.Module, name: str, p: torch.Tensor, density: float | None,
+               batch_size: int | None) -> bool:
+    """Whether ``build_params`` stores ``name`` as CSR; conv weights are decided with their whole
+    network (:func:`_conv_plan`)."""
     if backend == "masked":
         return False
     if backend == "csr":
-        check_on_cpu(name, p.device)
-        if owner is None:
-            raise DynsparseError(f"backend 'csr' stores nn.Linear weights only; {name} (shape {tuple(p.shape)}) is not "
-                                 "one: use backend 'auto' to keep such tensors masked")
-        if p.dtype not in CSR_DTYPES:
-            raise DynsparseError(f"{name}: {dtype_message(p.dtype)}")
-        return True
-    assert batch_size is not None  # build_params requires it for backend 'auto'
-    return (owner is not None and p.device.type == "cpu" and p.dtype in CSR_DTYPES
+        return True  # to_csr refuses, in one line, what it cannot store
+    assert batch_size is not None and density is not None  # build_params requires both for backend 'auto'
+    return (_linear_owner(model, name) is not None and p.device.type == "cpu" and p.dtype in CSR_DTYPES
             and prefer_csr(density, batch_size))
 
 
-def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new: nn.Parameter,
-                       flat: torch.Tensor) -> None:
-    if optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    state = optimizer.state.pop(old, None)
-    if state:
-        optimizer.state[new] = {k: v.reshape(-1)[flat].clone() if torch.is_tensor(v) and v.shape == old.shape else v
-                                for k, v in state.items()}
+def _conv_plan(backend: str, model: nn.Module, densities: Mapping[str, float | None], drawn: dict) -> set[str]:
+    """The conv weights to store as CSR: with 'csr', a WideResNet's block convs (anything else is
+    refused by :func:`~dynsparse.sparse.convert.wideresnet_csr_plan`); with 'auto', the same
+    block convs if every one is below the crossover density of its kernel size and stride
+    (:func:`~dynsparse.sparse.convert.prefer_csr_conv`) and the network can be converted, else none."""
+    names = [n for n in densities if n in drawn and is_conv_weight(model, n)]
+    if backend == "masked" or not names:
+        return set()
+    if backend == "csr":
+        return set(wideresnet_csr_plan(model, names))
+    try:
+        plan = wideresnet_csr_plan(model, names)
+    except DynsparseError as e:
+        log.info("backend 'auto' keeps the conv weights masked: %s", e)
+        return set()
+    modules = dict(model.named_modules())
+    for n in plan:
+        conv = modules[n.rpartition(".")[0]]
+        if not prefer_csr_conv(drawn[n][1] / drawn[n][0].numel(), conv.kernel_size[0], conv.stride[0]):
+            log.info("backend 'auto' keeps the conv weights masked: %s is above the CSR crossover density", n)
+            return set()
+    return set(plan)
 
 
 def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | None], *, init: str | None,
@@ -95,6 +103,7 @@ def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | No
     named = dict(model.named_parameters())
     existing = csr_weights(model)
     out: dict = {}
+    drawn: dict = {}  # every topology is drawn first, in ``densities`` order, whatever the storage
     for name, density in densities.items():
         if name in existing:
             out[name] = _adopt(name, existing[name], density, init)
@@ -119,39 +128,21 @@ def build_params(model: nn.Module, optimizer, densities: Mapping[str, float | No
         mask, active = kept if kept is not None else random_mask(p.shape[:g], density, generator, p.device)
         if active == 0:
             raise DynsparseError(f"{name} would keep no entry at density {density} ({mask.numel()} entries)")
-        owner = _linear_owner(model, name)
+        drawn[name] = (mask, active, g, sharded, p)
+    convs = _conv_plan(backend, model, densities, drawn)
+    to_convert: dict[str, torch.Tensor] = {}
+    for name, (mask, active, g, sharded, p) in drawn.items():
         if sharded:  # each rank keeps its rows of the mask (backend 'auto' keeps sharded tensors masked)
             out[name] = ShardedParam.from_full(name, named[name], g, mask, active)
-        elif _wants_csr(backend, name, p, density, owner, batch_size):
-            assert owner is not None  # _wants_csr says no (or raises) without one
-            parent, child, linear = owner
-            module = csr_linear_from_linear(linear, mask)
-            setattr(parent, child, module)
-            if linear.bias is not None:
-                module.bias = linear.bias  # the same parameter: the optimizer keeps it
-            _swap_in_optimizer(optimizer, linear.weight, module.weight.values, module.weight.active_flat())
-            out[name] = CSRParam(name, module.weight)
+        elif name in convs or (not is_conv_weight(model, name) and _wants_csr(backend, model, name, p, densities[name],
+                                                                             batch_size)):
+            to_convert[name] = mask
+            out[name] = None  # keeps the order: filled below
         else:
             out[name] = SparseParam(name, named[name], g, mask, active)  # (p is this parameter here)
-    if any(sp.storage == "csr" for sp in out.values()):
-        save_pretrained_dense(model)
-    return out
-
-
-def save_pretrained_dense(model: nn.Module) -> None:
-    """A HuggingFace model with CSR layers: its ``save_pretrained`` (which ``Trainer.save_model``
-    calls) writes the ordinary architecture's dense weights, which ``from_pretrained`` loads; the
-    CSR ``state_dict`` (values and indices) would load as a randomly initialized model. Bound as
-    a method, so that a deep copy of the model saves the copy."""
-    if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
-        # (torch's stubs type Module.__setattr__'s value as a Tensor or Module; any value works)
-        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)  # type: ignore[assignment]
-
-
-def _save_pretrained_dense(self: Any, *args, state_dict=None, **kwargs):
-    if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
-        state_dict = dense_state_dict(self)
-    return type(self).save_pretrained(self, *args, state_dict=state_dict, **kwargs)
+    if to_convert:
+        out.update(to_csr(model, optimizer, to_convert))  # the one place where modules are swapped
+    return {n: out[n] for n in densities}
 
 
 def _adopt(name: str, weight: CSRWeight, density: float | None, init: str | None) -> CSRParam:

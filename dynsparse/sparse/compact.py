@@ -161,7 +161,9 @@ def unpack_state(state: dict) -> dict:
             if r["storage"] == "csr":
                 crow, col = model[name + ".crow_indices"].long(), model[name + ".col_indices"].long()
                 row = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-                masks[name] = row * int(r["in_features"]) + col  # what CSRParam.topology() saves
+                flat = row * int(r["in_features"]) + col
+                k = int(r.get("slice", 1))  # per-kernel entries: the first weight of each kernel
+                masks[name] = flat[::k] // k if k > 1 else flat  # what CSRParam.topology() saves
                 continue
             shape, entries = tuple(r["shape"]), tuple(r["entries"])
             flat = decode_index(r["index"], entries)

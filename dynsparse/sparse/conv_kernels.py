@@ -16,10 +16,12 @@ The three kernels compute only what the active entries need:
 - ``weight_grad``: ``dW_e = <dY[oc], shifted X[ic_e]>`` at the active entries only, parallel
   over output channels (each thread owns its rows of ``dW``: no atomics).
 
-numba's thread count (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``) sets the parallelism.
+The parallelism is numba's thread count capped by PyTorch's; :func:`set_threads` sets both (the
+CLI's ``--threads`` does).
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 
 from dynsparse.errors import DynsparseError
 
-__all__ = ["available", "conv_out_size", "csc_of", "from_cbhw", "kernels", "sparse_conv2d", "to_cbhw"]
+__all__ = ["available", "conv_out_size", "csc_of", "from_cbhw", "kernels", "set_threads", "sparse_conv2d", "to_cbhw"]
 
 _lock = threading.Lock()
 _compiled: dict | None = None
@@ -52,6 +54,7 @@ def _build() -> dict:
         from numba import njit, prange
     except ImportError as e:
         raise DynsparseError("sparse convolutions need numba: pip install 'dynsparse[kernels]'") from e
+    match_torch_threads(numba)
     opts = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
     U = numba.uint64  # unsigned indices: numba then emits no negative-index wraparound, and loops vectorize
 
@@ -188,7 +191,24 @@ def kernels() -> dict:
 
 def _threads() -> int:
     import numba
-    return numba.get_num_threads()
+    # numba's thread count (its omp layer shares the OpenMP runtime with PyTorch, so setting it here
+    # would change PyTorch's too), capped by PyTorch's: set both with set_threads
+    return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
+
+
+def set_threads(n: int) -> None:
+    """Run PyTorch and the compiled kernels on ``n`` threads (numba's at most ``NUMBA_NUM_THREADS``).
+    With numba's OpenMP layer both share one runtime, and a kernel launched under numba's own count
+    would change PyTorch's: numba's is set first (once numba is loaded; the kernels' first use
+    sets it from PyTorch's otherwise, so that plain runs do not pay numba's import)."""
+    if "numba" in sys.modules:
+        match_torch_threads(sys.modules["numba"], n)
+    torch.set_num_threads(n)
+
+
+def match_torch_threads(numba, n: int | None = None) -> None:
+    """numba's thread count set to ``n`` (default: PyTorch's), at most ``NUMBA_NUM_THREADS``."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads() if n is None else n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def csc_of(crow: torch.Tensor, col: torch.Tensor, c_in: int, khw: int):
@@ -216,7 +236,7 @@ def _offsets(col, ccol_t, kh, kw, h, w, ho, wo, b):
 
 class _SparseConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, crow, col, crow_t, ccol_t, perm, shape, stride, pad):
+    def forward(ctx, x, values, crow, col, crow_t, ccol_t, perm, shape, stride, pad, capture):
         c_out, c_in, kh, kw = shape
         if values.dtype != torch.float32 or values.dim() != 1 or values.numel() != col.numel():
             raise DynsparseError(f"sparse conv values must be float32, one per active entry ({col.numel()}), "
@@ -236,7 +256,7 @@ class _SparseConv(torch.autograd.Function):
         kernels()["forward"](x.numpy(), crow.numpy(), *(i.numpy() for i in idx[:3]),
                              values.detach().contiguous().numpy(), stride, pad, y.numpy(), _threads())
         ctx.save_for_backward(x, values, crow, crow_t, perm, *idx)
-        ctx.conf = (stride, pad)
+        ctx.conf, ctx.capture = (stride, pad), capture
         return y
 
     @staticmethod
@@ -254,19 +274,24 @@ class _SparseConv(torch.autograd.Function):
             dval = torch.empty_like(values)
             k["weight_grad"](x.numpy(), dy.numpy(), crow.numpy(), xoff.numpy(), ki_e.numpy(), kj_e.numpy(), stride, pad,
                              dval.numpy(), _threads())
-        return dx, dval, None, None, None, None, None, None, None, None
+        if ctx.capture is not None:  # for a dense weight gradient at an update (RigL, SNFS growth)
+            ctx.capture.pairs.append((x, dy))
+        return dx, dval, None, None, None, None, None, None, None, None, None
 
 
-def sparse_conv2d(x, values, crow, col, shape, stride=1, padding=0, transposed=None):
+def sparse_conv2d(x, values, crow, col, shape, stride=1, padding=0, transposed=None, capture=None):
     """Sparse convolution of ``x`` ``[C, H, W, B]`` by the CSR weight (``crow``/``col`` int32,
     ``values`` float32); differentiable in ``x`` and ``values``. ``transposed`` =
-    ``csc_of(crow, col, c_in, kh * kw)`` may be passed to reuse it between calls."""
+    ``csc_of(crow, col, c_in, kh * kw)`` may be passed to reuse it between calls. ``capture``
+    (an object with a ``pairs`` list) receives ``(x, dy)`` of the backward, from which a dense
+    weight gradient can be formed later."""
     if stride not in (1, 2):
         raise DynsparseError(f"sparse conv stride must be 1 or 2, got {stride}")
     c_out, c_in, kh, kw = (int(s) for s in shape)
     if transposed is None:
         transposed = csc_of(crow, col, c_in, kh * kw)
-    return _SparseConv.apply(x, values, crow, col, *transposed, (c_out, c_in, kh, kw), int(stride), int(padding))
+    return _SparseConv.apply(x, values, crow, col, *transposed, (c_out, c_in, kh, kw), int(stride), int(padding),
+                             capture)
 
 
 def to_cbhw(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ the ``nn.Linear`` built on it. Contract for the engine (policies see flat indice
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -87,6 +88,10 @@ class CSRWeight(nn.Module):
             self.register_buffer(name, torch.empty(0, dtype=INDEX_DTYPE, device=values.device), persistent=False)
         self._capture: GradientCapture | None = None
         self._capture_armed = False
+        # what a capture holds and how it forms dense gradient rows (a convolution sets its own)
+        self.capture_factory: Callable[[], GradientCapture] = GradientCapture
+        # the dense weight's shape for export (a convolution's [out, in, kh, kw]); None: ``shape``
+        self.dense_shape: tuple[int, ...] | None = None
         self._refresh_transpose()
 
     # construction -------------------------------------------------------------------------
@@ -212,7 +217,7 @@ class CSRWeight(nn.Module):
     def capture_gradient(self) -> None:
         """Keep ``x`` and ``dy`` of the coming forwards/backwards (summed, as micro-batches of one
         step accumulate) for :meth:`dense_grad_rows`, until :meth:`release_gradient`."""
-        self._capture, self._capture_armed = GradientCapture(), True
+        self._capture, self._capture_armed = self.capture_factory(), True
 
     def dense_grad_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the dense gradient ``dy^T @ x`` (summed over the batch) of the
@@ -239,7 +244,7 @@ class CSRWeight(nn.Module):
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.num_entries, dtype=self.values.dtype, device=self.values.device)
         dense[self.active_flat()] = self.values.detach()
-        return dense.view(self.shape)
+        return dense.view(self.dense_shape or self.shape)
 
     def nbytes(self) -> int:
         """Bytes of values and every index buffer (the weight's own memory, without optimizer state)."""

@@ -184,8 +184,12 @@ class CSRParam(EntryCounts):
         s[taken] = -math.inf
         return FlatIndices(torch.topk(s, count, sorted=False).indices)
 
+    def _grid(self) -> tuple[int, int]:
+        """Rows and columns of the grow-side index (``row * cols + col`` is an entry's flat index)."""
+        return self.weight.shape
+
     def _grow_top_blocks(self, scores: RowScores, count: int, taken: torch.Tensor) -> torch.Tensor:
-        out_f, in_f = self.weight.shape
+        out_f, in_f = self._grid()
         rows = max(1, BLOCK_ENTRIES // in_f)
         best_v = torch.empty(0, device=self.device)
         best_i = torch.empty(0, dtype=torch.long, device=self.device)
@@ -283,8 +287,8 @@ class CSRParam(EntryCounts):
         return self._row_scores()
 
     def dense_gradient(self) -> torch.Tensor | None:
-        scores = self._row_scores()
-        return None if scores is None else scores.dense()
+        scores = self._row_scores()  # (a conv weight's rows are [in * kh * kw]: shaped like the weight)
+        return None if scores is None else scores.dense().view(self.shape)
 
     def dense_zeros(self) -> torch.Tensor:
         return torch.zeros(self.shape, dtype=self.param.dtype, device=self.device)
@@ -337,10 +341,12 @@ class CSRParam(EntryCounts):
         return self.weight.active_flat()[keep], self.param.detach()[keep]
 
     def to_sparse(self, layout: torch.layout) -> torch.Tensor:
-        """From the stored entries: never a dense tensor."""
+        """From the stored entries: never a dense tensor (a conv weight's 4-D shape: COO only)."""
+        if layout == torch.sparse_csr and len(self.shape) != 2:
+            raise DynsparseError(f"torch.sparse_csr holds 2-D tensors; {self.name} has shape {tuple(self.shape)}: use "
+                                 f"sparse_coo")
         flat, values = self.nonzero_flat()
-        cols = self.shape[1]
-        index = torch.stack([torch.div(flat, cols, rounding_mode="floor"), flat % cols])
+        index = torch.stack(torch.unravel_index(flat, tuple(self.shape)))
         coo = torch.sparse_coo_tensor(index, values.clone(), tuple(self.shape), is_coalesced=True)
         return coo.to_sparse_csr() if layout == torch.sparse_csr else coo
 
@@ -354,7 +360,11 @@ class CSRParam(EntryCounts):
         """The model's own crow/col indices say it: store nothing twice."""
         if self.name + ".crow_indices" not in model_state:
             return {}
-        return {"storage": "csr", "in_features": int(self.shape[1])}
+        # a conv's CSR rows are [in * kh * kw] long; one mask entry may cover a whole kernel
+        record: dict[str, Any] = {"storage": "csr", "in_features": int(self.weight.shape[1])}
+        if self.slice_size > 1:
+            record["slice"] = int(self.slice_size)
+        return record
 
     @torch.no_grad()
     def load_values(self, dense: torch.Tensor) -> None:

@@ -69,10 +69,13 @@ class Sparsifier:
         ``"initial"`` (the original's ``--big-new-weights``). ``mask_optimizer_state=False``
         leaves optimizer state off the mask alone, as the original did. ``hooks=False``: attach
         nothing; the loop calls ``before_optimizer_step()`` and ``step()``. ``backend``: ``"masked"``
-        (dense tensor and mask), ``"csr"`` (linear weights stored truly sparse: the module is
-        replaced and the optimizer given the value vector; same answers, cost proportional to
-        the active entries) or ``"auto"`` (CSR where it is faster on CPU at ``batch_size``, required):
-        :mod:`dynsparse.sparse.backend`."""
+        (dense tensor and mask), ``"csr"`` (linear weights and a WideResNet's block convs stored
+        truly sparse; same answers, cost proportional to the active entries) or ``"auto"`` (CSR
+        where it is faster on CPU at ``batch_size``, required): :mod:`dynsparse.sparse.backend`.
+        With ``"csr"``/``"auto"`` the constructor changes the model and the optimizer: after
+        drawing every mask it calls :func:`dynsparse.sparse.convert.to_csr`, which replaces the
+        modules (a WideResNet is converted in place to its batch-innermost twin) and, in
+        ``optimizer``'s param groups and state, each dense weight by its value vector."""
         if new_weights not in ("zero", "initial"):
             raise DynsparseError(f"new_weights must be 'zero' or 'initial', got {new_weights!r}")
         if init not in (None, "random", "from_weights"):

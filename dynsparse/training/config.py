@@ -161,7 +161,7 @@ class MethodConfig(ConfigPart):
         from dynsparse.sparse.backend import check_backend
         check_backend(self.sparse_backend)
         if self.sparse_backend != "masked" and (self.tied or self.keep_optimizer_state):
-            raise DynsparseError(f"--sparse-backend {self.sparse_backend} stores sparse linear weights as CSR; "
+            raise DynsparseError(f"--sparse-backend {self.sparse_backend} stores sparse weights as CSR; "
                                  f"{'--tied' if self.tied else '--keep-optimizer-state'} needs --sparse-backend masked")
         for flag, value in (("--L1-loss-coeff", self.L1_loss_coeff), ("--DeepR_eta", self.DeepR_eta)):
             if not 0.0 <= value < float("inf"):  # also rejects nan

@@ -32,6 +32,7 @@ from dynsparse.models import create_model
 from dynsparse.outputs.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from dynsparse.outputs.evidence import evidence
 from dynsparse.sparse.compact import pack_state
+from dynsparse.sparse.conv_kernels import set_threads
 from dynsparse.training import distributed, fsdp
 from dynsparse.training.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -70,7 +71,9 @@ class _Run:
             raise DynsparseError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                                  f"{self.dist.world_size} processes")
         torch.manual_seed(cfg.seed)  # model initialization; everything later uses its own generators
-        torch.set_num_threads(cfg.threads)  # before the evidence, which records it
+        # before the evidence, which records it; numba's (the sparse conv kernels') too, which share the
+        # OpenMP runtime with PyTorch: left at its default, a kernel launch would change PyTorch's count
+        set_threads(cfg.threads)
         self.schedules = load_schedules(cfg.schedule_file, default_lr=cfg.lr)
         self.data = build_data(cfg.dataset_name, resolve_data_root(cfg.data),
                                batch_size=cfg.batch_size // self.dist.world_size, device=self.device,

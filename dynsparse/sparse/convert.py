@@ -1,0 +1,211 @@
+"""CSR conversion, the one place where modules are swapped: :func:`to_csr`.
+
+``Sparsifier(..., backend="csr"|"auto")`` draws every topology first (the masked storage's draws,
+from the same generator, so the backend changes cost and never answers), then calls
+:func:`to_csr` with the masks of the tensors it stores as CSR. A user may call it directly, in
+the manner of ``torch.ao``'s ``convert``: the model is changed in place and the optimizer's
+param groups and state are rewritten (the dense weight replaced by the value vector, its
+per-weight state cut to the active entries).
+
+What converts:
+
+- an ``nn.Linear`` weight: the module becomes a :class:`~dynsparse.sparse.csr.CSRLinear` (the
+  bias stays the same parameter);
+- the block convs of a WideResNet (the CLI's ``cifar10_WideResNet``), all of them together: the
+  sparse convolutions run on the batch-innermost layout ``[C, H, W, B]``, which cannot be kept
+  across arbitrary modules, so the conversion is per known architecture. The whole network
+  becomes its layout twin in place (:func:`~dynsparse.sparse.csr_conv.convert_wideresnet`: the
+  block convs become :class:`~dynsparse.sparse.csr_conv.CSRConv2d`, the forward runs on the
+  layout, converted once after the first conv; the first conv, batch norms, 1x1 shortcuts and
+  fc stay the same dense modules and parameter objects; selected, the first conv and the
+  shortcuts stay masked, ``fc`` may be CSR as any linear). Masks shaped like the weight store
+  single weights; masks of its first two dims (``--sub-kernel-granularity 2``) whole kernels;
+- the bottleneck convs of a ResNet-50 (``imagenet_resnet50``), the same way
+  (:mod:`~dynsparse.sparse.csr_resnet`: the stem, max pooling included, stays dense before the
+  layout conversion).
+
+Anything else is refused in one line (``backend="auto"`` keeps it masked).
+"""
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynsparse.errors import DynsparseError
+from dynsparse.sparse.csr import csr_linear_from_linear, dense_state_dict
+from dynsparse.sparse.csr_ops import CSR_DTYPES, dtype_message
+from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONV_CROSSOVER_DENSITY", "prefer_csr_conv", "to_csr", "wideresnet_csr_plan"]
+
+# Density below which a CSR conv layer's training step (forward + both gradients) beats PyTorch's
+# dense (oneDNN) convolution, by (kernel size, stride): `python benchmarks/bench_sparse_conv.py
+# --repeats 5 --wrn` at commit ab0bc23, 1 thread, batch 128, CIFAR WRN-28-2 shapes (3x3 64->64
+# 16x16: 0.377; 3x3 32->64 32x32 stride 2: 0.181; 1x1 64->64 16x16: 0.452), on the 2-core machine
+# shared with other work (load 5.9-7.5): benchmarks/results/sparse_conv.json. The masked network
+# is slower than the dense one, so against it the crossovers are higher. ``auto`` reads this table.
+CONV_CROSSOVER_DENSITY: dict[tuple[int, int], float] = {(3, 1): 0.377, (3, 2): 0.181, (1, 1): 0.452}
+
+
+def prefer_csr_conv(density: float, kernel_size: int, stride: int) -> bool:
+    """Whether a conv layer at ``density`` trains faster as CSR on CPU (below the measured
+    crossover of its kernel size and stride; shapes never measured: no)."""
+    limit = CONV_CROSSOVER_DENSITY.get((kernel_size, stride))
+    return limit is not None and density < limit
+
+
+def _linear_owner(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear] | None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr != "weight" or type(module) is not nn.Linear:
+        return None
+    parent_name, _, child = module_name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child, module
+
+
+def is_conv_weight(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    return attr == "weight" and isinstance(model.get_submodule(module_name) if module_name else model, nn.Conv2d)
+
+
+def _architecture(model: nn.Module):
+    """(name, block convs, converter) of a known conv architecture, or None."""
+    from dynsparse.sparse.csr_conv import convert_wideresnet, is_wideresnet, wideresnet_block_convs
+    from dynsparse.sparse.csr_resnet import convert_resnet, is_resnet, resnet_block_convs
+    if is_wideresnet(model):
+        return "WideResNet", wideresnet_block_convs(model), convert_wideresnet
+    if is_resnet(model):
+        return "ResNet-50", resnet_block_convs(model), convert_resnet
+    return None
+
+
+def wideresnet_csr_plan(model: nn.Module, names) -> list[str]:
+    """The block convs of a WideResNet (or a bottleneck ResNet) among ``names`` if they can be
+    stored as CSR together, [] if ``names`` holds no conv weight; otherwise one line saying why not
+    (DynsparseError). The network's other convs among ``names`` (the first conv, the 1x1
+    shortcuts) stay masked: its twin runs them as the same dense modules."""
+    convs = [n for n in names if is_conv_weight(model, n)]
+    if not convs:
+        return []
+    supported = ("backend 'csr' stores nn.Linear weights and the block convs of a WideResNet or a ResNet-50 "
+                 "(all of them)")
+    arch = _architecture(model)
+    if arch is None:
+        raise DynsparseError(f"{supported}; {convs[0]} is a conv weight of a {type(model).__name__}: use backend "
+                             "'auto' (or 'masked') to keep conv weights masked")
+    kind, blocks, _ = arch
+    other = [n for n in convs if n not in blocks]
+    if other:  # the twin runs the first conv and the 1x1 shortcuts as the same dense modules
+        log.info("%s stay masked: on a %s only the block convs are stored as CSR", ", ".join(other), kind)
+    missing = [n for n in blocks if n not in convs]
+    if missing:
+        raise DynsparseError(f"{supported}: the network runs on another layout, so every block conv must be sparse; "
+                             f"{missing[0]} is not selected")
+    from dynsparse.sparse import conv_kernels
+    if not conv_kernels.available():
+        raise DynsparseError("CSR convolutions need numba: pip install 'dynsparse[kernels]' (or use backend 'masked')")
+    params = dict(model.named_parameters())
+    for n in blocks:
+        check_on_cpu(n, params[n].device)
+        if params[n].dtype != torch.float32:
+            raise DynsparseError(f"{n}: CSR convolutions hold float32 values, not {params[n].dtype}: keep the model's "
+                                 "weights in float32, or use backend 'masked'")
+    return blocks
+
+
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new: nn.Parameter,
+                       flat: torch.Tensor) -> None:
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {k: v.reshape(-1)[flat].clone() if torch.is_tensor(v) and v.shape == old.shape else v
+                                for k, v in state.items()}
+
+
+def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+           masks: Mapping[str, torch.Tensor]) -> dict[str, CSRParam]:
+    """Store the weights named in ``masks`` (bool, shaped like the weight; a conv's may be shaped
+    like its first two dims: whole kernels) as CSR, keeping their values where the mask is True:
+    the modules are replaced in ``model`` and, in ``optimizer``, each dense weight by its value
+    vector (its per-weight state, e.g. SGD momentum or Adam moments, cut to the active entries).
+    Returns the engine's storage object per name, in ``masks`` order. See the module doc for what
+    converts; anything else raises a one-line :class:`~dynsparse.errors.DynsparseError`."""
+    params = dict(model.named_parameters())
+    convs = wideresnet_csr_plan(model, list(masks))
+    arch = _architecture(model) if convs else None  # before any module changes (fc may become CSR)
+    other = [n for n in masks if n not in convs and is_conv_weight(model, n)]
+    if other:
+        raise DynsparseError(f"to_csr stores a WideResNet's or ResNet-50's block convs; {other[0]} is another conv: "
+                             "leave it out")
+    out: dict[str, CSRParam] = {}
+    for name in masks:
+        if name in convs:
+            continue
+        owner = _linear_owner(model, name)
+        p = params.get(name)
+        if owner is None or p is None:
+            shape = "" if p is None else f" (shape {tuple(p.shape)})"
+            raise DynsparseError(f"backend 'csr' stores nn.Linear weights and the block convs of a WideResNet; "
+                                 f"{name}{shape} is neither: use backend 'auto' to keep such tensors masked")
+        check_on_cpu(name, p.device)
+        if p.dtype not in CSR_DTYPES:
+            raise DynsparseError(f"{name}: {dtype_message(p.dtype)}")
+        parent, child, linear = owner
+        module = csr_linear_from_linear(linear, masks[name])
+        setattr(parent, child, module)
+        if linear.bias is not None:
+            module.bias = linear.bias  # the same parameter: the optimizer keeps it
+        _swap_in_optimizer(optimizer, linear.weight, module.weight.values, module.weight.active_flat())
+        out[name] = CSRParam(name, module.weight)
+    if convs:
+        assert arch is not None  # wideresnet_csr_plan found one
+        out.update(_convert_network(model, optimizer, {n: masks[n] for n in convs}, params, arch[2]))
+    save_pretrained_dense(model)
+    return {n: out[n] for n in masks}
+
+
+def _convert_network(model, optimizer, masks, params, convert) -> dict[str, CSRParam]:
+    from dynsparse.sparse.csr_conv_param import CSRConvParam, CSRKernelParam
+    entry_masks, kernels = {}, set()
+    for n, m in masks.items():
+        w = params[n]
+        if m.shape == w.shape[:2]:  # per kernel: every weight of an active kernel is stored
+            kernels.add(n)
+            m = m[:, :, None, None].expand(w.shape)
+        elif m.shape != w.shape:
+            raise DynsparseError(f"mask of {n} has shape {tuple(m.shape)}; a CSR conv takes one of the weight's shape "
+                                 f"{tuple(w.shape)} or of its kernels {tuple(w.shape[:2])}")
+        entry_masks[n] = m.bool()
+    layers = convert(model, entry_masks)
+    out: dict[str, CSRParam] = {}
+    for n, layer in layers.items():
+        _swap_in_optimizer(optimizer, params[n], layer.weight.values, layer.weight.active_flat())
+        out[n] = (CSRKernelParam if n in kernels else CSRConvParam)(n, layer.weight)
+    log.info("converted %s to CSR: %d block convs run on the batch-innermost layout", type(model).__name__, len(out))
+    return out
+
+
+def save_pretrained_dense(model: nn.Module) -> None:
+    """A HuggingFace model with CSR layers: its ``save_pretrained`` (which ``Trainer.save_model``
+    calls) writes the ordinary architecture's dense weights, which ``from_pretrained`` loads; the
+    CSR ``state_dict`` (values and indices) would load as a randomly initialized model. Bound as
+    a method, so that a deep copy of the model saves the copy."""
+    if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        # (torch's stubs type Module.__setattr__'s value as a Tensor or Module; any value works)
+        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)  # type: ignore[assignment]
+
+
+def _save_pretrained_dense(self: Any, *args, state_dict=None, **kwargs):
+    if state_dict is None or any(k.endswith(".crow_indices") for k in state_dict):
+        state_dict = dense_state_dict(self)
+    return type(self).save_pretrained(self, *args, state_dict=state_dict, **kwargs)
