@@ -3,7 +3,7 @@
 
 - ``ops``: each product of the MLP's two CSR layers (fc1 784->10000, fc_int 10000->10000) and of
   a small layer (the bit-identity check's 784->300 at density 0.1, batch 50), PyTorch's against
-  the compiled one (``dynsparse.sparse.csr_kernels``), interleaved, per thread count.
+  the compiled one (``dynsparse.sparse.kernels.csr_linear``), interleaved, per thread count.
 - ``breakdown``: one CSR training step under ``torch.profiler`` (1 thread), self time per
   product, with PyTorch's products (``torch`` mode) and with ``auto`` (the default).
 - ``step``: the whole step through the engine, as ``bench_sparse_engine.py`` measures it
@@ -30,8 +30,8 @@ from common import evidence, interleaved, median, write_results  # noqa: E402
 
 from dynsparse.models import MnistMLP  # noqa: E402
 from dynsparse.sparse import csr_kernels  # noqa: E402
-from dynsparse.sparse.csr import CSRWeight  # noqa: E402
-from dynsparse.sparse.csr_ops import spmm  # noqa: E402
+from dynsparse.sparse.layers.csr_functions import spmm  # noqa: E402
+from dynsparse.sparse.layers.csr_linear import CSRWeight  # noqa: E402
 
 LAYERS = {"fc_int 10000x10000 d=0.01 B=128": (10000, 10000, 0.01, 128),
           "fc1 10000x784 d=0.01 B=128": (10000, 784, 0.01, 128),

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, evidence, write_results  # noqa: E402
 from dynsparse import create_model, sparse_inference  # noqa: E402
-from dynsparse.sparse.csr_ops import sample_flat  # noqa: E402
 from dynsparse.sparse.inference import SparseInferenceLinear  # noqa: E402
+from dynsparse.sparse.layers.csr_functions import sample_flat  # noqa: E402
 
 DENSITIES = (0.1, 0.01, 0.001)
 BATCHES = (1, 8, 64)

@@ -34,8 +34,8 @@ import itertools
 from common import evidence, interleaved, median, write_results
 
 from dynsparse.models.convnets import WideResNet
-from dynsparse.sparse.conv_kernels import csc_of, kernels, sparse_conv2d, to_cbhw
-from dynsparse.sparse.csr_conv import CSRWideResNet
+from dynsparse.sparse.kernels.conv import csc_of, kernels, sparse_conv2d, to_cbhw
+from dynsparse.sparse.layers.csr_conv import CSRWideResNet
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 SHAPES = {  # name: c_in, c_out, k, stride, pad, h

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, evidence, interleaved, median, timed, write_results  # noqa: E402
 
 from dynsparse.models import MnistMLP  # noqa: E402
-from dynsparse.sparse.csr import CSRWeight, sample_flat  # noqa: E402
+from dynsparse.sparse.layers.csr_linear import CSRWeight, sample_flat  # noqa: E402
 
 DENSITIES = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5)
 BATCHES = (32, 128, 512)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dynsparse.data import datasets
-from dynsparse.sparse.conv_kernels import set_threads
+from dynsparse.sparse.kernels.conv import set_threads
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the processes tests start
 # PyTorch's and numba's (the sparse conv kernels'; with numba's OpenMP layer the two share one runtime,

@@ -102,7 +102,7 @@ def test_csr_rigl_after_a_step_the_scaler_skips_leaves_no_trace(inf_at):
 def test_csr_refuses_low_precision_weights_in_one_line(dtype):
     """Item 13: CSR under bf16/fp16 weights ended in a raw sparse_sampled_addmm error."""
     from dynsparse.sparse import RigL, Sparsifier
-    from dynsparse.sparse.csr import CSRLinear
+    from dynsparse.sparse.layers.csr_linear import CSRLinear
     model = _mlp().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(DynsparseError, match=r"^0\.weight: CSR weights hold float32 or float64 values, not .*autocast"):

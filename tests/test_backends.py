@@ -12,7 +12,7 @@ from torch import nn
 
 from dynsparse import Sparsifier
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr import CSRLinear, CSRWeight
+from dynsparse.sparse.layers.csr_linear import CSRLinear, CSRWeight
 from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR
 from dynsparse.sparse.policies.mest import MEST

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 pytest.importorskip("numba")
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.conv_kernels import csc_of, from_cbhw, sparse_conv2d, to_cbhw
+from dynsparse.sparse.kernels.conv import csc_of, from_cbhw, sparse_conv2d, to_cbhw
 
 
 def _csr(w: torch.Tensor):
@@ -94,7 +94,7 @@ def test_bad_input_is_one_line_error(bad):
 def test_without_numba_a_one_line_error(monkeypatch):
     import sys
 
-    import dynsparse.sparse.conv_kernels as ck
+    import dynsparse.sparse.kernels.conv as ck
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
     monkeypatch.setattr(ck, "_compiled", None)
     assert not ck.available()

@@ -10,8 +10,14 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError
 from dynsparse.models import MnistMLP
-from dynsparse.sparse.csr import CSRLinear, CSRWeight, csr_linear_from_linear, dense_state_dict, sample_flat
-from dynsparse.sparse.csr_ops import SparseLinearFunction
+from dynsparse.sparse.layers.csr_functions import SparseLinearFunction
+from dynsparse.sparse.layers.csr_linear import (
+    CSRLinear,
+    CSRWeight,
+    csr_linear_from_linear,
+    dense_state_dict,
+    sample_flat,
+)
 from dynsparse.training.config import TrainConfig
 
 
@@ -276,14 +282,14 @@ def test_hidden_sizes_config():
 
 
 def test_prefer_csr_follows_the_measured_crossover():
-    from dynsparse.sparse.csr import CROSSOVER_DENSITY, prefer_csr
+    from dynsparse.sparse.layers.csr_linear import CROSSOVER_DENSITY, prefer_csr
     for batch, limit in CROSSOVER_DENSITY.items():
         assert prefer_csr(limit * 0.9, batch) and not prefer_csr(limit * 1.1, batch)
     assert prefer_csr(0.001, 10**6) and not prefer_csr(0.9, 1)
 
 
 def test_merge_sorted_is_the_sorted_union():
-    from dynsparse.sparse.csr_ops import merge_sorted
+    from dynsparse.sparse.layers.csr_functions import merge_sorted
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         a = torch.unique(torch.randint(0, 50, (30,), generator=g))
@@ -304,7 +310,7 @@ def test_sparse_mlp_exports_to_the_dense_models_state_dict():
 
 
 def test_spmm_equals_the_dense_product_with_empty_and_full_rows():
-    from dynsparse.sparse.csr_ops import csr_from_flat, spmm
+    from dynsparse.sparse.layers.csr_functions import csr_from_flat, spmm
     torch.manual_seed(0)
     mask = torch.rand(7, 11) < 0.3
     mask[2] = False  # an empty row sums nothing
@@ -321,7 +327,7 @@ def test_spmm_equals_the_dense_product_with_empty_and_full_rows():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_batch_norm_on_a_feature_major_view_equals_the_ordinary_one(train):
-    from dynsparse.sparse.csr_ops import batch_norm, feature_major
+    from dynsparse.sparse.layers.csr_functions import batch_norm, feature_major
     torch.manual_seed(0)
     a, b = nn.BatchNorm1d(5), nn.BatchNorm1d(5)
     with torch.no_grad():

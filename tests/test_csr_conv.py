@@ -12,9 +12,9 @@ pytest.importorskip("numba")
 
 from dynsparse.errors import DynsparseError
 from dynsparse.models.convnets import WideResNet
-from dynsparse.sparse.cbhw_ops import batch_norm_relu_cbhw
-from dynsparse.sparse.conv_kernels import from_cbhw, to_cbhw
-from dynsparse.sparse.csr_conv import (
+from dynsparse.sparse.kernels.cbhw import batch_norm_relu_cbhw
+from dynsparse.sparse.kernels.conv import from_cbhw, to_cbhw
+from dynsparse.sparse.layers.csr_conv import (
     CSRConv2d,
     CSRWideResNet,
     batch_norm_cbhw,

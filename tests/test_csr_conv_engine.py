@@ -18,9 +18,8 @@ pytest.importorskip("numba")
 from dynsparse import Sparsifier
 from dynsparse.errors import DynsparseError
 from dynsparse.models.convnets import WideResNet
-from dynsparse.sparse.convert import to_csr
-from dynsparse.sparse.csr import CSRLinear, dense_state_dict
-from dynsparse.sparse.csr_conv import CSRConv2d
+from dynsparse.sparse.layers.csr_conv import CSRConv2d
+from dynsparse.sparse.layers.csr_linear import CSRLinear, dense_state_dict
 from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR
 from dynsparse.sparse.policies.mest import MEST
@@ -29,6 +28,7 @@ from dynsparse.sparse.policies.rigl import RigL
 from dynsparse.sparse.policies.set import SET
 from dynsparse.sparse.policies.snfs import SNFS
 from dynsparse.sparse.policies.static import Static
+from dynsparse.sparse.storage.convert import to_csr
 from dynsparse.sparse.when import AtEpochEnds, Periodic
 
 STEPS, EPOCH = 10, 4
@@ -289,7 +289,7 @@ def test_resnet50_bottleneck_convs_on_csr_match_float64_and_export():
     (not compared step by step with the masked float32 network: at this tiny width both float32
     networks are off from float64 by ~1e-2 deep down, so their runs part); SET trains; export loads."""
     from dynsparse.models.convnets import ResNet50
-    from dynsparse.sparse.csr_resnet import resnet_block_convs
+    from dynsparse.sparse.layers.csr_resnet import resnet_block_convs
     torch.manual_seed(0)
     m = ResNet50(widen_factor=0.125, num_classes=5)
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)

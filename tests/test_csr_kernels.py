@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse import csr_kernels
-from dynsparse.sparse.csr import CSRLinear, CSRWeight
-from dynsparse.sparse.csr_ops import batch_norm_relu, linear, spmm
+from dynsparse.sparse.kernels import csr_linear as csr_kernels
+from dynsparse.sparse.layers.csr_functions import batch_norm_relu, linear, spmm
+from dynsparse.sparse.layers.csr_linear import CSRLinear, CSRWeight
 
 
 @pytest.fixture

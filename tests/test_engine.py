@@ -24,7 +24,7 @@ from dynsparse.sparse import (
     Static,
     allocate,
 )
-from dynsparse.sparse.masks import SparseParam
+from dynsparse.sparse.storage.masked import SparseParam
 from dynsparse.training.regularizers import sparsity_penalty
 
 

@@ -149,7 +149,7 @@ def test_deepr_signs_checkpoint_as_dtensors_on_a_sharded_model(one_rank):
 def test_sharded_masks_keep_weights_gradients_and_momentum_zero_off_the_mask(one_rank):
     from torch.distributed.tensor import DTensor
 
-    from dynsparse.sparse.sharded import ShardedParam
+    from dynsparse.sparse.storage.sharded import ShardedParam
     model = sharded_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     s = Sparsifier(model, opt, policy=SET(), densities=0.3, seed=1)

@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from dynsparse.sparse import csr_ops, draws
+from dynsparse.sparse import draws
 from dynsparse.sparse.draws import choose_random, choose_random_among_free, random_mask, ranked_draws, sample_flat
+from dynsparse.sparse.layers import csr_functions as csr_ops
 
 N = 64
 TAKEN = torch.arange(0, N, 4)  # every 4th entry is active: 48 free ones, spread over the range

@@ -25,7 +25,7 @@ from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
 from dynsparse.models.convnets import Bottleneck, ResNet50, WideBasicBlock, WideResNet  # noqa: F401 (re-exported)
-from dynsparse.sparse.csr_ops import batch_norm, batch_norm_relu, linear
+from dynsparse.sparse.layers.csr_functions import batch_norm, batch_norm_relu, linear
 from dynsparse.sparse.select import is_matrix_weight, select_weights
 
 MODEL_NAMES: tuple[str, ...] = ("mnist_mlp", "cifar10_WideResNet", "imagenet_resnet50")
@@ -61,7 +61,7 @@ class MnistMLP(nn.Module):
     Layers are named ``fc1``, then ``fc_int``, ``fc_int2``, ... for the hidden-to-hidden ones, then
     ``fc2``; norms ``bn1`` ... ``bn{len(hidden_sizes) + 1}``: the default is the reference's model,
     parameter for parameter and draw for draw. With ``sparse_density`` every linear but the output
-    one is a :class:`~dynsparse.sparse.csr.CSRLinear` of that density, built without a dense
+    one is a :class:`~dynsparse.sparse.layers.csr_linear.CSRLinear` of that density, built without a dense
     weight (for wide layers), its positions and values drawn from a generator seeded by the
     global RNG.
     """
@@ -76,7 +76,7 @@ class MnistMLP(nn.Module):
         self.fc_names = ["fc1", *[f"fc_int{i if i > 1 else ''}" for i in range(1, len(sizes) - 2)], "fc2"]
         for i, name in enumerate(self.fc_names):
             if sparse_density is not None and name != "fc2":
-                from dynsparse.sparse.csr import CSRLinear
+                from dynsparse.sparse.layers.csr_linear import CSRLinear
                 gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
                 layer: nn.Module = CSRLinear(sizes[i], sizes[i + 1], bias=bias, density=sparse_density, generator=gen)
             else:
@@ -161,7 +161,7 @@ def layer_type(model: nn.Module, name: str) -> str:
     kind of module (the caller then has no conv/fc sparsity to give it).
     """
     params = dict(model.named_parameters())
-    from dynsparse.sparse.csr import CSRWeight
+    from dynsparse.sparse.layers.csr_linear import CSRWeight
     if name not in params and isinstance(dict(model.named_modules()).get(name), CSRWeight):
         return "fc"  # a linear weight stored in CSR form (its parameter is <name>.values)
     if name not in params:

@@ -13,9 +13,7 @@ each policy class registers itself with ``@register_policy``, and ``create_polic
 the command line's methods and flags (``dynsparse.training.engine_adapter``) and the report's order derive from it.
 """
 from dynsparse.sparse.budget import BUDGETS, erk_densities, make_densities
-from dynsparse.sparse.convert import to_csr
 from dynsparse.sparse.dropgrow import DropGrow, allocate, cosine_fraction
-from dynsparse.sparse.masks import SparseParam, count_for_density, keep_one
 from dynsparse.sparse.policies.deepr import DeepR
 from dynsparse.sparse.policies.dsr import DSR
 from dynsparse.sparse.policies.mest import MEST
@@ -29,6 +27,8 @@ from dynsparse.sparse.policy import Context, Needs, Policy, RewireEvent
 from dynsparse.sparse.select import aliases, select_weights
 from dynsparse.sparse.sparsifier import Sparsifier
 from dynsparse.sparse.storage import SparseStorage
+from dynsparse.sparse.storage.convert import to_csr
+from dynsparse.sparse.storage.masked import SparseParam, count_for_density, keep_one
 from dynsparse.sparse.when import AtEpochEnds, EveryStep, Never, Periodic, When
 
 __all__ = ["AtEpochEnds", "BUDGETS", "Context", "DSR", "DeepR", "DropGrow", "EveryStep", "GradualPruning", "MEST",

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from dynsparse.sparse.sharded import is_sharded
+from dynsparse.sparse.storage.sharded import is_sharded
 
 
 def _world_size() -> int:

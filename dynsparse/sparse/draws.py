@@ -121,7 +121,7 @@ def choose_random_among_free(n: int, taken: torch.Tensor, count: int, generator:
 
     - default, the engine's growth: the draws of :func:`choose_random`, so that the same generator
       gives the same entries in CSR storage as in masked storage (``num_candidates`` required);
-    - ``lean=True``, building or growing a standalone :class:`~dynsparse.sparse.csr.CSRWeight`
+    - ``lean=True``, building or growing a standalone :class:`~dynsparse.sparse.layers.csr_linear.CSRWeight`
       (layers of 10^10 entries, never a dense tensor): draws exactly the deficit each round and
       keeps the distinct free values, so memory stays O(count) up to ``count`` = half the free
       entries, where the default's uniform score per entry would cost O(n); the result is sorted,
@@ -168,7 +168,7 @@ def sample_flat(n: int, count: int, generator: torch.Generator, exclude: torch.T
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """``count`` distinct sorted flat indices in ``[0, n)`` drawn uniformly, none in the sorted
     int64 ``exclude``: :func:`choose_random_among_free`'s lean mode under the name
-    :class:`~dynsparse.sparse.csr.CSRWeight` uses. O(count log count) time and memory, never O(n)
+    :class:`~dynsparse.sparse.layers.csr_linear.CSRWeight` uses. O(count log count) time and memory, never O(n)
     short of ``count`` over half the free entries."""
     taken = torch.empty(0, dtype=torch.int64, device=device) if exclude is None else exclude.to(device)
     return choose_random_among_free(n, taken, count, generator, lean=True)

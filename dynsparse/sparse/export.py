@@ -10,7 +10,7 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.select import aliases
-from dynsparse.sparse.sharded import full_weight
+from dynsparse.sparse.storage.sharded import full_weight
 
 
 def _off_mask_nonzero(s) -> list[int]:

@@ -9,7 +9,7 @@ time proportional to the nonzeros. A ``BatchNorm1d`` that directly follows such 
 
 The product is chosen by batch size, as measured by ``benchmarks/bench_inference.py``: one row
 is MKL's CSR matrix-vector product (``torch.mv``), a few rows MKL's CSR x dense product, more rows
-the sum-``embedding_bag`` of :func:`~dynsparse.sparse.csr_ops.spmm`. Convolutions stay dense.
+the sum-``embedding_bag`` of :func:`~dynsparse.sparse.layers.csr_functions.spmm`. Convolutions stay dense.
 Eval only: no gradient flows to the values (train with the ``csr`` backend instead).
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr import CSRLinear
-from dynsparse.sparse.csr_ops import INDEX_DTYPE, spmm
+from dynsparse.sparse.layers.csr_functions import INDEX_DTYPE, spmm
+from dynsparse.sparse.layers.csr_linear import CSRLinear
 
 BACKENDS = ("auto", "csr")
 MKL_MAX_ROWS = 8  # up to this batch MKL's CSR x dense product beats embedding_bag (the benchmark)

@@ -39,10 +39,10 @@ from torch import nn
 import dynsparse.sparse.export as _export
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.attach import StepHooks
-from dynsparse.sparse.backend import build_params, check_backend, csr_weights, resolve_with_csr
 from dynsparse.sparse.policy import Context, Needs, Policy, RewireEvent
 from dynsparse.sparse.select import resolve_densities, select_weights
-from dynsparse.sparse.sharded import check_policy, whole_masks
+from dynsparse.sparse.storage.build import build_params, check_backend, csr_weights, resolve_with_csr
+from dynsparse.sparse.storage.sharded import check_policy, whole_masks
 from dynsparse.sparse.when import EveryStep, Periodic, with_total_steps
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ class Sparsifier:
         nothing; the loop calls ``before_optimizer_step()`` and ``step()``. ``backend``: ``"masked"``
         (dense tensor and mask), ``"csr"`` (linear weights and a WideResNet's block convs stored
         truly sparse; same answers, cost proportional to the active entries) or ``"auto"`` (CSR
-        where it is faster on CPU at ``batch_size``, required): :mod:`dynsparse.sparse.backend`.
+        where it is faster on CPU at ``batch_size``, required): :mod:`dynsparse.sparse.storage.build`.
         With ``"csr"``/``"auto"`` the constructor changes the model and the optimizer: after
-        drawing every mask it calls :func:`dynsparse.sparse.convert.to_csr`, which replaces the
+        drawing every mask it calls :func:`dynsparse.sparse.storage.convert.to_csr`, which replaces the
         modules (a WideResNet is converted in place to its batch-innermost twin) and, in
         ``optimizer``'s param groups and state, each dense weight by its value vector."""
         if new_weights not in ("zero", "initial"):

@@ -1,7 +1,7 @@
 """DeepR's every-step exchange on the masked storage, with no host sync: drop the flagged active
 entries and grow as many uniformly at random among the free ones, the count known only on the
 device. CSR storage (CPU only) does the same from the same draws in
-:meth:`~dynsparse.sparse.csr_param.CSRParam.swap_random`."""
+:meth:`~dynsparse.sparse.storage.csr.CSRParam.swap_random`."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,7 @@ from dynsparse.sparse.draws import ranked_draws
 
 def swap_random(sp, drop: torch.Tensor, count: torch.Tensor, generator: torch.Generator,
                 new_std: float | None = None) -> torch.Tensor:
-    """Drop the active entries of ``sp`` (a :class:`~dynsparse.sparse.masks.SparseParam`) flagged
+    """Drop the active entries of ``sp`` (a :class:`~dynsparse.sparse.storage.masked.SparseParam`) flagged
     in the flat bool ``drop`` (``count`` of them, a 0-dim tensor) and grow as many at random, all
     on the device; the number of active entries is unchanged (should the draws find fewer free
     entries, only that many of the first flagged are dropped). New weights ``N(0, new_std)``,

@@ -156,9 +156,9 @@ class MethodConfig(ConfigPart):
                             ("--initial-sparsity-fc", self.initial_sparsity_fc)):
             if not 0.0 <= value < 1.0:
                 raise DynsparseError(f"{flag} must be in [0, 1) (the removed fraction), got {value}")
-        from dynsparse.sparse.masks import check_granularity
+        from dynsparse.sparse.storage.masked import check_granularity
         check_granularity(self.sub_kernel_granularity)
-        from dynsparse.sparse.backend import check_backend
+        from dynsparse.sparse.storage.build import check_backend
         check_backend(self.sparse_backend)
         if self.sparse_backend != "masked" and (self.tied or self.keep_optimizer_state):
             raise DynsparseError(f"--sparse-backend {self.sparse_backend} stores sparse weights as CSR; "

@@ -117,7 +117,7 @@ def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
 def syncable_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     """Every buffer but the index buffers of CSR weights: those are the topology, identical on all
     ranks by construction (``--debug-distributed`` checks it), and sized by it."""
-    from dynsparse.sparse.csr import CSRWeight
+    from dynsparse.sparse.layers.csr_linear import CSRWeight
     csr = {id(b) for m in model.modules() if isinstance(m, CSRWeight) for b in m.buffers()}
     return [b for b in model.buffers() if id(b) not in csr]
 
@@ -223,7 +223,7 @@ def sync_batch_norm(model: torch.nn.Module, info: DistInfo, device: torch.device
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
     """The model as trained under several processes: DDP, or :class:`SparseDataParallel` when it
     holds CSR weights. On CPU DDP sums in rank order (bit-exact resume with any number of ranks)."""
-    from dynsparse.sparse.csr import CSRWeight
+    from dynsparse.sparse.layers.csr_linear import CSRWeight
     if not info.enabled:
         return model
     if any(isinstance(m, CSRWeight) for m in model.modules()):

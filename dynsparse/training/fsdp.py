@@ -3,7 +3,7 @@ with FSDP2 (``torch.distributed.fsdp.fully_shard``) instead of replicated by DDP
 
 Every module that holds parameters is its own FSDP unit (its weights are gathered just for its
 forward and backward), the root wraps the rest. The sparsifier keeps each rank's rows of every
-mask and decides topology changes on the whole tensors (:mod:`dynsparse.sparse.sharded`): the
+mask and decides topology changes on the whole tensors (:mod:`dynsparse.sparse.storage.sharded`): the
 same masks and, up to float summation order, the same numbers as one process.
 
 Checkpoints are whole tensors (``checkpoint.pt`` as without ``--fsdp``, gathered on every rank,
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.sharded import full_weight, is_sharded, reshard_like
+from dynsparse.sparse.storage.sharded import full_weight, is_sharded, reshard_like
 
 FSDP_METHODS = ("deepr", "dense", "dsr", "mest", "prune", "rigl", "set", "snfs", "static")
 

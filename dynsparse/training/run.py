@@ -32,7 +32,7 @@ from dynsparse.models import create_model
 from dynsparse.outputs.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from dynsparse.outputs.evidence import evidence
 from dynsparse.sparse.compact import pack_state
-from dynsparse.sparse.conv_kernels import set_threads
+from dynsparse.sparse.kernels.conv import set_threads
 from dynsparse.training import distributed, fsdp
 from dynsparse.training.checkpoint import (
     CHECKPOINT_FORMAT,

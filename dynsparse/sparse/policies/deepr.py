@@ -27,7 +27,7 @@ class DeepR(DropGrow):
     new values. Deviation: the signs are recorded after initialization, so the first
     step does not see the original's ~50% spurious sign flips (docs/deviations.md).
 
-    FSDP2-sharded tensors (:mod:`dynsparse.sparse.sharded`): every rank draws the noise of all the
+    FSDP2-sharded tensors (:mod:`dynsparse.sparse.storage.sharded`): every rank draws the noise of all the
     tensor's active entries and the regrowth over the whole mask from the same generator, as one
     device does, and applies its rows; each keeps the signs of its rows. Per step that costs an
     all-gather of one integer (where a rank's active entries start) and, at the update, one of

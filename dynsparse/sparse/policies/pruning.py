@@ -28,10 +28,10 @@ import torch
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow
-from dynsparse.sparse.masks import count_for_density
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
 from dynsparse.sparse.storage import Handles, SparseStorage
+from dynsparse.sparse.storage.masked import count_for_density
 from dynsparse.sparse.when import AtEpochEnds, When
 
 

@@ -5,10 +5,10 @@ from collections.abc import Mapping
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.dropgrow import DropGrow, allocate_by_survivors, cosine_fraction
-from dynsparse.sparse.masks import keep_one
 from dynsparse.sparse.policies.registry import register_policy
 from dynsparse.sparse.policy import Context
 from dynsparse.sparse.storage import SparseStorage
+from dynsparse.sparse.storage.masked import keep_one
 from dynsparse.sparse.when import When
 
 

@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the CSR linear layer's products (numba, the optional ``kernels`` extra).
 
-The same three products as :mod:`dynsparse.sparse.csr_ops`, on the same layouts (activations
+The same three products as :mod:`dynsparse.sparse.layers.csr_functions`, on the same layouts (activations
 feature-major ``[features, B]``, row-major, float32), for the CSR pattern ``(crow, col)`` of ``W``:
 
 - ``sddmm``: the weight gradient at the active entries, ``dW_e = <dy^T[r_e], x^T[c_e]>`` (a dot

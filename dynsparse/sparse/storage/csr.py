@@ -1,5 +1,5 @@
 """The engine's view of a truly sparse weight: the primitives of
-:class:`~dynsparse.sparse.masks.SparseParam`, over a :class:`~dynsparse.sparse.csr.CSRWeight`.
+:class:`~dynsparse.sparse.storage.masked.SparseParam`, over a :class:`~dynsparse.sparse.layers.csr_linear.CSRWeight`.
 
 Policies cannot tell the two apart. The differences stay here:
 
@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr import CSRWeight
-from dynsparse.sparse.csr_ops import GradientCapture, merge_sorted
 from dynsparse.sparse.draws import choose_random_among_free, free_at, ranked_draws
-from dynsparse.sparse.masks import EntryCounts
+from dynsparse.sparse.layers.csr_functions import GradientCapture, merge_sorted
+from dynsparse.sparse.layers.csr_linear import CSRWeight
 from dynsparse.sparse.storage import DenseScores, Dropped, FlatIndices, GrowScores, Handles
+from dynsparse.sparse.storage.masked import EntryCounts
 
 BLOCK_ENTRIES = 1 << 22  # rows of a dense gradient formed at once (16 MiB of float32)
 

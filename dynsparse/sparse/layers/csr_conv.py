@@ -1,17 +1,17 @@
 """Truly sparse ``Conv2d`` layers and a WRN on the batch-innermost ``[C, H, W, B]`` layout.
 
-:class:`CSRConv2d` keeps its weight as a :class:`~dynsparse.sparse.csr.CSRWeight` of the
+:class:`CSRConv2d` keeps its weight as a :class:`~dynsparse.sparse.layers.csr_linear.CSRWeight` of the
 ``[out, in * kh * kw]`` view (the flat index of entry ``(oc, ic, ki, kj)`` is that of the dense
 ``[out, in, kh, kw]`` weight), so storage, ``set_topology`` with the optimizer's state remapped,
 checkpoints and export are the linear layers'; the products are the compiled kernels of
-:mod:`~dynsparse.sparse.conv_kernels` (numba, the ``kernels`` extra).
+:mod:`~dynsparse.sparse.kernels.conv` (numba, the ``kernels`` extra).
 
 Activations stay ``[C, H, W, B]`` between layers: batch norm, ReLU, residual adds, 1x1
 shortcuts and global average pooling work on that layout (:func:`batch_norm_cbhw`, ...), and the
 layout is converted once at the network's input (after its first, dense, conv). Converting
 around every layer cost most of the kernels' advantage (issue 27).
 
-Behind the engine through :func:`~dynsparse.sparse.convert.to_csr` (``Sparsifier(...,
+Behind the engine through :func:`~dynsparse.sparse.storage.convert.to_csr` (``Sparsifier(...,
 backend="csr")``, ``--sparse-backend csr``), which converts a WideResNet in place with
 :func:`convert_wideresnet`. A dense weight gradient for growth by gradient (RigL, SNFS) is formed
 from the captured ``(x, dy)`` pairs of the products (:class:`ConvGradientCapture`), only at the
@@ -28,10 +28,10 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.cbhw_ops import batch_norm_cbhw, batch_norm_relu_cbhw
-from dynsparse.sparse.conv_kernels import csc_of, from_cbhw, sparse_conv2d, to_cbhw
-from dynsparse.sparse.csr import CSRWeight
-from dynsparse.sparse.csr_ops import GradientCapture
+from dynsparse.sparse.kernels.cbhw import batch_norm_cbhw, batch_norm_relu_cbhw
+from dynsparse.sparse.kernels.conv import csc_of, from_cbhw, sparse_conv2d, to_cbhw
+from dynsparse.sparse.layers.csr_functions import GradientCapture
+from dynsparse.sparse.layers.csr_linear import CSRWeight
 
 __all__ = ["CSRConv2d", "CSRWideResNet", "ConvGradientCapture", "batch_norm_cbhw", "conv1x1_cbhw",
            "convert_wideresnet", "csr_conv_from_conv", "is_wideresnet", "wideresnet_block_convs"]

@@ -1,5 +1,5 @@
-"""The engine's view of a CSR convolution weight (:class:`~dynsparse.sparse.csr_conv.CSRConv2d`):
-:class:`~dynsparse.sparse.csr_param.CSRParam` with the dense weight's ``[out, in, kh, kw]``
+"""The engine's view of a CSR convolution weight (:class:`~dynsparse.sparse.layers.csr_conv.CSRConv2d`):
+:class:`~dynsparse.sparse.storage.csr.CSRParam` with the dense weight's ``[out, in, kh, kw]``
 shape and the masked storage's conv rules, per weight (:class:`CSRConvParam`, sub-kernel
 granularity 4) or per whole ``kh x kw`` kernel (:class:`CSRKernelParam`, granularity 2).
 
@@ -15,10 +15,10 @@ import math
 import torch
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr import CSRWeight
-from dynsparse.sparse.csr_ops import GradientCapture, merge_sorted
-from dynsparse.sparse.csr_param import CSRParam, RowScores
+from dynsparse.sparse.layers.csr_functions import GradientCapture, merge_sorted
+from dynsparse.sparse.layers.csr_linear import CSRWeight
 from dynsparse.sparse.storage import DenseScores, GrowScores, Handles
+from dynsparse.sparse.storage.csr import CSRParam, RowScores
 
 
 class CSRConvParam(CSRParam):

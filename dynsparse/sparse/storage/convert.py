@@ -9,19 +9,19 @@ per-weight state cut to the active entries).
 
 What converts:
 
-- an ``nn.Linear`` weight: the module becomes a :class:`~dynsparse.sparse.csr.CSRLinear` (the
+- an ``nn.Linear`` weight: the module becomes a :class:`~dynsparse.sparse.layers.csr_linear.CSRLinear` (the
   bias stays the same parameter);
 - the block convs of a WideResNet (the CLI's ``cifar10_WideResNet``), all of them together: the
   sparse convolutions run on the batch-innermost layout ``[C, H, W, B]``, which cannot be kept
   across arbitrary modules, so the conversion is per known architecture. The whole network
-  becomes its layout twin in place (:func:`~dynsparse.sparse.csr_conv.convert_wideresnet`: the
-  block convs become :class:`~dynsparse.sparse.csr_conv.CSRConv2d`, the forward runs on the
+  becomes its layout twin in place (:func:`~dynsparse.sparse.layers.csr_conv.convert_wideresnet`: the
+  block convs become :class:`~dynsparse.sparse.layers.csr_conv.CSRConv2d`, the forward runs on the
   layout, converted once after the first conv; the first conv, batch norms, 1x1 shortcuts and
   fc stay the same dense modules and parameter objects; selected, the first conv and the
   shortcuts stay masked, ``fc`` may be CSR as any linear). Masks shaped like the weight store
   single weights; masks of its first two dims (``--sub-kernel-granularity 2``) whole kernels;
 - the bottleneck convs of a ResNet-50 (``imagenet_resnet50``), the same way
-  (:mod:`~dynsparse.sparse.csr_resnet`: the stem, max pooling included, stays dense before the
+  (:mod:`~dynsparse.sparse.layers.csr_resnet`: the stem, max pooling included, stays dense before the
   layout conversion).
 
 Anything else is refused in one line (``backend="auto"`` keeps it masked).
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr import csr_linear_from_linear, dense_state_dict
-from dynsparse.sparse.csr_ops import CSR_DTYPES, dtype_message
-from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
+from dynsparse.sparse.layers.csr_functions import CSR_DTYPES, dtype_message
+from dynsparse.sparse.layers.csr_linear import csr_linear_from_linear, dense_state_dict
+from dynsparse.sparse.storage.csr import CSRParam, check_on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def is_conv_weight(model: nn.Module, name: str) -> bool:
 
 def _architecture(model: nn.Module):
     """(name, block convs, converter) of a known conv architecture, or None."""
-    from dynsparse.sparse.csr_conv import convert_wideresnet, is_wideresnet, wideresnet_block_convs
-    from dynsparse.sparse.csr_resnet import convert_resnet, is_resnet, resnet_block_convs
+    from dynsparse.sparse.layers.csr_conv import convert_wideresnet, is_wideresnet, wideresnet_block_convs
+    from dynsparse.sparse.layers.csr_resnet import convert_resnet, is_resnet, resnet_block_convs
     if is_wideresnet(model):
         return "WideResNet", wideresnet_block_convs(model), convert_wideresnet
     if is_resnet(model):
@@ -108,7 +108,7 @@ def wideresnet_csr_plan(model: nn.Module, names) -> list[str]:
     if missing:
         raise DynsparseError(f"{supported}: the network runs on another layout, so every block conv must be sparse; "
                              f"{missing[0]} is not selected")
-    from dynsparse.sparse import conv_kernels
+    from dynsparse.sparse.kernels import conv as conv_kernels
     if not conv_kernels.available():
         raise DynsparseError("CSR convolutions need numba: pip install 'dynsparse[kernels]' (or use backend 'masked')")
     params = dict(model.named_parameters())
@@ -175,7 +175,7 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 
 
 def _convert_network(model, optimizer, masks, params, convert) -> dict[str, CSRParam]:
-    from dynsparse.sparse.csr_conv_param import CSRConvParam, CSRKernelParam
+    from dynsparse.sparse.storage.csr_conv import CSRConvParam, CSRKernelParam
     entry_masks, kernels = {}, set()
     for n, m in masks.items():
         w = params[n]

@@ -31,7 +31,7 @@ def _build() -> dict:
         raise DynsparseError("fused batch norm needs numba: pip install 'dynsparse[kernels]'") from e
     import numba
 
-    from dynsparse.sparse.conv_kernels import match_torch_threads
+    from dynsparse.sparse.kernels.conv import match_torch_threads
     match_torch_threads(numba)  # see conv_kernels.set_threads
     opts = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
 

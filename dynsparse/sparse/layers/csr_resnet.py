@@ -1,6 +1,6 @@
 """The ResNet-50 (v1, bottleneck) twin on the batch-innermost layout ``[C, H, W, B]``: its
 bottleneck convs (1x1, 3x3 with the stride, 1x1) truly sparse, like
-:func:`~dynsparse.sparse.csr_conv.convert_wideresnet` for the WRN.
+:func:`~dynsparse.sparse.layers.csr_conv.convert_wideresnet` for the WRN.
 
 The stem (7x7 conv, batch norm, ReLU, 3x3 max pooling) stays dense on ``[B, C, H, W]`` and the
 layout is converted once after it; the downsample shortcuts (1x1 conv + batch norm) run as one
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynsparse.sparse.cbhw_ops import batch_norm_cbhw, batch_norm_relu_cbhw
-from dynsparse.sparse.conv_kernels import to_cbhw
-from dynsparse.sparse.csr_conv import CSRConv2d, conv1x1_cbhw, csr_conv_from_conv
+from dynsparse.sparse.kernels.cbhw import batch_norm_cbhw, batch_norm_relu_cbhw
+from dynsparse.sparse.kernels.conv import to_cbhw
+from dynsparse.sparse.layers.csr_conv import CSRConv2d, conv1x1_cbhw, csr_conv_from_conv
 
 __all__ = ["convert_resnet", "is_resnet", "resnet_block_convs"]
 

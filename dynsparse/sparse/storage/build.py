@@ -1,14 +1,14 @@
 """Where each sparse tensor lives: ``masked`` (the dense tensor and a mask: any layer, any device)
-or ``csr`` (:mod:`dynsparse.sparse.csr`: only the active values, for linear weights and a
+or ``csr`` (:mod:`dynsparse.sparse.layers.csr_linear`: only the active values, for linear weights and a
 WideResNet's block convs; memory and time proportional to the active entries; CPU only: refused
 on any other device). ``auto`` picks CSR for a linear weight on CPU whose density is below the
-measured crossover at the training batch size (:func:`~dynsparse.sparse.csr.prefer_csr`), and
+measured crossover at the training batch size (:func:`~dynsparse.sparse.layers.csr_linear.prefer_csr`), and
 for a WideResNet's block convs (all or none) when each is below the crossover of its kernel size
-and stride (:func:`~dynsparse.sparse.convert.prefer_csr_conv`); masked otherwise.
+and stride (:func:`~dynsparse.sparse.storage.convert.prefer_csr_conv`); masked otherwise.
 
 Building the storage draws every topology the masked storage would draw from the same generator
 (all of them first), then hands the masks of the tensors to be stored as CSR to
-:func:`~dynsparse.sparse.convert.to_csr`, the one place where modules are swapped and the
+:func:`~dynsparse.sparse.storage.convert.to_csr`, the one place where modules are swapped and the
 optimizer rewritten. So the backend changes cost, not answers. Layers that are already CSR in the model
 (built sparse, e.g. ``MnistMLP(sparse_density=...)``, so that no dense weight ever exists) keep
 their topology.
@@ -22,7 +22,10 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError, unknown_choice
-from dynsparse.sparse.convert import (  # noqa: F401  (save_pretrained_dense: its former home)
+from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
+from dynsparse.sparse.layers.csr_functions import CSR_DTYPES
+from dynsparse.sparse.layers.csr_linear import CSRWeight, prefer_csr
+from dynsparse.sparse.storage.convert import (  # noqa: F401  (save_pretrained_dense: its former home)
     _linear_owner,
     is_conv_weight,
     prefer_csr_conv,
@@ -30,12 +33,9 @@ from dynsparse.sparse.convert import (  # noqa: F401  (save_pretrained_dense: it
     to_csr,
     wideresnet_csr_plan,
 )
-from dynsparse.sparse.csr import CSRWeight, prefer_csr
-from dynsparse.sparse.csr_ops import CSR_DTYPES
-from dynsparse.sparse.csr_param import CSRParam, check_on_cpu
-from dynsparse.sparse.draws import count_for_density, keep_nonzeros_mask, nonzero_entries, random_mask
-from dynsparse.sparse.masks import SparseParam, effective_granularity
-from dynsparse.sparse.sharded import ShardedParam, full_weight, is_sharded
+from dynsparse.sparse.storage.csr import CSRParam, check_on_cpu
+from dynsparse.sparse.storage.masked import SparseParam, effective_granularity
+from dynsparse.sparse.storage.sharded import ShardedParam, full_weight, is_sharded
 
 log = logging.getLogger(__name__)
 BACKENDS = ("masked", "csr", "auto")
@@ -69,9 +69,9 @@ def _wants_csr(backend: str, model: nn.Module, name: str, p: torch.Tensor, densi
 
 def _conv_plan(backend: str, model: nn.Module, densities: Mapping[str, float | None], drawn: dict) -> set[str]:
     """The conv weights to store as CSR: with 'csr', a WideResNet's block convs (anything else is
-    refused by :func:`~dynsparse.sparse.convert.wideresnet_csr_plan`); with 'auto', the same
+    refused by :func:`~dynsparse.sparse.storage.convert.wideresnet_csr_plan`); with 'auto', the same
     block convs if every one is below the crossover density of its kernel size and stride
-    (:func:`~dynsparse.sparse.convert.prefer_csr_conv`) and the network can be converted, else none."""
+    (:func:`~dynsparse.sparse.storage.convert.prefer_csr_conv`) and the network can be converted, else none."""
     names = [n for n in densities if n in drawn and is_conv_weight(model, n)]
     if backend == "masked" or not names:
         return set()

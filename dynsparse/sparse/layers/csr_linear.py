@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.csr_ops import (
+from dynsparse.sparse.layers.csr_functions import (
     INDEX_DTYPE,
     GradientCapture,
     check_flat,

@@ -17,11 +17,11 @@ Written once here, used by every policy:
 
 Policies call only the members of the storage protocol
 (:class:`~dynsparse.sparse.storage.SparseStorage`), never the mask itself, so the storage behind a
-parameter can change without touching a policy: :class:`~dynsparse.sparse.csr_param.CSRParam`
+parameter can change without touching a policy: :class:`~dynsparse.sparse.storage.csr.CSRParam`
 offers the same members over a truly sparse weight. The drop side's :data:`Handles` are flat entry
 indices here (positions in the active list for CSR), the grow side's :data:`FlatIndices` flat
 entry indices of the whole ``[out, in, ...]`` weight; ``drop`` returns a :class:`Dropped` record
-and grow scores are :class:`GrowScores` (storage.py says what each is). All counts are in mask
+and grow scores are :class:`GrowScores` (the protocol, dynsparse/sparse/storage/__init__.py, says what each is). All counts are in mask
 entries; ``slice_size`` converts them to weights.
 """
 from __future__ import annotations

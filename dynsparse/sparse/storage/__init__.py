@@ -1,8 +1,8 @@
 """The storage protocol: what a policy and the sparsifier may do with one sparse tensor.
 
-Two storages implement it: masked (:class:`~dynsparse.sparse.masks.SparseParam`, a dense weight and
-a bool mask; FSDP's :class:`~dynsparse.sparse.sharded.ShardedParam` is one) and CSR
-(:class:`~dynsparse.sparse.csr_param.CSRParam`, only the active entries are stored). ``mypy``
+Two storages implement it: masked (:class:`~dynsparse.sparse.storage.masked.SparseParam`, a dense weight and
+a bool mask; FSDP's :class:`~dynsparse.sparse.storage.sharded.ShardedParam` is one) and CSR
+(:class:`~dynsparse.sparse.storage.csr.CSRParam`, only the active entries are stored). ``mypy``
 checks that each satisfies :class:`SparseStorage` (the ``TYPE_CHECKING`` block at the end), and
 ``tests/test_storage_protocol.py`` runs the same behavioural tests against both. Code outside the
 storage modules never branches on which storage it has (``tests/test_architecture.py`` checks for
@@ -291,9 +291,9 @@ class SparseStorage(Protocol):
 
 
 if TYPE_CHECKING:  # mypy checks that each storage satisfies the protocol
-    from dynsparse.sparse.csr_param import CSRParam
-    from dynsparse.sparse.masks import SparseParam
-    from dynsparse.sparse.sharded import ShardedParam
+    from dynsparse.sparse.storage.csr import CSRParam
+    from dynsparse.sparse.storage.masked import SparseParam
+    from dynsparse.sparse.storage.sharded import ShardedParam
 
     def _conforms(masked: SparseParam, csr: CSRParam, sharded: ShardedParam) -> list[SparseStorage]:
         return [masked, csr, sharded]

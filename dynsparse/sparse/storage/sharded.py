@@ -34,8 +34,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.masks import SparseParam
 from dynsparse.sparse.storage import FlatIndices
+from dynsparse.sparse.storage.masked import SparseParam
 
 
 def is_sharded(t) -> TypeGuard[DTensor]:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse import csr_kernels
 from dynsparse.sparse.draws import sample_flat  # noqa: F401  (re-exported: csr.py's random topologies)
+from dynsparse.sparse.kernels import csr_linear as csr_kernels
 
 # torch warns once per process that CSR support is in beta; the kernels used here are tested
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -245,7 +245,7 @@ def batch_norm_relu(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     (large activations: ``AUTO_MIN_ELEMENTS``): the same statistics, summed in float64."""
     if isinstance(norm, torch.nn.BatchNorm1d) and norm.training and norm.affine and feature_major(h) \
             and csr_kernels.choose_fused(h):
-        from dynsparse.sparse.cbhw_ops import batch_norm_relu_cbhw
+        from dynsparse.sparse.kernels.cbhw import batch_norm_relu_cbhw
         csr_kernels.follow_torch_threads()
         return batch_norm_relu_cbhw(norm, h.t()).t()  # type: ignore[arg-type]  # any [C, ...] layout
     return F.relu(batch_norm(norm, h))
