@@ -21,8 +21,8 @@ parameter can change without touching a policy: :class:`~dynsparse.sparse.storag
 offers the same members over a truly sparse weight. The drop side's :data:`Handles` are flat entry
 indices here (positions in the active list for CSR), the grow side's :data:`FlatIndices` flat
 entry indices of the whole ``[out, in, ...]`` weight; ``drop`` returns a :class:`Dropped` record
-and grow scores are :class:`GrowScores` (the protocol, dynsparse/sparse/storage/__init__.py, says what each is). All counts are in mask
-entries; ``slice_size`` converts them to weights.
+and grow scores are :class:`GrowScores` (the protocol, :mod:`dynsparse.sparse.storage`, says what
+each is). All counts are in mask entries; ``slice_size`` converts them to weights.
 """
 from __future__ import annotations
 
