@@ -60,7 +60,9 @@ def _local_rank0_said_it(timeout: float = RANK0_ERROR_WAIT_S, poll: float = 0.1)
     exits with the same error); without torchrun's error files, a fixed wait and False."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     local = os.environ.get("LOCAL_RANK")
-    if not path or local is None or Path(path).parent.name != local:
+    # the error file to watch is global rank 0's, on this node only when its ranks start at 0
+    on_rank0_node = local is not None and local.isdigit() and int(os.environ.get("RANK", "0")) - int(local) == 0
+    if not path or not on_rank0_node or Path(path).parent.name != local:
         time.sleep(OTHER_RANKS_WAIT_S)  # torchrun stops this rank here when rank 0 failed too
         return False
     rank0_file = Path(path).parent.parent / "0" / Path(path).name

@@ -78,6 +78,10 @@ class WideResNet(nn.Module):
     Init: He-normal fan-out convs, BN weight 1 / bias 0, fc bias 0, fc weight PyTorch default.
     """
 
+    # the CSR backend converts exactly this class (not a subclass or a look-alike, whose forward may
+    # differ) to its batch-innermost twin: dynsparse.sparse.layers
+    csr_twin = "wideresnet"
+
     def __init__(self, depth: int = 28, widen_factor: float = 10.0, num_classes: int = 10) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -147,6 +151,10 @@ class ResNet50(nn.Module):
     x0.46: 5,771,217 parameters with 1000 classes); rounding each stage separately does not.
     Init: He-normal fan-out convs, BN weight 1 / bias 0, fc weight PyTorch default, fc bias 0.
     """
+
+    # the CSR backend converts exactly this class (not a subclass or a look-alike, whose forward may
+    # differ) to its batch-innermost twin: dynsparse.sparse.layers
+    csr_twin = "resnet50"
 
     def __init__(self, widen_factor: float = 1.0, num_classes: int = 1000) -> None:
         super().__init__()

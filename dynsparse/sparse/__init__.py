@@ -1,11 +1,13 @@
 """The sparse reparameterization engine: masks, budgets, policies and the sparsifier that binds them.
 
-Layers: ``masks`` (the mask set and its primitives), ``when`` (when the topology changes),
-``policy`` and ``dropgrow`` (the protocol and the drop-allocate-grow base), ``policies/`` (one
-small file per method), ``budget`` and ``select`` (which tensors, at which density),
-``sparsifier`` (binds model, optimizer and policy), ``attach`` (its optimizer and gradient
-hooks), ``convert`` (``to_csr``: the one place where modules are swapped for CSR storage),
-``export`` (summary, masked state_dict, sparse tensors). Nothing here imports the models,
+Layers: ``storage/`` (the storage protocol and its masked, sharded and CSR implementations;
+``storage.build`` makes one per tensor, ``storage.convert``'s ``to_csr`` is the one place where
+modules are swapped for CSR storage), ``layers/`` (the CSR modules), ``kernels/`` (compiled CPU
+kernels), ``when`` (when the topology changes), ``policy`` and ``dropgrow`` (the policy contract
+and the drop-allocate-grow base), ``policies/`` (one small file per method), ``budget`` and
+``select`` (which tensors, at which density), ``draws`` (the random sampler), ``sparsifier``
+(binds model, optimizer and policy), ``attach`` (its optimizer and gradient hooks), ``export``
+(summary, masked state_dict, sparse tensors). Nothing here imports the models,
 the configuration, the command line or the loop.
 
 ``POLICIES`` is the library's view of the one registry of methods (``policies/registry.py``):

@@ -32,7 +32,7 @@ def _build() -> dict:
     import numba
 
     from dynsparse.sparse.kernels.conv import match_torch_threads
-    match_torch_threads(numba)  # see conv_kernels.set_threads
+    match_torch_threads(numba)  # see kernels.conv.set_threads
     opts = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
 
     @njit(**opts)

@@ -17,8 +17,8 @@ Which of them run instead of PyTorch's products is :func:`choose` (``set_mode``)
 ``"numba"`` (these kernels for every float32 CPU layer; the tests' reference comparison), ``"auto"``
 (the default: only what was measured faster, ``AUTO_OPS`` for layers of at least ``AUTO_MIN_WORK``
 multiply-adds per product, PyTorch otherwise and whenever numba is missing). The same mode governs
-two layout fixes of ``csr_ops`` after a CSR layer: a dense ``nn.Linear`` on the feature-major
-activations (``linear``) and batch norm + ReLU fused (``batch_norm_relu``, with ``cbhw_ops``'
+two layout fixes of ``layers.csr_functions`` after a CSR layer: a dense ``nn.Linear`` on the feature-major
+activations (``linear``) and batch norm + ReLU fused (``batch_norm_relu``, with ``kernels.cbhw``'
 kernels, for at least ``AUTO_MIN_ELEMENTS`` activations). numba's threads follow
 ``torch.get_num_threads()``, so ``--threads`` and ``torch.set_num_threads`` govern both.
 """
@@ -78,8 +78,8 @@ def get_mode() -> str:
     return _mode
 
 
-# ``auto`` fuses batch norm + ReLU after a CSR layer (``csr_ops.batch_norm_relu``, with
-# ``cbhw_ops``' kernels) for activations of at least this many elements (features x batch).
+# ``auto`` fuses batch norm + ReLU after a CSR layer (``layers.csr_functions.batch_norm_relu``, with
+# ``kernels.cbhw``' kernels) for activations of at least this many elements (features x batch).
 AUTO_MIN_ELEMENTS = 1 << 20
 
 OPS = ("forward", "input_grad", "weight_grad")
@@ -111,6 +111,8 @@ def _build() -> dict:
         from numba import njit, prange
     except ImportError as e:
         raise DynsparseError("the compiled CSR products need numba: pip install 'dynsparse[kernels]'") from e
+    from dynsparse.sparse.kernels.conv import match_torch_threads
+    match_torch_threads(numba)  # numba shares PyTorch's OpenMP runtime: its own default count would change PyTorch's
     opts = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
     U = numba.uint64  # unsigned offsets: no negative-index wraparound checks, so the loops vectorize
     global _prefetch
@@ -249,10 +251,12 @@ def _threads() -> int:
 
 
 def follow_torch_threads() -> None:
-    """numba's thread count for kernels that read it themselves (``cbhw_ops``): PyTorch's, so
+    """numba's thread count for kernels that read it themselves (``kernels.cbhw``): PyTorch's, so
     ``--threads`` and ``torch.set_num_threads`` govern them too."""
     import numba
-    numba.set_num_threads(_threads())
+
+    from dynsparse.sparse.kernels.conv import match_torch_threads
+    match_torch_threads(numba)
 
 
 def sddmm(crow: torch.Tensor, col: torch.Tensor, dyt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:

@@ -109,13 +109,21 @@ class CSRConv2d(nn.Module):
                 f"padding={self.padding}")
 
 
-def csr_conv_from_conv(conv: nn.Conv2d, mask: torch.Tensor) -> CSRConv2d:
-    """A :class:`CSRConv2d` with ``conv``'s weights where ``mask`` (shaped like the weight) is True."""
+def check_convertible(conv: nn.Conv2d, name: str = "") -> None:
+    """One line (DynsparseError) if :class:`CSRConv2d` cannot run ``conv``."""
     kh, kw = conv.kernel_size
     if (isinstance(conv.padding, str) or conv.bias is not None or kh != kw or conv.stride[0] != conv.stride[1]
         or conv.padding[0] != conv.padding[1]
             or conv.dilation != (1, 1) or conv.groups != 1):
-        raise DynsparseError(f"CSRConv2d supports bias-free, square, undilated, ungrouped convs; got {conv}")
+        raise DynsparseError(f"CSRConv2d supports bias-free, square, undilated, ungrouped convs; {name or 'got'} "
+                             f"{conv}: use backend 'masked'")
+
+
+def csr_conv_from_conv(conv: nn.Conv2d, mask: torch.Tensor) -> CSRConv2d:
+    """A :class:`CSRConv2d` with ``conv``'s weights where ``mask`` (shaped like the weight) is True."""
+    check_convertible(conv)
+    kh, _ = conv.kernel_size
+    assert not isinstance(conv.padding, str)  # check_convertible refuses string padding
     flat_w = conv.weight.detach().reshape(conv.out_channels, -1)
     weight = CSRWeight.from_dense(flat_w, mask.reshape(flat_w.shape).bool())
     return CSRConv2d(weight, conv.in_channels, kh, conv.stride[0], conv.padding[0])
@@ -184,10 +192,13 @@ def _wrn_blocks(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
 
 def is_wideresnet(model: nn.Module) -> bool:
-    """Whether ``model`` is the package's pre-activation WideResNet (by structure: the engine does
-    not import the models): conv1, block1-3 of blocks with bn1/conv1/bn2/conv2/convShortcut, bn1, fc."""
-    return (isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(getattr(model, "bn1", None),
-                                                                               nn.BatchNorm2d)
+    """Whether ``model`` is the package's pre-activation WideResNet: its class says so (``csr_twin``,
+    set on that class only: the engine does not import the models, and a look-alike's forward may
+    differ from the twin's), and its structure is conv1, block1-3 of blocks with
+    bn1/conv1/bn2/conv2/convShortcut, bn1, fc."""
+    return (vars(type(model)).get("csr_twin") == "wideresnet"
+            and isinstance(getattr(model, "conv1", None), nn.Conv2d)
+            and isinstance(getattr(model, "bn1", None), nn.BatchNorm2d)
             and isinstance(getattr(model, "fc", None), nn.Linear) and _wrn_blocks(model) is not None)
 
 

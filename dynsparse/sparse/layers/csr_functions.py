@@ -1,4 +1,4 @@
-"""Kernels of the truly sparse linear weight: index bookkeeping and the autograd Function.
+"""The truly sparse linear weight's products: index bookkeeping and the autograd Function.
 
 A weight ``W`` of shape ``[out, in]`` is stored as its active values (a 1-D tensor, in row-major
 order of their positions) and int32 CSR indices (``crow`` of length out+1, ``col``); the
@@ -9,7 +9,8 @@ product is proportional to the number of active values, never to ``out * in``:
 - forward ``y = x @ W^T``: ``W @ x^T`` as a sum-``embedding_bag`` (see :func:`spmm`);
 - input gradient ``dx = dy @ W``: ``W^T @ dy^T``, the same way;
 - weight gradient at the active positions only: ``torch.sparse.sampled_addmm`` (an SDDMM), whose
-  result has ``W``'s pattern, so its values line up with ``values``.
+  result has ``W``'s pattern, so its values line up with ``values``; for large layers the compiled
+  SDDMM of :mod:`dynsparse.sparse.kernels.csr_linear` where it is measured faster (its ``auto`` mode).
 
 The parameter is the plain value vector, so every ``torch.optim`` optimizer works on it (Adam and
 AdamW refuse a sparse-layout parameter).
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dynsparse.errors import DynsparseError
-from dynsparse.sparse.draws import sample_flat  # noqa: F401  (re-exported: csr.py's random topologies)
+from dynsparse.sparse.draws import sample_flat  # noqa: F401  (re-exported: csr_linear's random topologies)
 from dynsparse.sparse.kernels import csr_linear as csr_kernels
 
 # torch warns once per process that CSR support is in beta; the kernels used here are tested
@@ -258,10 +259,18 @@ def linear(layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     ~15 against ~1 ms forward, one thread). Not in ``csr_kernels``' mode ``torch``, which keeps
     the earlier code path, and its sums, exactly."""
     if (type(layer) is torch.nn.Linear and feature_major(h) and csr_kernels.get_mode() != "torch"
-            and not layer._forward_hooks and not layer._forward_pre_hooks):
+            and not _has_hooks(layer)):
         y = (layer.weight @ h.t()).t()
         return y if layer.bias is None else y + layer.bias
     return layer(h)
+
+
+def _has_hooks(layer: torch.nn.Module) -> bool:
+    """Any hook that ``layer(h)`` would run (the layer's own or global): then it is called as such."""
+    from torch.nn.modules import module as m
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                or layer._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 # The CPU kernel of sampled_addmm (the weight gradient) takes no bfloat16 or float16

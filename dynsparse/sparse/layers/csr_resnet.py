@@ -35,10 +35,12 @@ def _bottlenecks(model: nn.Module) -> list[tuple[str, Any]] | None:
 
 
 def is_resnet(model: nn.Module) -> bool:
-    """Whether ``model`` is the package's bottleneck ResNet (by structure): conv1, bn1, maxpool,
-    layer1-4 of blocks with conv1-3/bn1-3/downsample, fc."""
-    return (isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(getattr(model, "bn1", None),
-                                                                               nn.BatchNorm2d)
+    """Whether ``model`` is the package's bottleneck ResNet-50: its class says so (``csr_twin``, on
+    that class only: a look-alike such as an SE-ResNet has modules the twin would skip), and its
+    structure is conv1, bn1, maxpool, layer1-4 of blocks with conv1-3/bn1-3/downsample, fc."""
+    return (vars(type(model)).get("csr_twin") == "resnet50"
+            and isinstance(getattr(model, "conv1", None), nn.Conv2d)
+            and isinstance(getattr(model, "bn1", None), nn.BatchNorm2d)
             and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d)
             and isinstance(getattr(model, "fc", None), nn.Linear) and _bottlenecks(model) is not None)
 

@@ -5,7 +5,7 @@ a bool mask; FSDP's :class:`~dynsparse.sparse.storage.sharded.ShardedParam` is o
 (:class:`~dynsparse.sparse.storage.csr.CSRParam`, only the active entries are stored). ``mypy``
 checks that each satisfies :class:`SparseStorage` (the ``TYPE_CHECKING`` block at the end), and
 ``tests/test_storage_protocol.py`` runs the same behavioural tests against both. Code outside the
-storage modules never branches on which storage it has (``tests/test_architecture.py`` checks for
+storage modules never branches on which storage it has (``tests/test_storage_boundary.py`` checks for
 ``storage ==``, and that no policy touches ``.param``): what differs is a member below.
 
 Four kinds of value cross the protocol, each with its own type, so that ``mypy`` refuses a policy

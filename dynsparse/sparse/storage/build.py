@@ -75,10 +75,11 @@ def _conv_plan(backend: str, model: nn.Module, densities: Mapping[str, float | N
     names = [n for n in densities if n in drawn and is_conv_weight(model, n)]
     if backend == "masked" or not names:
         return set()
+    masks = {n: drawn[n][0] for n in names}
     if backend == "csr":
-        return set(wideresnet_csr_plan(model, names))
+        return set(wideresnet_csr_plan(model, names, masks))
     try:
-        plan = wideresnet_csr_plan(model, names)
+        plan = wideresnet_csr_plan(model, names, masks)
     except DynsparseError as e:
         log.info("backend 'auto' keeps the conv weights masked: %s", e)
         return set()

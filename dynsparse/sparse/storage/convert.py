@@ -86,11 +86,12 @@ def _architecture(model: nn.Module):
     return None
 
 
-def wideresnet_csr_plan(model: nn.Module, names) -> list[str]:
+def wideresnet_csr_plan(model: nn.Module, names, masks: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """The block convs of a WideResNet (or a bottleneck ResNet) among ``names`` if they can be
     stored as CSR together, [] if ``names`` holds no conv weight; otherwise one line saying why not
     (DynsparseError). The network's other convs among ``names`` (the first conv, the 1x1
-    shortcuts) stay masked: its twin runs them as the same dense modules."""
+    shortcuts) stay masked: its twin runs them as the same dense modules. Everything is checked
+    before any module changes (each conv's form, and each of ``masks``' shape when given)."""
     convs = [n for n in names if is_conv_weight(model, n)]
     if not convs:
         return []
@@ -111,8 +112,17 @@ def wideresnet_csr_plan(model: nn.Module, names) -> list[str]:
     from dynsparse.sparse.kernels import conv as conv_kernels
     if not conv_kernels.available():
         raise DynsparseError("CSR convolutions need numba: pip install 'dynsparse[kernels]' (or use backend 'masked')")
+    from dynsparse.sparse.layers.csr_conv import check_convertible
     params = dict(model.named_parameters())
     for n in blocks:
+        conv = model.get_submodule(n.rpartition(".")[0])
+        assert isinstance(conv, nn.Conv2d)  # is_conv_weight said so
+        check_convertible(conv, n)
+        w, m = params[n], None if masks is None else masks.get(n)
+        if m is not None and tuple(m.shape) not in (tuple(w.shape), tuple(w.shape[:2])):
+            raise DynsparseError(f"mask of {n} has shape {tuple(m.shape)}; a CSR conv takes one of the weight's shape "
+                                 f"{tuple(w.shape)} (per weight) or of its kernels {tuple(w.shape[:2])} (per kernel): "
+                                 "--sub-kernel-granularity 4 or 2")
         check_on_cpu(n, params[n].device)
         if params[n].dtype != torch.float32:
             raise DynsparseError(f"{n}: CSR convolutions hold float32 values, not {params[n].dtype}: keep the model's "
@@ -141,7 +151,7 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     Returns the engine's storage object per name, in ``masks`` order. See the module doc for what
     converts; anything else raises a one-line :class:`~dynsparse.errors.DynsparseError`."""
     params = dict(model.named_parameters())
-    convs = wideresnet_csr_plan(model, list(masks))
+    convs = wideresnet_csr_plan(model, list(masks), masks)
     arch = _architecture(model) if convs else None  # before any module changes (fc may become CSR)
     other = [n for n in masks if n not in convs and is_conv_weight(model, n)]
     if other:
@@ -155,7 +165,8 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         p = params.get(name)
         if owner is None or p is None:
             shape = "" if p is None else f" (shape {tuple(p.shape)})"
-            raise DynsparseError(f"backend 'csr' stores nn.Linear weights and the block convs of a WideResNet; "
+            raise DynsparseError(f"backend 'csr' stores nn.Linear weights and the block convs of a WideResNet or a "
+                                 f"ResNet-50; "
                                  f"{name}{shape} is neither: use backend 'auto' to keep such tensors masked")
         check_on_cpu(name, p.device)
         if p.dtype not in CSR_DTYPES:
