@@ -325,3 +325,33 @@ def test_resnet50_bottleneck_convs_on_csr_match_float64_and_export():
     plain.eval(), m.eval()
     with torch.no_grad():
         torch.testing.assert_close(m(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+def test_only_the_packages_own_networks_get_a_twin_and_nothing_changes_before_a_refusal():
+    """Review of session 9: a look-alike (e.g. an SE-ResNet, or a subclass with another forward)
+    was converted by its attribute names, silently dropping what the twin's forward does not run;
+    and a mask the twin cannot hold (granularity 1) failed `auto` midway, after linear layers and
+    the optimizer were already rewritten."""
+    class MyWRN(WideResNet):  # a user's variant: its forward may differ, so it keeps masked storage
+        def forward(self, x):
+            return super().forward(F.dropout(x, 0.5, self.training))
+
+    torch.manual_seed(0)
+    look_alike = MyWRN(10, 1, num_classes=5)
+    with pytest.raises(DynsparseError, match="block convs of a WideResNet or a ResNet-50.*MyWRN"):
+        Sparsifier(look_alike, None, policy=Static(), densities=0.1, backend="csr")
+    s = Sparsifier(look_alike, None, policy=Static(), densities=dict.fromkeys(BLOCK_CONVS, 0.1), backend="auto",
+                   batch_size=128)
+    assert all(sp.storage == "masked" for sp in s.params.values())
+    assert isinstance(look_alike.block1.layer[0].conv1, nn.Conv2d)
+    # a per-row mask (granularity 1) of a WRN: refused by csr before anything changed, masked under auto
+    m = wrn()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    before = [id(p) for g in opt.param_groups for p in g["params"]]
+    with pytest.raises(DynsparseError, match="mask of block1.layer.0.conv1.weight has shape"):
+        Sparsifier(m, opt, policy=Static(), densities=0.1, backend="csr", granularity=1)
+    assert isinstance(m.fc, nn.Linear) and not isinstance(m.fc, CSRLinear)
+    assert [id(p) for g in opt.param_groups for p in g["params"]] == before
+    s = Sparsifier(m, opt, policy=Static(), densities=dict.fromkeys(BLOCK_CONVS, 0.1), backend="auto",
+                   batch_size=128, granularity=1)
+    assert all(sp.storage == "masked" for sp in s.params.values())
