@@ -29,7 +29,7 @@ from bench_sparse_engine import build, change, step  # noqa: E402
 from common import evidence, interleaved, median, write_results  # noqa: E402
 
 from dynsparse.models import MnistMLP  # noqa: E402
-from dynsparse.sparse import csr_kernels  # noqa: E402
+from dynsparse.sparse.kernels import csr_linear as csr_kernels  # noqa: E402
 from dynsparse.sparse.layers.csr_functions import spmm  # noqa: E402
 from dynsparse.sparse.layers.csr_linear import CSRWeight  # noqa: E402
 
