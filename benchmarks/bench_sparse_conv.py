@@ -178,8 +178,7 @@ def markdown(payload: dict) -> str:
              (f"CPU: {cpu['model']}, {cpu['cores']} cores, avx2={cpu['avx2']} avx512f={cpu['avx512f']} "
              f"amx={cpu['amx']}."),
              (f"Load before: `{payload['load_before']}`; after: `{payload['load_after']}`. "
-             "The machine was shared with other work while this ran (other helpers' tests and builds): "
-             "absolute times are inflated and noisy; the ratios are side by side, interleaved."), ""]
+             "Absolute times depend on the load above; the ratios are side by side, interleaved."), ""]
     if ev.get("note"):
         lines += [f"Note: {ev['note']}", ""]
     for threads, shapes in payload["results"].items():
