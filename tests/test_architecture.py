@@ -204,3 +204,14 @@ def test_the_policy_import_check_can_fail(tmp_path):
     annotations_only.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                 "    from dynsparse.sparse.sparsifier import Sparsifier\n")
     assert sparsifier_imports(annotations_only) == set()
+
+
+def test_the_command_line_starts_without_the_distributed_tensor_package():
+    # torch.distributed.tensor (DTensor, with sympy) costs ~1 s of every process's start: the CLI,
+    # every torchrun rank; the sharded storage imports it only when a model is sharded
+    import subprocess
+    import sys
+    code = ("import sys, dynsparse, dynsparse.cli.commands, dynsparse.training.run; "
+            "print('torch.distributed.tensor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

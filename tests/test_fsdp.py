@@ -54,18 +54,20 @@ POLICIES = ["set", "rigl", "dsr", "snfs", "static", "mest", "set-initial", "rigl
 # on 3 ranks (one rank holds no row of a layer) one policy of each kind, to keep CI under its 20 minutes;
 # every policy runs on 2 ranks
 POLICIES_ON_3 = ["set", "dsr", "snfs", "rigl-conv", "deepr", "prune-global"]
+# 20 topology updates of the periodic policies (every 5 steps): the multi-rank runs are the slow part of CI
+STEPS = 100
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    return run_worker(tmp_path_factory.mktemp("ref") / "ref.pt", 0, "--steps", "200")
+    return run_worker(tmp_path_factory.mktemp("ref") / "ref.pt", 0, "--steps", str(STEPS))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_sharded_training_matches_unsharded(nproc, reference, tmp_path):
     policies = POLICIES if nproc == 2 else POLICIES_ON_3
-    got = run_worker(tmp_path / "fsdp.pt", nproc, "--steps", "200", "--policies", ",".join(policies))
+    got = run_worker(tmp_path / "fsdp.pt", nproc, "--steps", str(STEPS), "--policies", ",".join(policies))
     assert set(got) == set(policies)
     for policy in policies:
         assert_same_run(reference, got, policy)
@@ -77,7 +79,7 @@ def test_sharded_training_matches_unsharded(nproc, reference, tmp_path):
         elif policy.startswith("prune"):  # 4 prunes, at the last one to the targets
             assert len(got[policy]["updates"]) == 4
         elif policy != "static":
-            assert len(got[policy]["updates"]) >= 30
+            assert len(got[policy]["updates"]) >= 15  # every 5 steps
         for key, value in reference[policy]["export"].items():  # the whole model, gathered
             assert torch.allclose(got[policy]["export"][key], value, rtol=0, atol=1e-12), key
         assert got[policy]["summary"] == reference[policy]["summary"]
@@ -88,13 +90,14 @@ def test_sharded_training_matches_unsharded(nproc, reference, tmp_path):
 @pytest.mark.slow
 def test_checkpoint_saved_on_two_ranks_resumes_on_three(reference, tmp_path):
     policies = "rigl,dsr,snfs"  # those with state beyond the masks: fraction, threshold, momentum
-    first = run_worker(tmp_path / "a.pt", 2, "--steps", "100", "--policies", policies, "--save", str(tmp_path / "ckpt"))
-    second = run_worker(tmp_path / "b.pt", 3, "--steps", "100", "--policies", policies, "--resume",
+    first = run_worker(tmp_path / "a.pt", 2, "--steps", str(STEPS // 2), "--policies", policies, "--save",
+                       str(tmp_path / "ckpt"))
+    second = run_worker(tmp_path / "b.pt", 3, "--steps", str(STEPS // 2), "--policies", policies, "--resume",
                         str(tmp_path / "ckpt"))
     for policy in policies.split(","):
         joined = {policy: {"losses": first[policy]["losses"] + second[policy]["losses"],
                            "updates": first[policy]["updates"] + second[policy]["updates"]}}
-        assert second[policy]["step_count"] == 200 and second[policy]["world"] == 3
+        assert second[policy]["step_count"] == STEPS and second[policy]["world"] == 3
         assert_same_run(reference, joined, policy)
     for name, m in reference["snfs"]["momentum"].items():  # SNFS's dense momentum came through the checkpoint
         assert torch.allclose(second["snfs"]["momentum"][name], m, rtol=0, atol=1e-12), name

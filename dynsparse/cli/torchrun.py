@@ -55,9 +55,10 @@ def say_error(line: str) -> None:
     record(line)
 
 
-def _local_rank0_said_it(timeout: float = RANK0_ERROR_WAIT_S, poll: float = 0.1) -> bool:
-    """Whether local rank 0 wrote its error file within ``timeout`` s (it does so just before it
-    exits with the same error); without torchrun's error files, a fixed wait and False."""
+def _local_rank0_said_it(poll: float = 0.1) -> bool:
+    """Whether local rank 0 wrote its error file within ``RANK0_ERROR_WAIT_S`` (read at the call,
+    so that tests can shorten it; it does so just before it exits with the same error); without
+    torchrun's error files, a fixed wait and False."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     local = os.environ.get("LOCAL_RANK")
     # the error file to watch is global rank 0's, on this node only when its ranks start at 0
@@ -66,7 +67,7 @@ def _local_rank0_said_it(timeout: float = RANK0_ERROR_WAIT_S, poll: float = 0.1)
         time.sleep(OTHER_RANKS_WAIT_S)  # torchrun stops this rank here when rank 0 failed too
         return False
     rank0_file = Path(path).parent.parent / "0" / Path(path).name
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + RANK0_ERROR_WAIT_S
     while time.monotonic() < deadline:
         if rank0_file.exists():
             return True

@@ -25,21 +25,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
-from typing import TypeGuard, cast
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
 
 from dynsparse.errors import DynsparseError
 from dynsparse.sparse.storage import FlatIndices
 from dynsparse.sparse.storage.masked import SparseParam
 
+if TYPE_CHECKING:  # imported at run time only where needed: it costs ~1 s of every process's start
+    from torch.distributed.tensor import DTensor
+
 
 def is_sharded(t) -> TypeGuard[DTensor]:
-    return isinstance(t, DTensor)
+    # no DTensor exists before torch.distributed.tensor is imported (FSDP2 imports it)
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _contiguous_stride(shape) -> tuple[int, ...]:
@@ -62,13 +67,13 @@ class ShardedParam(SparseParam):
     @classmethod
     def from_full(cls, name: str, param: nn.Parameter, granularity: int, full_mask: torch.Tensor,
                   active: int) -> ShardedParam:
-        check_placement(name, cast(DTensor, param))  # an FSDP2 parameter is also a DTensor
-        mesh = cast(DTensor, param).device_mesh
+        check_placement(name, cast("DTensor", param))  # an FSDP2 parameter is also a DTensor
+        mesh = cast("DTensor", param).device_mesh
         world, rank = mesh.size(), mesh.get_local_rank()
         rows_total = param.shape[0]
         chunk = -(-rows_total // world)  # FSDP2 splits rows as torch.chunk does
         row0 = min(rank * chunk, rows_total)
-        rows = cast(DTensor, param).to_local().shape[0]
+        rows = cast("DTensor", param).to_local().shape[0]
         if row0 + rows > rows_total or rows != max(min(chunk, rows_total - row0), 0):
             raise DynsparseError(f"{name}: local shard of {rows} rows at row {row0} is not FSDP2's row split of "
                                  f"{rows_total} rows over {world} ranks")
@@ -79,7 +84,7 @@ class ShardedParam(SparseParam):
     @property
     def dparam(self) -> DTensor:
         """``param`` seen as the DTensor it also is (an FSDP2 parameter is both)."""
-        return cast(DTensor, self.param)
+        return cast("DTensor", self.param)
 
     @property
     def num_entries(self) -> int:
@@ -133,6 +138,7 @@ class ShardedParam(SparseParam):
         shape = tuple(self.mask_shape) + extra
 
         def make():
+            from torch.distributed.tensor import DTensor
             local = self.mask.view(self.mask.shape + extra).to(self.param.dtype)
             return DTensor.from_local(local, self.dparam.device_mesh, self.dparam.placements, run_check=False,
                                       shape=torch.Size(shape), stride=_contiguous_stride(shape))
@@ -178,7 +184,7 @@ class ShardedParam(SparseParam):
         g = self.param.grad
         if g is None:
             return
-        local = cast(DTensor, g).to_local()
+        local = cast("DTensor", g).to_local()
         idx = torch.nonzero(self.mask.view(-1)).view(-1)  # this rank's active entries, in the order of its rows
         start = self.entries_before(idx.numel())
         local.index_put_(torch.unravel_index(idx, local.shape), values[start:start + idx.numel()].to(local),
@@ -220,10 +226,10 @@ class ShardedParam(SparseParam):
     # ---- what is stored ------------------------------------------------------------------------
     def masked_weight(self) -> torch.Tensor:
         """The whole weight (every rank takes part), zeros off the mask."""
-        return cast(DTensor, self.param.detach() * self.mask_view()).full_tensor()
+        return cast("DTensor", self.param.detach() * self.mask_view()).full_tensor()
 
     def off_mask_nonzero(self) -> torch.Tensor:
-        local = self.dparam.to_local().detach() * cast(DTensor, self.inverse_mask_view()).to_local()
+        local = self.dparam.to_local().detach() * cast("DTensor", self.inverse_mask_view()).to_local()
         return self._all_sum(local.ne(0).sum())
 
     def nonzero(self) -> torch.Tensor:
@@ -235,6 +241,7 @@ class ShardedParam(SparseParam):
 
     def placed(self, local: torch.Tensor) -> DTensor:
         """This rank's rows of a mask-shaped tensor as a DTensor placed like the parameter."""
+        from torch.distributed.tensor import DTensor
         return DTensor.from_local(local, self.dparam.device_mesh, self.dparam.placements, run_check=False,
                                   shape=torch.Size(self.mask_shape), stride=_contiguous_stride(self.mask_shape))
 
@@ -251,6 +258,7 @@ class ShardedParam(SparseParam):
 
 
 def check_placement(name: str, param: DTensor) -> None:
+    from torch.distributed.tensor import Shard
     if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
         raise DynsparseError(f"{name} is a DTensor placed {tuple(param.placements)} on a {param.device_mesh.ndim}-D "
                              "mesh; sparse training supports FSDP2's fully_shard on a 1-D mesh (Shard(0)) only")
