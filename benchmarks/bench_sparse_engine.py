@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--period", type=int, default=100)
     ap.add_argument("--shapes", default="10000,1000,3000")
+    ap.add_argument("--name", default="sparse_engine", help="results file name in benchmarks/results")
     ap.add_argument("--widest", type=int, default=None, metavar="X",
                     help="instead: peak RSS of the CSR engine on 784-X-X-10 at density 0.01 through a DSR change "
                          "(written to results/sparse_engine_widest_X.json)")
@@ -156,7 +157,7 @@ def main() -> None:
     shapes = [bench(int(w), args.repeats, args.period) for w in args.shapes.split(",")]
     ev["load_after"] = os.getloadavg()
     res = {"evidence": ev, "shapes": shapes}
-    path = write_results("sparse_engine", res, markdown(res, ev))
+    path = write_results(args.name, res, markdown(res, ev))
     print(markdown(res, ev))
     print(f"wrote {path}")
 
