@@ -14,7 +14,11 @@ With --wrn (or --wrn-only): a whole WRN-28-2 training step, batch 128, 32x32 inp
 uniform at density 0.1 and 0.05 and as DSR leaves them at sparsity 0.9 (and that halved for 0.95),
 dense vs masked vs CSR (see bench_wrn); goals >= 1.5x / >= 2.5x dense.
 
+With --shapes resnet (or all): the layer shapes of ResNet-18/50 (torchvision's stem) at 64x64
+(Tiny-ImageNet) and 32x32 (CIFAR) inputs instead (or as well).
+
 Usage: python benchmarks/bench_sparse_conv.py [--repeats 7] [--threads 1 2] [--wrn | --wrn-only]
+       [--shapes wrn|resnet|all] [--name sparse_conv]
 """
 from __future__ import annotations
 
@@ -44,6 +48,20 @@ SHAPES = {  # name: c_in, c_out, k, stride, pad, h
     "3x3 64->64 16x16": (64, 64, 3, 1, 1, 16),
     "3x3 32->64 32x32 stride 2": (32, 64, 3, 2, 1, 32),
     "1x1 64->64 16x16": (64, 64, 1, 1, 0, 16),
+}
+# ResNet-18/50 (torchvision's stem: the input / 4 at layer1) at Tiny-ImageNet's 64x64 (layer1-4 at
+# 16, 8, 4, 2) and CIFAR's 32x32 (8, 4, 2, 1); 3x3 64->64 16x16 is ResNet-18's layer1 at 64x64
+RESNET_SHAPES = {
+    "3x3 128->128 8x8": (128, 128, 3, 1, 1, 8),
+    "3x3 64->128 16x16 stride 2": (64, 128, 3, 2, 1, 16),
+    "3x3 128->256 8x8 stride 2": (128, 256, 3, 2, 1, 8),
+    "3x3 256->512 4x4 stride 2": (256, 512, 3, 2, 1, 4),
+    "3x3 256->256 4x4": (256, 256, 3, 1, 1, 4),
+    "3x3 512->512 2x2": (512, 512, 3, 1, 1, 2),
+    "3x3 512->512 1x1": (512, 512, 3, 1, 1, 1),
+    "1x1 256->64 16x16": (256, 64, 1, 1, 0, 16),
+    "1x1 64->256 16x16": (64, 256, 1, 1, 0, 16),
+    "1x1 2048->512 2x2": (2048, 512, 1, 1, 0, 2),
 }
 
 
@@ -254,6 +272,8 @@ def main() -> None:
     ap.add_argument("--wrn", action="store_true", help="also the whole WRN-28-2 training step (slow)")
     ap.add_argument("--wrn-only", action="store_true", help="only the WRN-28-2 step")
     ap.add_argument("--name", default="sparse_conv", help="results file name in benchmarks/results")
+    ap.add_argument("--shapes", choices=("wrn", "resnet", "all"), default="wrn",
+                    help="layer shapes: WRN-28-2's (default), ResNet-18/50's at 64x64 and 32x32 inputs, or both")
     args = ap.parse_args()
     import numba
     kernels()
@@ -263,7 +283,8 @@ def main() -> None:
         torch.set_num_threads(t)
         numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
         results[str(t)] = {}
-        for name, shape in ({} if args.wrn_only else SHAPES).items():
+        shapes = {"wrn": SHAPES, "resnet": RESNET_SHAPES, "all": {**SHAPES, **RESNET_SHAPES}}[args.shapes]
+        for name, shape in ({} if args.wrn_only else shapes).items():
             results[str(t)][name] = r = bench_shape(shape, args.batch, args.repeats)
             print(f"{t} thread(s) {name}: dense {r['dense_ms']:.1f} ms; "
                   + ", ".join(f"{d}: {s['speedup']:.2f}x" for d, s in r["sparse"].items()), flush=True)
