@@ -12,6 +12,8 @@ last batch norm zero-initialized (``zero_init_residual``: at the default init it
 step, so the runs part at once)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,3 +173,16 @@ def test_only_torchvisions_own_resnet_converts():
     m = tv_resnet()  # layer2-4's first conv has stride 2: above its crossover (0.181), all stay masked
     s = Sparsifier(m, None, policy=Static(), densities=dict.fromkeys(names, 0.3), backend="auto", batch_size=128)
     assert all(sp.storage == "masked" for sp in s.params.values()) and isinstance(m.layer4[0].conv2, nn.Conv2d)
+
+
+def test_a_cifar_stem_runs_as_the_networks_own_modules():
+    """The twin calls the stem's modules: torchvision's resnet18 adapted to 32-px images (``conv1``
+    a 3x3 stride 1, ``maxpool`` an ``nn.Identity``) converts and computes the plain network's outputs."""
+    m = tv_resnet()
+    m.conv1, m.maxpool = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.Identity()
+    plain = copy.deepcopy(m)
+    s = Sparsifier(m, None, policy=Static(), densities=dict.fromkeys(resnet_block_convs(m), 0.3), backend="csr")
+    assert isinstance(m.layer1[0].conv1, CSRConv2d)
+    plain.load_state_dict(s.export())
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(m(x), plain(x), atol=1e-5, rtol=1e-4)  # training mode: batch statistics
