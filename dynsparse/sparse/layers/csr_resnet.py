@@ -49,7 +49,7 @@ def _block_kind(block: nn.Module, package: bool) -> str | None:
         kind = "bottleneck"
     else:
         return None
-    if not all(isinstance(getattr(block, c, None), (nn.Conv2d, CSRConv2d)) for c in _CONVS[kind]):  # after: CSR
+    if not all(isinstance(getattr(block, c, None), nn.Conv2d) for c in _CONVS[kind]):
         return None
     if not all(type(getattr(block, b, None)) is nn.BatchNorm2d for b in _BNS[kind]):  # the layout's batch norm
         return None
@@ -108,7 +108,10 @@ def is_resnet(model: nn.Module) -> bool:
 
 
 def _model_blocks(model: nn.Module) -> list[tuple[str, Any, str]]:
-    return _blocks(model, vars(type(model)).get("csr_twin") == "resnet50") or []
+    """(name, block, kind) of a recognized ResNet (before or after conversion), by its structure
+    alone: never an empty list for a network whose later change fails the checks of :func:`_blocks`."""
+    return [(f"layer{i}.{j}", b, "bottleneck" if hasattr(b, "conv3") else "basic")
+            for i in range(1, 5) for j, b in enumerate(getattr(model, f"layer{i}", None) or [])]
 
 
 def resnet_block_convs(model: nn.Module) -> list[str]:
