@@ -156,7 +156,7 @@ def test_only_torchvisions_own_resnet_converts():
     cases = [(subclass, "is a conv weight of a MyResNet"),
              (other_block, r"layer3.0 \(.*MyBlock\) is not torchvision's BasicBlock or Bottleneck"),
              (lambda: tv_resnet(norm_layer=lambda c: nn.GroupNorm(1, c)), "layer1.0 .*nn.BatchNorm2d norms"),
-             (lambda: tv_resnet(Bottleneck, width=4, groups=2), "ungrouped convs; layer1.0.conv2.weight")]
+             (lambda: tv_resnet(Bottleneck, width=4, groups=2), "ungrouped convs; layer1.0.conv2.weight.*'auto'")]
     for build, message in cases:
         m = build()
         names = [n for n, p in m.named_parameters() if p.dim() == 4]
