@@ -54,3 +54,24 @@ def test_wrn_csr_through_the_cli_matches_masked(tiny_cifar, tmp_path):
     for ra, rb in zip(a["history"], b["history"]):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
     assert a["params_learnable"] == b["params_learnable"] and a["params_total"] == b["params_total"]
+
+
+def test_torchvision_resnet18_csr_through_the_cli_matches_masked(tmp_path):
+    """``--model torchvision:resnet18 --sparse-backend csr``: its block convs truly sparse (the stem
+    and downsample convs masked), the masked run's loss. 64 px, so that the last stage is 2x2: at
+    20 px it is 1x1 and its batch norms over a batch of 2 have no gradient but rounding noise."""
+    from test_newcomer import image_folder
+    root = image_folder(tmp_path / "data")
+    argv = ["train", "--model", "torchvision:resnet18", "--data", str(root), "--image-size", "64", "--lr", "0.01",
+            "--rewire", "--initial-sparsity-conv", "0.9", "--epochs", "1", "-b", "2", "--no-progress", "-j", "0",
+            "--threads", "1", "--seed", "3", "--runs-dir", str(tmp_path / "runs")]
+    runs = {}
+    for backend in ("masked", "csr"):
+        assert main([*argv, "--name", backend, "--sparse-backend", backend]) == 0
+        runs[backend] = json.loads((tmp_path / "runs" / backend / "summary.json").read_text())
+    ckpt = read_checkpoint(tmp_path / "runs" / "csr" / "checkpoint.pt")
+    assert "layer4.1.conv2.weight.values" in ckpt["model"] and "conv1.weight" in ckpt["model"]
+    assert "layer2.0.downsample.0.weight" in ckpt["model"]  # the shortcut convs stay masked (dense tensors)
+    a, b = runs["masked"], runs["csr"]
+    assert b["history"][0]["train_loss"] == pytest.approx(a["history"][0]["train_loss"], rel=1e-5)
+    assert a["params_learnable"] == b["params_learnable"] < 0.2 * a["params_total"]

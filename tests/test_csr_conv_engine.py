@@ -53,19 +53,23 @@ POLICIES = {
 }
 
 
-def train(backend, policy, *, granularity=4, optimizer="sgd", steps=STEPS, model=None, new_weights="zero"):
+def train(backend, policy, *, granularity=4, optimizer="sgd", steps=STEPS, model=None, new_weights="zero",
+          names=None, size=8, batch=4, classes=5, lr=None):
+    """``steps`` SGD (or Adam) steps of ``model`` (a WRN-10-1 by default) with the sparse tensors
+    ``names`` (its block convs by default) on random ``batch`` x 3 x ``size`` x ``size`` images."""
     m = model if model is not None else wrn()
-    opt = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
-           else torch.optim.Adam(m.parameters(), lr=0.01))
+    names = BLOCK_CONVS if names is None else names
+    opt = (torch.optim.SGD(m.parameters(), lr=lr or 0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
+           else torch.optim.Adam(m.parameters(), lr=lr or 0.01))
     dens = 1.0 if isinstance(policy, GradualPruning) else 0.3
-    s = Sparsifier(m, opt, policy=policy, densities=dict.fromkeys(BLOCK_CONVS, dens), backend=backend, seed=3,
+    s = Sparsifier(m, opt, policy=policy, densities=dict.fromkeys(names, dens), backend=backend, seed=3,
                    granularity=granularity, new_weights=new_weights)
     g = torch.Generator().manual_seed(11)
     losses, topologies = [], []
     for step in range(steps):
         s.set_epoch(step // EPOCH)
         opt.zero_grad()
-        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(5, (4,), generator=g)
+        x, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(classes, (batch,), generator=g)
         loss = F.cross_entropy(m(x), y)
         loss.backward()
         opt.step()

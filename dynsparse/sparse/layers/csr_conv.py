@@ -116,7 +116,7 @@ def check_convertible(conv: nn.Conv2d, name: str = "") -> None:
         or conv.padding[0] != conv.padding[1]
             or conv.dilation != (1, 1) or conv.groups != 1):
         raise DynsparseError(f"CSRConv2d supports bias-free, square, undilated, ungrouped convs; {name or 'got'} "
-                             f"{conv}: use backend 'masked'")
+                             f"{conv}: use backend 'auto' or 'masked' (both keep it masked)")
 
 
 def csr_conv_from_conv(conv: nn.Conv2d, mask: torch.Tensor) -> CSRConv2d:

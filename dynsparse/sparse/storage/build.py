@@ -1,9 +1,9 @@
 """Where each sparse tensor lives: ``masked`` (the dense tensor and a mask: any layer, any device)
-or ``csr`` (:mod:`dynsparse.sparse.layers.csr_linear`: only the active values, for linear weights and a
-WideResNet's block convs; memory and time proportional to the active entries; CPU only: refused
+or ``csr`` (:mod:`dynsparse.sparse.layers.csr_linear`: only the active values, for linear weights and the
+block convs of a WideResNet or a ResNet; memory and time proportional to the active entries; CPU only: refused
 on any other device). ``auto`` picks CSR for a linear weight on CPU whose density is below the
 measured crossover at the training batch size (:func:`~dynsparse.sparse.layers.csr_linear.prefer_csr`), and
-for a WideResNet's block convs (all or none) when each is below the crossover of its kernel size
+for a WideResNet's or a ResNet's block convs (all or none) when each is below the crossover of its kernel size
 and stride (:func:`~dynsparse.sparse.storage.convert.prefer_csr_conv`); masked otherwise.
 
 Building the storage draws every topology the masked storage would draw from the same generator

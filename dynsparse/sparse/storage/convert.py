@@ -20,9 +20,13 @@ What converts:
   fc stay the same dense modules and parameter objects; selected, the first conv and the
   shortcuts stay masked, ``fc`` may be CSR as any linear). Masks shaped like the weight store
   single weights; masks of its first two dims (``--sub-kernel-granularity 2``) whole kernels;
-- the bottleneck convs of a ResNet-50 (``imagenet_resnet50``), the same way
-  (:mod:`~dynsparse.sparse.layers.csr_resnet`: the stem, max pooling included, stays dense before the
-  layout conversion).
+- the block convs of a ResNet, the same way (:mod:`~dynsparse.sparse.layers.csr_resnet`: the stem,
+  max pooling included, stays dense before the layout conversion; the downsample shortcuts run
+  as a matrix product on the layout): the package's ResNet-50 (``imagenet_resnet50``, its
+  bottleneck convs) and torchvision's ``ResNet`` class itself (``torchvision:resnet18``/``34``:
+  both 3x3 convs of every basic block; ``resnet50``/``101``/``152``, ``wide_resnet50_2``/``101_2``:
+  the bottleneck convs), recognized by class identity, never a subclass; grouped or dilated
+  convs (ResNeXt, ``replace_stride_with_dilation``) are refused.
 
 Anything else is refused in one line (``backend="auto"`` keeps it masked).
 """
@@ -78,29 +82,33 @@ def is_conv_weight(model: nn.Module, name: str) -> bool:
 def _architecture(model: nn.Module):
     """(name, block convs, converter) of a known conv architecture, or None."""
     from dynsparse.sparse.layers.csr_conv import convert_wideresnet, is_wideresnet, wideresnet_block_convs
-    from dynsparse.sparse.layers.csr_resnet import convert_resnet, is_resnet, resnet_block_convs
+    from dynsparse.sparse.layers.csr_resnet import convert_resnet, resnet_block_convs, resnet_kind
     if is_wideresnet(model):
         return "WideResNet", wideresnet_block_convs(model), convert_wideresnet
-    if is_resnet(model):
-        return "ResNet-50", resnet_block_convs(model), convert_resnet
+    kind = resnet_kind(model)
+    if kind is not None:
+        return kind, resnet_block_convs(model), convert_resnet
     return None
 
 
 def wideresnet_csr_plan(model: nn.Module, names, masks: Mapping[str, torch.Tensor] | None = None) -> list[str]:
-    """The block convs of a WideResNet (or a bottleneck ResNet) among ``names`` if they can be
-    stored as CSR together, [] if ``names`` holds no conv weight; otherwise one line saying why not
-    (DynsparseError). The network's other convs among ``names`` (the first conv, the 1x1
-    shortcuts) stay masked: its twin runs them as the same dense modules. Everything is checked
+    """The block convs of a WideResNet (or a ResNet: :mod:`~dynsparse.sparse.layers.csr_resnet`) among
+    ``names`` if they can be stored as CSR together, [] if ``names`` holds no conv weight; otherwise
+    one line saying why not (DynsparseError). The network's other convs among ``names`` (the first
+    conv, the 1x1 shortcuts) stay masked: its twin runs them as the same dense modules. Everything is checked
     before any module changes (each conv's form, and each of ``masks``' shape when given)."""
     convs = [n for n in names if is_conv_weight(model, n)]
     if not convs:
         return []
-    supported = ("backend 'csr' stores nn.Linear weights and the block convs of a WideResNet or a ResNet-50 "
-                 "(all of them)")
+    supported = ("backend 'csr' stores nn.Linear weights and the block convs of a WideResNet or a ResNet-50 (the "
+                 "package's) or of a torchvision ResNet (resnet18 to resnet152; all of them)")
     arch = _architecture(model)
     if arch is None:
-        raise DynsparseError(f"{supported}; {convs[0]} is a conv weight of a {type(model).__name__}: use backend "
-                             "'auto' (or 'masked') to keep conv weights masked")
+        from dynsparse.sparse.layers.csr_resnet import resnet_refusal
+        why = resnet_refusal(model)  # a torchvision ResNet with other blocks or norms: say which
+        what = f"a torchvision ResNet whose twin would run another forward: {why}" if why else type(model).__name__
+        raise DynsparseError(f"{supported}; {convs[0]} is a conv weight of a {what}: use backend 'auto' (or "
+                             "'masked') to keep conv weights masked")
     kind, blocks, _ = arch
     other = [n for n in convs if n not in blocks]
     if other:  # the twin runs the first conv and the 1x1 shortcuts as the same dense modules
@@ -155,7 +163,7 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     arch = _architecture(model) if convs else None  # before any module changes (fc may become CSR)
     other = [n for n in masks if n not in convs and is_conv_weight(model, n)]
     if other:
-        raise DynsparseError(f"to_csr stores a WideResNet's or ResNet-50's block convs; {other[0]} is another conv: "
+        raise DynsparseError(f"to_csr stores the block convs of a WideResNet or a ResNet; {other[0]} is another conv: "
                              "leave it out")
     out: dict[str, CSRParam] = {}
     for name in masks:
@@ -166,7 +174,7 @@ def to_csr(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         if owner is None or p is None:
             shape = "" if p is None else f" (shape {tuple(p.shape)})"
             raise DynsparseError(f"backend 'csr' stores nn.Linear weights and the block convs of a WideResNet or a "
-                                 f"ResNet-50; "
+                                 f"ResNet; "
                                  f"{name}{shape} is neither: use backend 'auto' to keep such tensors masked")
         check_on_cpu(name, p.device)
         if p.dtype not in CSR_DTYPES:
