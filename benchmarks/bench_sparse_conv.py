@@ -230,6 +230,14 @@ def markdown(payload: dict) -> str:
         lines += [f"Note: {ev['note']}", ""]
     for threads, shapes in payload["results"].items():
         lines += [f"## {threads} thread(s)", ""]
+        classes = crossover_classes(shapes)
+        lines += [("Crossover by (kernel, stride, fan-in class): the lowest among the shapes of the class (fan-in "
+                   f"in_channels * k * k, wide above {WIDE_FAN_IN}); `auto`'s table "
+                   "(`dynsparse.sparse.storage.convert.CONV_CROSSOVER_DENSITY`) holds the 1-thread row's values."),
+                  "", "| kernel | stride | fan-in | crossover density | shapes |", "|---|---|---|---|---|"]
+        for (k, stride, wide), (value, names) in sorted(classes.items()):
+            lines.append(f"| {k}x{k} | {stride} | {'wide' if wide else 'narrow'} | {fmt(value)} | {', '.join(names)} |")
+        lines.append("")
         for name, r in shapes.items():
             lines += [(f"### {name}: dense {r['dense_ms']:.1f} ms ({r['dense_gflops']:.1f} GFLOP/s); "
                       f"crossover density {fmt(r['crossover_density'])}"), "",
@@ -258,6 +266,24 @@ def markdown(payload: dict) -> str:
                          f"{v['masked_bytes']:,} / {v['csr_bytes']:,} |")
         lines.append("")
     return "\n".join(lines)
+
+
+WIDE_FAN_IN = 1152  # as dynsparse.sparse.storage.convert.WIDE_FAN_IN
+
+
+def crossover_classes(shapes: dict) -> dict:
+    """(k, stride, wide) -> (lowest crossover among the measured shapes of that class, their names):
+    the spatial size is unknown when ``auto`` decides (it depends on the input), and in the ResNets
+    the wide layers are the late, small ones, whose crossovers are lower."""
+    out: dict = {}
+    for name, r in shapes.items():
+        c_in, _, k, stride, _, _ = {**SHAPES, **RESNET_SHAPES}[name]
+        key = (k, stride, c_in * k * k > WIDE_FAN_IN)
+        # none: dense faster at every density (never convert); above the grid: the grid's top
+        value = min(r["crossover_density"], max(DENSITIES)) if r["crossover_density"] is not None else 0.0
+        low, names = out.get(key, (float("inf"), []))
+        out[key] = (min(low, value), [*names, name])
+    return out
 
 
 def fmt(x):
