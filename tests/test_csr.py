@@ -288,6 +288,16 @@ def test_prefer_csr_follows_the_measured_crossover():
     assert prefer_csr(0.001, 10**6) and not prefer_csr(0.9, 1)
 
 
+def test_prefer_csr_conv_follows_the_crossover_of_the_layers_class():
+    from dynsparse.sparse.storage.convert import CONV_CROSSOVER_DENSITY, WIDE_FAN_IN, prefer_csr_conv
+    for (k, stride, wide), limit in CONV_CROSSOVER_DENSITY.items():
+        fan_in = WIDE_FAN_IN + 1 if wide else WIDE_FAN_IN
+        assert prefer_csr_conv(limit * 0.9, k, stride, fan_in) and not prefer_csr_conv(limit * 1.1, k, stride, fan_in)
+    # a ResNet's late 3x3 layers (512 channels: fan-in 4608) cross over lower than the WRN's 64-channel ones
+    assert CONV_CROSSOVER_DENSITY[(3, 1, True)] < CONV_CROSSOVER_DENSITY[(3, 1, False)]
+    assert not prefer_csr_conv(0.01, 5, 1, 100)  # a shape never measured: masked
+
+
 def test_merge_sorted_is_the_sorted_union():
     from dynsparse.sparse.layers.csr_functions import merge_sorted
     g = torch.Generator().manual_seed(0)

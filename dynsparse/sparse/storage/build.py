@@ -3,8 +3,8 @@ or ``csr`` (:mod:`dynsparse.sparse.layers.csr_linear`: only the active values, f
 block convs of a WideResNet or a ResNet; memory and time proportional to the active entries; CPU only: refused
 on any other device). ``auto`` picks CSR for a linear weight on CPU whose density is below the
 measured crossover at the training batch size (:func:`~dynsparse.sparse.layers.csr_linear.prefer_csr`), and
-for a WideResNet's or a ResNet's block convs (all or none) when each is below the crossover of its kernel size
-and stride (:func:`~dynsparse.sparse.storage.convert.prefer_csr_conv`); masked otherwise.
+for a WideResNet's or a ResNet's block convs (all or none) when each is below the crossover of its kernel size,
+stride and fan-in (:func:`~dynsparse.sparse.storage.convert.prefer_csr_conv`); masked otherwise.
 
 Building the storage draws every topology the masked storage would draw from the same generator
 (all of them first), then hands the masks of the tensors to be stored as CSR to
@@ -70,7 +70,7 @@ def _wants_csr(backend: str, model: nn.Module, name: str, p: torch.Tensor, densi
 def _conv_plan(backend: str, model: nn.Module, densities: Mapping[str, float | None], drawn: dict) -> set[str]:
     """The conv weights to store as CSR: with 'csr', a WideResNet's block convs (anything else is
     refused by :func:`~dynsparse.sparse.storage.convert.wideresnet_csr_plan`); with 'auto', the same
-    block convs if every one is below the crossover density of its kernel size and stride
+    block convs if every one is below the crossover density of its kernel size, stride and fan-in
     (:func:`~dynsparse.sparse.storage.convert.prefer_csr_conv`) and the network can be converted, else none."""
     names = [n for n in densities if n in drawn and is_conv_weight(model, n)]
     if backend == "masked" or not names:
@@ -86,7 +86,8 @@ def _conv_plan(backend: str, model: nn.Module, densities: Mapping[str, float | N
     modules = dict(model.named_modules())
     for n in plan:
         conv = modules[n.rpartition(".")[0]]
-        if not prefer_csr_conv(drawn[n][1] / drawn[n][0].numel(), conv.kernel_size[0], conv.stride[0]):
+        fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+        if not prefer_csr_conv(drawn[n][1] / drawn[n][0].numel(), conv.kernel_size[0], conv.stride[0], fan_in):
             log.info("backend 'auto' keeps the conv weights masked: %s is above the CSR crossover density", n)
             return set()
     return set(plan)

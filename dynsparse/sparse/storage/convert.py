@@ -47,21 +47,28 @@ from dynsparse.sparse.storage.csr import CSRParam, check_on_cpu
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONV_CROSSOVER_DENSITY", "prefer_csr_conv", "to_csr", "wideresnet_csr_plan"]
+__all__ = ["CONV_CROSSOVER_DENSITY", "WIDE_FAN_IN", "prefer_csr_conv", "to_csr", "wideresnet_csr_plan"]
 
 # Density below which a CSR conv layer's training step (forward + both gradients) beats PyTorch's
-# dense (oneDNN) convolution, by (kernel size, stride): `python benchmarks/bench_sparse_conv.py
-# --repeats 5 --wrn` at commit ab0bc23, 1 thread, batch 128, CIFAR WRN-28-2 shapes (3x3 64->64
-# 16x16: 0.377; 3x3 32->64 32x32 stride 2: 0.181; 1x1 64->64 16x16: 0.452), on the 2-core machine
-# shared with other work (load 5.9-7.5): benchmarks/results/sparse_conv.json. The masked network
-# is slower than the dense one, so against it the crossovers are higher. ``auto`` reads this table.
-CONV_CROSSOVER_DENSITY: dict[tuple[int, int], float] = {(3, 1): 0.377, (3, 2): 0.181, (1, 1): 0.452}
+# dense (oneDNN) convolution, by (kernel size, stride, wide): wide = a fan-in (in_channels * k * k)
+# above WIDE_FAN_IN. Each value is the lowest crossover measured among the shapes of its class
+# (WRN-28-2's at CIFAR size, ResNet-18/50's at 64x64 and 32x32 inputs): the spatial size, which
+# moves the crossover, is not known when ``auto`` decides, and in these networks the wide layers are
+# the late, small ones, whose crossovers are lower. From `python benchmarks/bench_sparse_conv.py
+# --shapes all --wrn` (1 thread, batch 128): MEASURED (see benchmarks/results/sparse_conv.md, its
+# table "Crossover by (kernel, stride, fan-in class)"). The masked network is slower than the dense
+# one, so against it the crossovers are higher. ``auto`` reads this table.
+WIDE_FAN_IN = 1152
+CONV_CROSSOVER_DENSITY: dict[tuple[int, int, bool], float] = {
+    (3, 1, False): 0.316, (3, 2, False): 0.246, (1, 1, False): 0.5,
+    (3, 1, True): 0.158, (1, 1, True): 0.157}
 
 
-def prefer_csr_conv(density: float, kernel_size: int, stride: int) -> bool:
-    """Whether a conv layer at ``density`` trains faster as CSR on CPU (below the measured
-    crossover of its kernel size and stride; shapes never measured: no)."""
-    limit = CONV_CROSSOVER_DENSITY.get((kernel_size, stride))
+def prefer_csr_conv(density: float, kernel_size: int, stride: int, fan_in: int) -> bool:
+    """Whether a conv layer at ``density`` with ``fan_in`` inputs per output (in_channels * k * k)
+    trains faster as CSR on CPU (below the measured crossover of its class; classes never measured:
+    no)."""
+    limit = CONV_CROSSOVER_DENSITY.get((kernel_size, stride, fan_in > WIDE_FAN_IN))
     return limit is not None and density < limit
 
 
