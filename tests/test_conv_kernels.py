@@ -100,3 +100,29 @@ def test_without_numba_a_one_line_error(monkeypatch):
     assert not ck.available()
     with pytest.raises(DynsparseError, match=r"pip install 'dynsparse\[kernels\]'"):
         ck.kernels()
+
+
+def test_kernels_keep_the_thread_count_set(tmp_path):
+    # numba's thread pool starts once per process, at the first kernel: a fresh process. Starting it
+    # set the OpenMP runtime's count (PyTorch's too) to NUMBA_NUM_THREADS (2 here, whatever the cores)
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import torch\n"
+        "from dynsparse.sparse.kernels.conv import set_threads, sparse_conv2d\n"
+        "set_threads(1)\n"  # before numba is loaded, as the CLI does
+        "x = torch.randn(2, 4, 4, 3, requires_grad=True)\n"
+        "v = torch.randn(2 * 2 * 9, requires_grad=True)\n"
+        "crow = torch.tensor([0, 18, 36], dtype=torch.int32)\n"
+        "col = torch.arange(18, dtype=torch.int32).repeat(2)\n"
+        "sparse_conv2d(x, v, crow, col, (2, 2, 3, 3), 1, 1).sum().backward()\n"
+        "import numba\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+        "set_threads(2)\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1", "2", "2"]

@@ -207,8 +207,15 @@ def set_threads(n: int) -> None:
 
 
 def match_torch_threads(numba, n: int | None = None) -> None:
-    """numba's thread count set to ``n`` (default: PyTorch's), at most ``NUMBA_NUM_THREADS``."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads() if n is None else n, numba.config.NUMBA_NUM_THREADS)))
+    """numba's thread count set to ``n`` (default: PyTorch's), at most ``NUMBA_NUM_THREADS``;
+    PyTorch's left as it was. numba's first call starts its thread pool, and its OpenMP layer then
+    sets the shared runtime's count to ``NUMBA_NUM_THREADS`` (the core count by default): PyTorch
+    ran every later operation, and the kernels, on all cores whatever ``--threads`` said, in
+    every process (each torchrun rank too). So PyTorch's count is read before and set again after."""
+    torch_n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(torch_n if n is None else n, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != torch_n:
+        torch.set_num_threads(torch_n)
 
 
 def csc_of(crow: torch.Tensor, col: torch.Tensor, c_in: int, khw: int):
