@@ -241,7 +241,7 @@ def test_csr_requests_the_engine_cannot_store_are_refused_and_auto_decides_by_de
     assert all(sp.storage == "csr" for sp in low.params.values()) and isinstance(m.block1.layer[0].conv1, CSRConv2d)
     high = Sparsifier(m := wrn(), None, policy=Static(), densities={**dict.fromkeys(BLOCK_CONVS, 0.1),
                                                                      BLOCK_CONVS[2]: 0.3}, backend="auto",
-                      batch_size=128)  # block2's stride-2 conv is above its crossover (0.181)
+                      batch_size=128)  # block2's stride-2 conv is above its crossover (0.202)
     assert all(sp.storage == "masked" for sp in high.params.values()) and isinstance(m.block1.layer[0].conv1,
                                                                                       nn.Conv2d)
     with pytest.raises(DynsparseError, match="DeepR needs per-weight masks"):

@@ -55,13 +55,14 @@ __all__ = ["CONV_CROSSOVER_DENSITY", "WIDE_FAN_IN", "prefer_csr_conv", "to_csr",
 # (WRN-28-2's at CIFAR size, ResNet-18/50's at 64x64 and 32x32 inputs): the spatial size, which
 # moves the crossover, is not known when ``auto`` decides, and in these networks the wide layers are
 # the late, small ones, whose crossovers are lower. From `python benchmarks/bench_sparse_conv.py
-# --shapes all --wrn` (1 thread, batch 128): MEASURED (see benchmarks/results/sparse_conv.md, its
-# table "Crossover by (kernel, stride, fan-in class)"). The masked network is slower than the dense
-# one, so against it the crossovers are higher. ``auto`` reads this table.
+# --repeats 5 --threads 1 2 --shapes all --wrn --name sparse_conv_quiet` at commit edc2c6f, 1
+# thread, batch 128, quiet machine (load 1.3): benchmarks/results/sparse_conv_quiet.md, its table
+# "Crossover by (kernel, stride, fan-in class)" (1x1 narrow: above the grid, its top 0.5). The
+# masked network is slower than the dense one, so against it the crossovers are higher.
 WIDE_FAN_IN = 1152
 CONV_CROSSOVER_DENSITY: dict[tuple[int, int, bool], float] = {
-    (3, 1, False): 0.316, (3, 2, False): 0.246, (1, 1, False): 0.5,
-    (3, 1, True): 0.158, (1, 1, True): 0.157}
+    (3, 1, False): 0.242, (3, 2, False): 0.202, (1, 1, False): 0.5,
+    (3, 1, True): 0.154, (3, 2, True): 0.222, (1, 1, True): 0.184}
 
 
 def prefer_csr_conv(density: float, kernel_size: int, stride: int, fan_in: int) -> bool:
