@@ -41,9 +41,10 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(no_gpu)
     if os.environ.get("DYNSPARSE_TEST_DATA") or config.getoption("--run-slow"):
         # the modules with slow tests first (a stable sort: each module's tests stay together, in
-        # order, so module fixtures are built once): under `-n 2` the long runs then start early
-        # and the many short tests even out the two workers at the end (longest first); in
-        # collection order the real-MNIST runs started late and one worker idled for minutes
+        # order, so module fixtures are built once): under `-n 2 --maxschedchunk 1` (one test
+        # handed out at a time) the long runs then start early and the many short tests even out
+        # the two workers at the end; in collection order the real-MNIST runs started late and one
+        # worker idled for minutes
         slow_modules = {item.path for item in items if "slow" in item.keywords}
         items.sort(key=lambda item: item.path not in slow_modules)
         return

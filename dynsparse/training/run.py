@@ -93,8 +93,12 @@ class _Run:
         if cfg.nesterov and cfg.momentum <= 0:
             raise DynsparseError("--nesterov True needs --momentum > 0; pass --nesterov False for plain SGD")
         tied = build_sparsifier(cfg, self.model, None, self.schedules) if cfg.tied else None
+        # foreach (PyTorch's default on GPUs only): one call per update for all tensors instead of ~5
+        # per tensor; the same element-wise arithmetic, so the same numbers; the MNIST MLP's step on
+        # CPU (batch 50, one thread) took 3.1 ms against 3.7 ms (interleaved, 5 x 200 steps)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.schedules.lr(cfg.start_epoch),
-                                         momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                                         momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                         foreach=True)
         self.sparsifier = tied or build_sparsifier(cfg, self.model, self.optimizer, self.schedules,
                                                    steps_per_epoch=len(self.data.train))
         self.penalty = build_penalty(cfg, self.sparsifier)
