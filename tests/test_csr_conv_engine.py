@@ -239,9 +239,14 @@ def test_csr_requests_the_engine_cannot_store_are_refused_and_auto_decides_by_de
     low = Sparsifier(m := wrn(), None, policy=Static(), densities=dict.fromkeys(BLOCK_CONVS, 0.1), backend="auto",
                      batch_size=128)
     assert all(sp.storage == "csr" for sp in low.params.values()) and isinstance(m.block1.layer[0].conv1, CSRConv2d)
+    # 0.22: below the crossover of 3x3 stride-1 convs (0.242), above that of stride 2 (0.202)
+    mid = Sparsifier(m := wrn(), None, policy=Static(), densities={**dict.fromkeys(BLOCK_CONVS, 0.1),
+                                                                    BLOCK_CONVS[0]: 0.22}, backend="auto",
+                     batch_size=128)
+    assert all(sp.storage == "csr" for sp in mid.params.values())
     high = Sparsifier(m := wrn(), None, policy=Static(), densities={**dict.fromkeys(BLOCK_CONVS, 0.1),
-                                                                     BLOCK_CONVS[2]: 0.3}, backend="auto",
-                      batch_size=128)  # block2's stride-2 conv is above its crossover (0.202)
+                                                                     BLOCK_CONVS[2]: 0.22}, backend="auto",
+                      batch_size=128)  # block2's stride-2 conv is above its crossover
     assert all(sp.storage == "masked" for sp in high.params.values()) and isinstance(m.block1.layer[0].conv1,
                                                                                       nn.Conv2d)
     with pytest.raises(DynsparseError, match="DeepR needs per-weight masks"):

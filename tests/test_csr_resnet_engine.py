@@ -153,10 +153,17 @@ def test_only_torchvisions_own_resnet_converts():
         m.layer3[0].__class__ = MyBlock
         return m
 
+    def other_activation():  # the twin's blocks apply ReLU: another activation must not convert
+        m = tv_resnet()
+        m.layer2[0].relu = nn.SiLU()
+        return m
+
     cases = [(subclass, "is a conv weight of a MyResNet"),
+             (other_activation, r"layer2.0 .*nn.ReLU"),
              (other_block, r"layer3.0 \(.*MyBlock\) is not torchvision's BasicBlock or Bottleneck"),
              (lambda: tv_resnet(norm_layer=lambda c: nn.GroupNorm(1, c)), "layer1.0 .*nn.BatchNorm2d norms"),
-             (lambda: tv_resnet(Bottleneck, width=4, groups=2), "ungrouped convs; layer1.0.conv2.weight.*'auto'")]
+             (lambda: tv_resnet(Bottleneck, width=4, groups=2),
+              "ungrouped convs of stride 1 or 2 with zero padding; layer1.0.conv2.weight.*'auto'")]
     for build, message in cases:
         m = build()
         names = [n for n, p in m.named_parameters() if p.dim() == 4]
@@ -170,8 +177,10 @@ def test_only_torchvisions_own_resnet_converts():
     names = resnet_block_convs(m)
     s = Sparsifier(m, None, policy=Static(), densities=dict.fromkeys(names, 0.1), backend="auto", batch_size=128)
     assert all(s.params[n].storage == "csr" for n in names) and isinstance(m.layer4[0].conv2, CSRConv2d)
-    m = tv_resnet()  # layer2-4's first conv has stride 2: above its crossover (0.202), all stay masked
-    s = Sparsifier(m, None, policy=Static(), densities=dict.fromkeys(names, 0.3), backend="auto", batch_size=128)
+    # 0.22: below the crossover of the 3x3 stride-1 convs (0.242), above that of layer2-4's stride-2
+    # first convs (0.202): all stay masked
+    m = tv_resnet()
+    s = Sparsifier(m, None, policy=Static(), densities=dict.fromkeys(names, 0.22), backend="auto", batch_size=128)
     assert all(sp.storage == "masked" for sp in s.params.values()) and isinstance(m.layer4[0].conv2, nn.Conv2d)
 
 

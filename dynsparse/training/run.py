@@ -125,6 +125,8 @@ class _Run:
             saved = fsdp.load_states(self, ckpt)
         except (RuntimeError, ValueError, KeyError) as e:
             raise does_not_fit(ckpt, self.cfg.to_dict(), self.model.state_dict(), e) from None
+        for group in self.optimizer.param_groups:  # a checkpoint saved before foreach was set holds None
+            group["foreach"] = True
         self.sparsifier.restore(saved, exact=exact)  # loaded weights and optimizer state obey the masks
         if exact:
             self.start_epoch, self.history, self.events = int(ckpt["epoch"]), [*ckpt["history"]], [*ckpt["events"]]

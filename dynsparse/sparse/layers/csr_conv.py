@@ -113,10 +113,11 @@ def check_convertible(conv: nn.Conv2d, name: str = "") -> None:
     """One line (DynsparseError) if :class:`CSRConv2d` cannot run ``conv``."""
     kh, kw = conv.kernel_size
     if (isinstance(conv.padding, str) or conv.bias is not None or kh != kw or conv.stride[0] != conv.stride[1]
-        or conv.padding[0] != conv.padding[1]
+        or conv.padding[0] != conv.padding[1] or conv.stride[0] not in (1, 2) or conv.padding_mode != "zeros"
             or conv.dilation != (1, 1) or conv.groups != 1):
-        raise DynsparseError(f"CSRConv2d supports bias-free, square, undilated, ungrouped convs; {name or 'got'} "
-                             f"{conv}: use backend 'auto' or 'masked' (both keep it masked)")
+        raise DynsparseError(f"CSRConv2d supports bias-free, square, undilated, ungrouped convs of stride 1 or 2 with "
+                             f"zero padding; {name or 'got'} {conv}: use backend 'auto' or 'masked' (both keep it "
+                             "masked)")
 
 
 def csr_conv_from_conv(conv: nn.Conv2d, mask: torch.Tensor) -> CSRConv2d:

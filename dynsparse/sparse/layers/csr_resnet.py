@@ -11,9 +11,11 @@ the downsample shortcuts (1x1 conv + batch norm) run as one matrix product on th
 
 torchvision's classes are recognized by identity (module ``torchvision.models.resnet`` and
 name, never a subclass or a look-alike, whose forward may do more than the twin's; torchvision
-is not imported here), with exact ``nn.BatchNorm2d`` norms: a ResNet built with another
-``norm_layer`` is not converted. Grouped or dilated convs (ResNeXt, ``replace_stride_with_dilation``)
-are refused by :func:`~dynsparse.sparse.layers.csr_conv.check_convertible`.
+is not imported here), with exact ``nn.BatchNorm2d`` norms and ``nn.ReLU`` activations in the
+blocks: a ResNet built with another ``norm_layer``, or whose blocks' ``relu`` was replaced, is not
+converted. Forward hooks on the blocks or their modules are not run by the twin (as for the
+WRN). Grouped or dilated convs (ResNeXt, ``replace_stride_with_dilation``) are refused by
+:func:`~dynsparse.sparse.layers.csr_conv.check_convertible`.
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ def _block_kind(block: nn.Module, package: bool) -> str | None:
     if not all(isinstance(getattr(block, c, None), nn.Conv2d) for c in _CONVS[kind]):
         return None
     if not all(type(getattr(block, b, None)) is nn.BatchNorm2d for b in _BNS[kind]):  # the layout's batch norm
+        return None
+    if not package and type(getattr(block, "relu", None)) is not nn.ReLU:  # the twin's blocks apply ReLU
         return None
     ds = getattr(block, "downsample", False)
     if ds is None:
@@ -160,7 +164,7 @@ def resnet_refusal(model: nn.Module) -> str | None:
         for j, b in enumerate(getattr(model, f"layer{i}", None) or []):
             if _block_kind(b, False) is None:
                 return (f"its block layer{i}.{j} ({type(b).__module__}.{type(b).__name__}) is not torchvision's "
-                        "BasicBlock or Bottleneck itself with nn.BatchNorm2d norms and a 1x1 conv + nn.BatchNorm2d "
-                        "downsample")
+                        "BasicBlock or Bottleneck itself with nn.BatchNorm2d norms, nn.ReLU and a 1x1 conv + "
+                        "nn.BatchNorm2d downsample")
     return ("its stem, layers or pooling are not torchvision's (bn1 an nn.BatchNorm2d, layer1-4 nn.Sequential, avgpool "
             "an nn.AdaptiveAvgPool2d to 1x1)")
