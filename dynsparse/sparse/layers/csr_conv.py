@@ -216,14 +216,22 @@ def convert_wideresnet(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict
     parameters, and names stay the dense network's (checkpoints, export). Returns the new convs."""
     blocks = _wrn_blocks(model)
     assert blocks is not None
+    return swap_block_convs(model, [(name, block, ("conv1", "conv2")) for name, block in blocks], masks,
+                            _converted_forward)
+
+
+def swap_block_convs(model: nn.Module, blocks, masks: dict[str, torch.Tensor], forward) -> dict[str, CSRConv2d]:
+    """The in-place conversion both twins share: each ``(name, block, conv attributes)`` of
+    ``blocks`` gets a :class:`CSRConv2d` per conv with the entries ``masks["<name>.<conv>.weight"]`` marks,
+    and ``forward`` is bound to the instance (a deep copy rebinds it to the copy; the class keeps
+    its own forward). Returns the new convs by weight name."""
     new = {}
-    for name, block in blocks:
-        for c in ("conv1", "conv2"):
+    for name, block, convs in blocks:
+        for c in convs:
             layer = csr_conv_from_conv(getattr(block, c), masks[f"{name}.{c}.weight"])
             setattr(block, c, layer)
             new[f"{name}.{c}.weight"] = layer
-    # bound to the instance (a deep copy rebinds it to the copy); the class keeps its own forward
-    model.forward = types.MethodType(_converted_forward, model)
+    model.forward = types.MethodType(forward, model)
     return new
 
 

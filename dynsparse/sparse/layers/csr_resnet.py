@@ -19,7 +19,6 @@ WRN). Grouped or dilated convs (ResNeXt, ``replace_stride_with_dilation``) are r
 """
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 from dynsparse.sparse.kernels.cbhw import batch_norm_cbhw, batch_norm_relu_cbhw
 from dynsparse.sparse.kernels.conv import to_cbhw
-from dynsparse.sparse.layers.csr_conv import CSRConv2d, conv1x1_cbhw, csr_conv_from_conv
+from dynsparse.sparse.layers.csr_conv import CSRConv2d, conv1x1_cbhw, swap_block_convs
 
 __all__ = ["convert_resnet", "is_resnet", "resnet_block_convs", "resnet_kind", "resnet_refusal"]
 
@@ -127,15 +126,8 @@ def convert_resnet(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str
     """``model`` (see :func:`resnet_kind`) in place: block convs -> :class:`CSRConv2d` with the
     entries ``masks[name]`` (shaped like the weight) marks, forward on the layout. Every other
     module stays the same object; names stay the dense network's. Returns the new convs."""
-    new = {}
-    for name, block, kind in _model_blocks(model):
-        for c in _CONVS[kind]:
-            layer = csr_conv_from_conv(getattr(block, c), masks[f"{name}.{c}.weight"])
-            setattr(block, c, layer)
-            new[f"{name}.{c}.weight"] = layer
-    # bound to the instance (a deep copy rebinds it to the copy); the class keeps its own forward
-    model.forward = types.MethodType(_converted_forward, model)
-    return new
+    return swap_block_convs(model, [(name, block, _CONVS[kind]) for name, block, kind in _model_blocks(model)],
+                            masks, _converted_forward)
 
 
 def _converted_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
